@@ -1,0 +1,30 @@
+"""``python -m kvbench``: the Hydra app. See ``conf/config.yaml`` for the default sweep."""
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kvbench.config import register_schema
+from kvbench.methods.base import ConfigError
+from kvbench.runner import run
+
+log = logging.getLogger("kvbench")
+register_schema()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> list[dict]:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return run(config)
+    except ConfigError as e:
+        overrides = " ".join(HydraConfig.get().overrides.task)
+        print(f"kvbench: configuration error ({overrides}): {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""kvbench's KV cache and attention path.
+
+:class:`KVCache` is a transformers ``Cache`` whose layers are the method's :class:`KVLayer` objects
+(sliding-window layers get :class:`SlidingWindowLayer`). Models run with the attention implementation
+``"kvbench"`` (registered here): it hands the step's queries to the layer (``observe``), lets the
+layer replace the output (``attend``), and otherwise runs exact SDPA with a mask built from the
+layer's own length. Building the mask per layer is what lets layers hold different numbers of tokens
+(PyramidKV, sliding layers) after compression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from kvbench.methods.base import KVLayer, Method, Phase, SlidingWindowLayer
+
+ATTN_IMPLEMENTATION = "kvbench"
+
+_active: contextvars.ContextVar["KVCache | None"] = contextvars.ContextVar("kvbench_cache", default=None)
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding window (tokens) of every attention layer of a model config, None for global layers."""
+    config = getattr(config, "text_config", config)
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    window = getattr(config, "sliding_window", None)
+    return [window if t == "sliding_attention" else None for t in types[:n]]
+
+
+class KVCache(Cache):
+    """One sample's cache: a method layer per global-attention layer, a window layer per local one."""
+
+    def __init__(self, method: Method, windows: list[int | None]):
+        layers: list[KVLayer] = [
+            SlidingWindowLayer(w, i) if w else method.make_layer(i) for i, w in enumerate(windows)
+        ]
+        super().__init__(layers=layers)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Route kvbench's attention function to this cache while the model runs."""
+        token = _active.set(self)
+        try:
+            yield self
+        finally:
+            _active.reset(token)
+
+    def end_step(self, phase: Phase) -> None:
+        for layer in self.layers:
+            layer.end_step(phase)
+
+    # -- measurements -----------------------------------------------------------------------------
+    def bytes_held(self) -> int:
+        return sum(layer.bytes_held() for layer in self.layers)
+
+    def bytes_full(self) -> int:
+        return sum(layer.bytes_full() for layer in self.layers)
+
+    def tokens_per_layer(self) -> list[float]:
+        """Mean tokens held per KV head, for every layer."""
+        return [layer.tokens_held().float().mean().item() for layer in self.layers]
+
+    def stats(self) -> dict:
+        """What the cache holds now, as recorded in results."""
+        per_layer = self.tokens_per_layer()
+        compressible = [t for t, layer in zip(per_layer, self.layers) if not layer.is_sliding]
+        held, full = self.bytes_held(), self.bytes_full()
+        return {
+            "tokens_held": sum(compressible) / max(1, len(compressible)),
+            "tokens_per_layer": [round(t, 2) for t in per_layer],
+            "bytes_held": held,
+            "bytes_full": full,
+            "ratio": full / held if held else float("inf"),
+        }
+
+
+def _causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.Tensor | None:
+    """Bottom-right aligned causal mask (True = attend); None when every key is visible.
+
+    The queries are the last ``q_len`` tokens of the ``kv_len`` the layer returned. For windowed
+    layers the cache is contiguous, so physical distance is positional distance.
+    """
+    if q_len == 1 and (window is None or kv_len <= window):
+        return None
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, **kwargs):
+    """Attention function registered as ``attn_implementation="kvbench"``.
+
+    Arguments and return value follow transformers' attention interface: query (b, hq, q, d),
+    key/value (b, hkv, k, d) as returned by the cache; returns ((b, q, hq, d), None).
+    ``attention_mask`` is ignored: transformers builds none for custom implementations, and kvbench
+    does not pad (a batch holds prompts of equal length).
+    """
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("kvbench attention does not implement logit soft-capping")
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    cache = _active.get()
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if layer is not None:
+        layer.observe(query, key, scaling)
+        out = layer.attend(query, key, value, scaling, window)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None if (q_len == kv_len and window is None) else _causal_mask(q_len, kv_len, window, query.device)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=(mask is None and q_len > 1), scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)

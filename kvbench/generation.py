@@ -1,0 +1,96 @@
+"""Generation owned by kvbench: prefill, optional uncompressed append, greedy decoding.
+
+Every forward step passes explicit ``position_ids``: positions continue from the original
+(uncompressed) sequence length whatever the cache holds, so RoPE sees the true positions. After every
+step the cache's layers get ``end_step(phase)``, which is where methods compress.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.cache import KVCache
+
+
+@dataclass
+class Generation:
+    """Greedy output of one batch, with what the cache held and how long each part took."""
+
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    after_prefill: dict
+    at_end: dict
+    peak_bytes_held: int
+    stopped_by: list[str] = field(default_factory=list)
+
+
+def _step(model, cache: KVCache, ids: torch.Tensor, start: int, phase: str) -> torch.Tensor:
+    """Run ``ids`` (batch, q) at logical positions ``start..start+q-1``; return last-token logits."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.end_step(phase)
+    return out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    cache: KVCache,
+    prompt_ids: torch.Tensor,
+    question_ids: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    stop_check=None,
+) -> Generation:
+    """Greedy decoding of ``prompt_ids`` (batch, n) with ``cache``.
+
+    ``prompt_ids`` is prefilled and compressed as the method decides (phase ``prefill``);
+    ``question_ids`` (batch, m), if given, is appended afterwards in one step without prefill-time
+    compression (phase ``append``: question-agnostic compression, as kvpress does). Stops per sequence
+    at an EOS id, when ``stop_check(new_token_ids)`` is true, or after ``max_new_tokens``.
+    """
+    batch = prompt_ids.shape[0]
+    with cache.active():
+        t0 = time.perf_counter()
+        logits = _step(model, cache, prompt_ids, 0, "prefill")
+        seen = prompt_ids.shape[1]
+        if question_ids is not None and question_ids.shape[1] > 0:
+            logits = _step(model, cache, question_ids, seen, "append")
+            seen += question_ids.shape[1]
+        prefill_s = time.perf_counter() - t0
+        after_prefill = cache.stats()
+        peak = after_prefill["bytes_held"]
+
+        out: list[list[int]] = [[] for _ in range(batch)]
+        stopped_by = [""] * batch
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            next_ids = logits.argmax(dim=-1)
+            for b in range(batch):
+                if stopped_by[b]:
+                    continue
+                token = int(next_ids[b])
+                out[b].append(token)
+                if token in eos_ids:
+                    stopped_by[b] = "eos"
+                elif stop_check is not None and stop_check(out[b]):
+                    stopped_by[b] = "stop"
+            if all(stopped_by) or step == max_new_tokens - 1:
+                break
+            logits = _step(model, cache, next_ids[:, None], seen, "decode")
+            seen += 1
+            peak = max(peak, cache.bytes_held())
+        decode_s = time.perf_counter() - t0
+    return Generation(
+        tokens=out,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        after_prefill=after_prefill,
+        at_end=cache.stats(),
+        peak_bytes_held=peak,
+        stopped_by=[s or "max_new_tokens" for s in stopped_by],
+    )

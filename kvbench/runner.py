@@ -1,0 +1,271 @@
+"""Running one configuration: validate -> model -> task samples -> method -> generation -> results.
+
+Everything that can be wrong in a config is checked by :func:`RunSpec.from_config` before any model
+is loaded. Scores of each sample are computed from its stored prediction by the task's scorer, the
+same code ``python -m kvbench.score`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvbench
+from kvbench.cache import KVCache, layer_windows
+from kvbench.generation import generate
+from kvbench.methods import build_method, method_class
+from kvbench.methods.base import Compression, ConfigError, Method
+from kvbench.models import ModelConfig, load_model, model_info, parse_model_config
+from kvbench.results import RunDir
+from kvbench.tasks import Sample, Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """A validated configuration: what to run, before anything heavy is loaded."""
+
+    model: ModelConfig
+    method_name: str
+    method_params: dict[str, Any]
+    compression: Compression | None
+    task: Task
+    results_dir: Path
+    seed: int = 0
+    limit: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "RunSpec":
+        model = parse_model_config(dict(cfg["model"]))
+        method_cfg = dict(cfg["method"])
+        name = method_cfg.pop("name", None)
+        method_cls = method_class(name)
+        method_cls.parse_params(method_cfg)  # fail now on bad parameters, not after loading the model
+        ratio, budget = cfg.get("ratio"), cfg.get("budget")
+        if method_cls.uses_compression:
+            compression = Compression(ratio=ratio, budget=budget)
+        else:
+            if ratio is not None or budget is not None:
+                Compression(ratio=ratio, budget=budget)  # still reject ratio < 1, or both given
+            if ratio not in (None, 1) or budget is not None:
+                log.warning("method '%s' does not compress: ratio=%s budget=%s ignored, recorded as ratio 1",
+                            name, ratio, budget)
+            compression = None
+        limit = cfg.get("limit")
+        if limit is not None and limit < 1:
+            raise ConfigError(f"limit must be >= 1 sample (or null for all), got {limit}")
+        return cls(
+            model=model,
+            method_name=name,
+            method_params=method_cfg,
+            compression=compression,
+            task=build_task(dict(cfg["task"])),
+            results_dir=Path(cfg.get("results_dir", "results")),
+            seed=int(cfg.get("seed", 0)),
+            limit=limit,
+        )
+
+    def new_method(self) -> Method:
+        return build_method(self.method_name, self.method_params, self.compression, self.seed)
+
+    def setting(self) -> str:
+        """``ratio-4`` / ``budget-256`` / ``ratio-1`` (full), plus method parameters that differ from
+        the method's defaults, so parameter sweeps (e.g. LagKV's lag) get separate directories."""
+        label = self.compression.label if self.compression else "ratio-1"
+        cls = method_class(self.method_name)
+        params = dataclasses.asdict(cls.parse_params(self.method_params))
+        defaults = dataclasses.asdict(cls.Params())
+        changed = [f"{k}-{v}" for k, v in sorted(params.items()) if defaults.get(k) != v]
+        return "_".join([label, *changed])
+
+    def run_dir(self, task: Task) -> RunDir:
+        return RunDir(self.results_dir / self.model.name / task.name / self.method_name / self.setting())
+
+    def identity(self, task: Task) -> dict:
+        """What must match for a results directory to be resumed instead of rejected."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "method": self.new_method().describe(),
+            "task": task.describe(),
+            "compression": self.compression_record(),
+        }
+
+    def compression_record(self) -> dict:
+        c = self.compression
+        return {"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    names = ["torch", "transformers", "hydra-core", "datasets", "gguf", "accelerate"]
+    found = {}
+    for n in names:
+        try:
+            found[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "kvbench": kvbench.__version__, **found}
+
+
+def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids of the part prefilled and compressed, and of the part appended uncompressed.
+
+    With a chat template the whole prompt is templated and split where the question starts, so the
+    template's closing tokens travel with the question. Both parts are tokenized separately in
+    both modes, so the two modes see the same tokens.
+    """
+    context, question = sample.context, sample.question
+    templated = sample.chat_template and model_cfg.chat_template and tokenizer.chat_template
+    if templated:
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + question}], add_generation_prompt=True, tokenize=False
+        )
+        cut = full.rfind(question) if question else full.rfind(context) + len(context)
+        context, question = full[:cut], full[cut:]
+    ctx = tokenizer(context, add_special_tokens=not templated, return_tensors="pt").input_ids
+    q = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
+    if compress == "whole":
+        return torch.cat([ctx, q], dim=1), None
+    return ctx, q
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> dict:
+    """Generate for one sample and return its result record (scored)."""
+    device = next(model.parameters()).device
+    prompt_ids, question_ids = encode(sample, tokenizer, spec.model, task.params.compress)
+    prompt_ids = prompt_ids.to(device)
+    question_ids = question_ids.to(device) if question_ids is not None else None
+    stop_check = None
+    if sample.stop_strings:
+        def stop_check(tokens):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(s in text for s in sample.stop_strings)
+    cache = KVCache(spec.new_method(), layer_windows(model.config))
+    gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens, eos_ids(model, tokenizer), stop_check)
+    record = {
+        "id": sample.id,
+        "task": task.name,
+        "pred": tokenizer.decode(gen.tokens[0], skip_special_tokens=True),
+        "answers": sample.answers,
+        "meta": sample.meta,
+        "prompt_tokens": prompt_ids.shape[1] + (question_ids.shape[1] if question_ids is not None else 0),
+        "appended_tokens": question_ids.shape[1] if question_ids is not None else 0,
+        "new_tokens": len(gen.tokens[0]),
+        "stopped_by": gen.stopped_by[0],
+        "prefill_s": round(gen.prefill_s, 4),
+        "decode_s": round(gen.decode_s, 4),
+        "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held},
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    record["scores"] = task.score(record)
+    return record
+
+
+def summarize_run(task: Task, records: list[dict], n_expected: int) -> dict:
+    """scores.json: the task's scores plus completeness and measured compression."""
+    summary = task.summarize(records)
+    n = len(records)
+
+    def mean_of(path):
+        vals = [r for r in (path(rec) for rec in records) if r is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "task": task.name,
+        "metric": task.main_metric,
+        "score": summary.get(task.main_metric),
+        "metrics": summary,
+        "n": n,
+        "n_expected": n_expected,
+        "complete": n == n_expected,
+        "measured_ratio": mean_of(lambda r: r["kv"]["after_prefill"]["ratio"]),
+        "tokens_held": mean_of(lambda r: r["kv"]["after_prefill"]["tokens_held"]),
+        "bytes_held": mean_of(lambda r: r["kv"]["after_prefill"]["bytes_held"]),
+        "peak_bytes_held": mean_of(lambda r: r["kv"]["peak_bytes_held"]),
+        "decode_tokens_per_s": (sum(r["new_tokens"] for r in records) / s
+                                if (s := sum(r["decode_s"] for r in records)) else None),
+    }
+
+
+def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
+    """Run (or resume) one task into its results directory; return its scores.json content."""
+    run_dir = spec.run_dir(task)
+    identity = spec.identity(task)
+    previous = run_dir.read_run()
+    if previous is not None and previous.get("identity") != identity:
+        differing = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
+        raise ConfigError(
+            f"{run_dir.path} holds results of a different configuration (differs in: {', '.join(differing)}); "
+            "choose another results_dir or remove that directory"
+        )
+    samples = task.samples(tokenizer, spec.model)
+    if spec.limit is not None:
+        samples = samples[: spec.limit]
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"task {task.name} produced duplicate sample ids")
+    done = {r["id"] for r in run_dir.records()}
+    todo = [s for s in samples if s.id not in done]
+    meta = {
+        "identity": identity,
+        "config": config,
+        "model_info": model_info(model),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "host": platform.node(),
+        "n_expected": len(samples),
+        "status": "running",
+        "started": previous.get("started") if previous else dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    run_dir.write_run(meta)
+    label = f"[{spec.model.name} | {task.name} | {spec.method_name} {spec.setting()}]"
+    print(f"{label} {len(samples)} samples, {len(samples) - len(todo)} already done -> {run_dir.path}", flush=True)
+    for i, sample in enumerate(todo, start=len(samples) - len(todo) + 1):
+        t0 = time.perf_counter()
+        record = run_sample(model, tokenizer, spec, task, sample)
+        run_dir.append(record)
+        scores = " ".join(f"{k}={v:.2f}" for k, v in record["scores"].items())
+        print(f"{label} {i}/{len(samples)} {sample.id}: {scores} | {record['prompt_tokens']} tok, "
+              f"held {record['kv']['after_prefill']['ratio']:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
+    records = [r for r in run_dir.records() if r["id"] in set(ids)]
+    scores = summarize_run(task, records, len(samples))
+    run_dir.write_scores(scores)
+    meta.update(status="complete" if scores["complete"] else "partial",
+                finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    run_dir.write_run(meta)
+    return {"dir": str(run_dir.path), "model": spec.model.name, "method": spec.method_name,
+            "setting": spec.setting(), **scores}
+
+
+def run(cfg: dict) -> list[dict]:
+    """Run every task of a configuration; return their scores (one dict per results directory)."""
+    spec = RunSpec.from_config(cfg)
+    model, tokenizer = load_model(spec.model)
+    torch.manual_seed(spec.seed)
+    return [run_task(model, tokenizer, spec, task, cfg) for task in spec.task.subtasks()]

@@ -1,0 +1,1 @@
+"""Scorers: pure functions from (prediction, gold) to a score, one module per task family."""

@@ -1,0 +1,90 @@
+"""The task interface: a task yields samples (prompt parts + gold answers) and scores predictions.
+
+Tasks are declared as data (texts and tables under ``tasks/``, run parameters in ``conf/task/``) plus
+a small class here and scorer functions in ``kvbench.scoring``. Generation never scores: results store
+predictions, and scoring reads them, so scores can be recomputed without a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvbench.methods.base import ConfigError
+
+#: the repository's top-level ``tasks/`` folder, where task texts and tables live
+TASK_DATA = Path(__file__).resolve().parents[2] / "tasks"
+
+COMPRESS_MODES = ("whole", "context")
+
+
+@dataclass
+class Sample:
+    """One prompt. ``context + question`` is the prompt text before any chat template.
+
+    With compress mode ``whole`` the whole prompt is prefilled and compressed; with ``context`` the
+    context is prefilled and compressed and the question is appended uncompressed afterwards.
+    """
+
+    id: str
+    context: str
+    question: str
+    answers: list[str]
+    max_new_tokens: int
+    chat_template: bool = False
+    #: stop generating once the new text contains one of these
+    stop_strings: list[str] = field(default_factory=list)
+    #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A task family (``kind`` in ``conf/task/*.yaml``); an instance is one configured task.
+
+    ``name`` (from the config) names the results directory. ``Params`` is the dataclass of run
+    parameters whose defaults match ``conf/task/<name>.yaml``.
+    """
+
+    kind: ClassVar[str]
+    Params: ClassVar[type]
+    #: the metric reported as the task's score
+    main_metric: ClassVar[str]
+
+    def __init__(self, name: str, params: Any):
+        self.name = name
+        self.params = params
+
+    @classmethod
+    def parse_params(cls, values: dict[str, Any]) -> Any:
+        fields = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(f"task kind '{cls.kind}' has no parameter(s) {unknown}; valid: {sorted(fields)}")
+        params = cls.Params(**values)
+        if getattr(params, "compress", "whole") not in COMPRESS_MODES:
+            raise ConfigError(f"task compress mode must be one of {COMPRESS_MODES}, got '{params.compress}'")
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
+        return params
+
+    def subtasks(self) -> list["Task"]:
+        """The tasks that get a results directory each (a suite such as LongBench has many)."""
+        return [self]
+
+    def samples(self, tokenizer, model_cfg) -> list[Sample]:
+        raise NotImplementedError
+
+    def score(self, record: dict) -> dict[str, float]:
+        """Scores of one result record (``pred``, ``answers``, ``meta``), by metric name."""
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict]) -> dict[str, Any]:
+        """Task-level scores: the mean of every metric over records, x100, rounded to 2 places."""
+        metrics = sorted({m for r in records for m in r["scores"]})
+        return {m: round(100 * sum(r["scores"][m] for r in records) / len(records), 2) for m in metrics} if records else {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "params": dataclasses.asdict(self.params)}

@@ -1,0 +1,119 @@
+"""Passkey retrieval: a key hidden at a chosen depth of a filler haystack of a chosen token length."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from statistics import mean
+
+import yaml
+
+from kvbench.methods.base import ConfigError
+from kvbench.scoring.passkey import exact_match, partial_match
+from kvbench.tasks import register
+from kvbench.tasks.base import TASK_DATA, Sample, Task
+
+SCORERS = {"exact_match": exact_match, "partial_match": partial_match}
+
+
+@dataclass
+class PasskeyParams:
+    #: digits of the key, each uniform in 0-9 (a leading 0 is possible), as in longctx_bench
+    key_digits: int = 5
+    #: target prompt lengths in tokens of the model's tokenizer (the measured length is recorded)
+    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    #: needle depths as fractions of the haystack (0 = start, 1 = end)
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    samples_per_cell: int = 1
+    seed: int = 0
+    max_new_tokens: int = 12
+    #: whole: the question is compressed with the haystack (LagKV's setting); context: appended after
+    compress: str = "whole"
+    #: the metric reported as the task's score
+    metric: str = "exact_match"
+
+    def validate(self):
+        if self.key_digits < 1:
+            raise ConfigError(f"passkey key_digits must be >= 1, got {self.key_digits}")
+        if not self.lengths or min(self.lengths) < 1:
+            raise ConfigError(f"passkey lengths must be a non-empty list of positive token counts, got {self.lengths}")
+        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
+            raise ConfigError(f"passkey depths must be fractions in [0, 1], got {self.depths}")
+        if self.samples_per_cell < 1:
+            raise ConfigError("passkey samples_per_cell must be >= 1")
+        if self.metric not in SCORERS:
+            raise ConfigError(f"passkey metric must be one of {sorted(SCORERS)}, got '{self.metric}'")
+
+
+def load_texts() -> dict[str, str]:
+    with open(TASK_DATA / "passkey" / "passkey.yaml") as f:
+        return yaml.safe_load(f)
+
+
+@register
+class Passkey(Task):
+    """The classic passkey prompt (Landmark Attention, LongLoRA), no chat template.
+
+    The haystack is the "grass is green" filler repeated so that the prompt reaches each target length
+    in tokens; the needle goes between filler repeats at ``int(repeats * depth)``. Keys are drawn from a
+    generator seeded by (seed, length, depth, index), so every sample is reproducible on its own.
+    """
+
+    kind = "passkey"
+    Params = PasskeyParams
+
+    @property
+    def main_metric(self) -> str:
+        return self.params.metric
+
+    def samples(self, tokenizer, model_cfg) -> list[Sample]:
+        texts = load_texts()
+        p = self.params
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=True).input_ids)
+
+        needle_len = count(texts["needle"].format(key="0" * p.key_digits))
+        fixed = count(texts["instruction"] + texts["question"]) + needle_len
+        per_repeat = count(texts["filler"] * 20) / 20
+        out = []
+        for length in p.lengths:
+            repeats = max(0, round((length - fixed) / per_repeat))
+            for depth in p.depths:
+                for i in range(p.samples_per_cell):
+                    rng = random.Random(f"{p.seed}-{length}-{depth}-{i}")
+                    key = "".join(rng.choice("0123456789") for _ in range(p.key_digits))
+                    at = int(repeats * depth)
+                    context = (
+                        texts["instruction"]
+                        + texts["filler"] * at
+                        + texts["needle"].format(key=key)
+                        + texts["filler"] * (repeats - at)
+                    )
+                    out.append(
+                        Sample(
+                            id=f"L{length}-D{depth:g}-{i}",
+                            context=context,
+                            question=texts["question"],
+                            answers=[key],
+                            max_new_tokens=p.max_new_tokens,
+                            meta={"length": length, "depth": depth},
+                        )
+                    )
+        return out
+
+    def score(self, record: dict) -> dict[str, float]:
+        key = record["answers"][0]
+        return {name: fn(record["pred"], key) for name, fn in SCORERS.items()}
+
+    def summarize(self, records: list[dict]) -> dict:
+        """Mean per (length, depth) cell, then mean over cells (longctx_bench's aggregation)."""
+        if not records:
+            return {}
+        cells: dict[str, list[dict]] = {}
+        for r in records:
+            cells.setdefault(f"{r['meta']['length']}/{r['meta']['depth']:g}", []).append(r["scores"])
+        cell_means = {c: {m: mean(s[m] for s in ss) for m in SCORERS} for c, ss in cells.items()}
+        summary = {m: round(100 * mean(c[m] for c in cell_means.values()), 2) for m in SCORERS}
+        summary["cells"] = {c: {m: round(100 * v, 2) for m, v in cm.items()} for c, cm in sorted(cell_means.items())}
+        return summary

