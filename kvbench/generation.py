@@ -24,16 +24,22 @@ class Generation:
     decode_s: float
     after_prefill: dict
     at_end: dict
+    #: most bytes held between steps (after each step's compression): what the method guarantees
     peak_bytes_held: int
+    #: most bytes held inside a step (before its compression: the prompt during prefill, +1 token
+    #: during decoding): the transient real memory of use-then-compress
+    peak_bytes_in_step: int
     stopped_by: list[str] = field(default_factory=list)
 
 
-def _step(model, cache: KVCache, ids: torch.Tensor, start: int, phase: str) -> torch.Tensor:
-    """Run ``ids`` (batch, q) at logical positions ``start..start+q-1``; return last-token logits."""
+def _step(model, cache: KVCache, ids: torch.Tensor, start: int, phase: str) -> tuple[torch.Tensor, int]:
+    """Run ``ids`` (batch, q) at logical positions ``start..start+q-1``, then let the method compress.
+    Returns the last-token logits and the bytes the cache held before compressing."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    in_step = cache.bytes_held()
     cache.end_step(phase)
-    return out.logits[:, -1, :]
+    return out.logits[:, -1, :], in_step
 
 
 @torch.inference_mode()
@@ -45,21 +51,24 @@ def generate(
     max_new_tokens: int,
     eos_ids: set[int],
     stop_check=None,
+    min_new_tokens: int = 0,
 ) -> Generation:
     """Greedy decoding of ``prompt_ids`` (batch, n) with ``cache``.
 
     ``prompt_ids`` is prefilled and compressed as the method decides (phase ``prefill``);
     ``question_ids`` (batch, m), if given, is appended afterwards in one step without prefill-time
     compression (phase ``append``: question-agnostic compression, as kvpress does). Stops per sequence
-    at an EOS id, when ``stop_check(new_token_ids)`` is true, or after ``max_new_tokens``.
+    at an EOS id, when ``stop_check(new_token_ids)`` is true, or after ``max_new_tokens``. EOS ids are
+    masked out of the first ``min_new_tokens`` steps (as transformers' ``min_new_tokens`` does).
     """
     batch = prompt_ids.shape[0]
     with cache.active():
         t0 = time.perf_counter()
-        logits = _step(model, cache, prompt_ids, 0, "prefill")
+        logits, in_step = _step(model, cache, prompt_ids, 0, "prefill")
         seen = prompt_ids.shape[1]
         if question_ids is not None and question_ids.shape[1] > 0:
-            logits = _step(model, cache, question_ids, seen, "append")
+            logits, appended = _step(model, cache, question_ids, seen, "append")
+            in_step = max(in_step, appended)
             seen += question_ids.shape[1]
         prefill_s = time.perf_counter() - t0
         after_prefill = cache.stats()
@@ -68,7 +77,10 @@ def generate(
         out: list[list[int]] = [[] for _ in range(batch)]
         stopped_by = [""] * batch
         t0 = time.perf_counter()
+        banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
         for step in range(max_new_tokens):
+            if step < min_new_tokens and len(banned):
+                logits = logits.index_fill(-1, banned, float("-inf"))
             next_ids = logits.argmax(dim=-1)
             for b in range(batch):
                 if stopped_by[b]:
@@ -81,7 +93,8 @@ def generate(
                     stopped_by[b] = "stop"
             if all(stopped_by) or step == max_new_tokens - 1:
                 break
-            logits = _step(model, cache, next_ids[:, None], seen, "decode")
+            logits, step_bytes = _step(model, cache, next_ids[:, None], seen, "decode")
+            in_step = max(in_step, step_bytes)
             seen += 1
             peak = max(peak, cache.bytes_held())
         decode_s = time.perf_counter() - t0
@@ -92,5 +105,6 @@ def generate(
         after_prefill=after_prefill,
         at_end=cache.stats(),
         peak_bytes_held=peak,
+        peak_bytes_in_step=in_step,
         stopped_by=[s or "max_new_tokens" for s in stopped_by],
     )

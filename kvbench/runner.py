@@ -148,10 +148,13 @@ def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> 
     return ctx, q
 
 
-def eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer, stop_tokens: list[str] = ()) -> set[int]:
+    """The tokenizer's and generation config's EOS ids, plus the last token id of each stop token
+    text (how LongBench's pred.py adds "\n" for samsum)."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
+    ids.update(tokenizer.encode(text, add_special_tokens=False)[-1] for text in stop_tokens)
     return {i for i in ids if i is not None}
 
 
@@ -167,7 +170,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             return any(s in text for s in sample.stop_strings)
     cache = KVCache(spec.new_method(), layer_windows(model.config))
-    gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens, eos_ids(model, tokenizer), stop_check)
+    gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
+                   eos_ids(model, tokenizer, sample.stop_tokens), stop_check, sample.min_new_tokens)
     record = {
         "id": sample.id,
         "task": task.name,
@@ -180,7 +184,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         "stopped_by": gen.stopped_by[0],
         "prefill_s": round(gen.prefill_s, 4),
         "decode_s": round(gen.decode_s, 4),
-        "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held},
+        "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held,
+               "peak_bytes_in_step": gen.peak_bytes_in_step},
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     record["scores"] = task.score(record)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench.scoring.longbench import TASKS, base_task, summarize
+from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
 RESULTS_FILE = "samples.jsonl"
 
@@ -71,8 +72,15 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
         task = base_task(record["task"])
     except KeyError as err:
         raise InputError(f"{where}: {err.args[0]}") from None
-    if TASKS[task]["metric"] == "classification" and all_classes is None:
+    # Metric preconditions, checked here so the message can name the line.
+    metric = TASKS[task]["metric"]
+    if metric == "classification" and all_classes is None:
         raise InputError(f"{where}: task {record['task']!r} needs field 'all_classes'")
+    if metric in PARAGRAPH_PATTERNS:
+        for answer in record["answers"]:
+            if not re.search(PARAGRAPH_PATTERNS[metric], answer):
+                raise InputError(f"{where}: gold answer {answer!r} has no paragraph id "
+                                 f"matching {PARAGRAPH_PATTERNS[metric]!r}")
     return record
 
 

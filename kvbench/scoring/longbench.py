@@ -44,11 +44,16 @@ import yaml
 from fuzzywuzzy import utils as _fuzz_utils
 from rouge import Rouge
 
+# jieba logs its dictionary loading ("Building prefix dict ...") to stderr at DEBUG level on first
+# use; raise only jieba's own logger to INFO so the CLI's stderr carries just kvbench's messages.
+jieba.setLogLevel(logging.INFO)
+
 __all__ = [
     "CATEGORIES",
     "E_TASKS",
     "FIRST_LINE_TASKS",
     "METRICS",
+    "PARAGRAPH_PATTERNS",
     "TASKS",
     "TASKS_YAML",
     "base_task",
@@ -184,6 +189,10 @@ def classification(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     return 0.0
 
 
+# Where the retrieval metrics read the gold paragraph id (first match in the gold answer).
+PARAGRAPH_PATTERNS = {"retrieval": r"Paragraph (\d+)", "retrieval_zh": r"段落(\d+)"}
+
+
 def _number_share(prediction: str, target: str) -> float:
     """Share of the numbers (\\d+ runs) in the prediction that equal ``target`` as strings."""
     numbers = re.findall(r"\d+", prediction)
@@ -192,7 +201,8 @@ def _number_share(prediction: str, target: str) -> float:
     return sum(1 for number in numbers if number == target) / len(numbers)
 
 
-def _paragraph_id(pattern: str, ground_truth: str) -> str:
+def _paragraph_id(metric: str, ground_truth: str) -> str:
+    pattern = PARAGRAPH_PATTERNS[metric]
     found = re.findall(pattern, ground_truth)
     if not found:
         raise ValueError(f"gold answer {ground_truth!r} has no paragraph id matching {pattern!r}")
@@ -201,12 +211,12 @@ def _paragraph_id(pattern: str, ground_truth: str) -> str:
 
 def retrieval(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     """Gold id from ``Paragraph (\\d+)``; share of the prediction's numbers equal to it."""
-    return _number_share(prediction, _paragraph_id(r"Paragraph (\d+)", ground_truth))
+    return _number_share(prediction, _paragraph_id("retrieval", ground_truth))
 
 
 def retrieval_zh(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     """Gold id from ``段落(\\d+)``; share of the prediction's numbers equal to it."""
-    return _number_share(prediction, _paragraph_id(r"段落(\d+)", ground_truth))
+    return _number_share(prediction, _paragraph_id("retrieval_zh", ground_truth))
 
 
 def count(prediction: str, ground_truth: str, **kwargs: Any) -> float:
@@ -297,7 +307,9 @@ def _load_tasks(path: Path) -> dict[str, dict[str, Any]]:
     for name, spec in tasks.items():
         for field, kind in _REQUIRED_FIELDS.items():
             if not isinstance(spec.get(field), kind):
-                raise ValueError(f"{path}: task {name!r}: field {field!r} must be a {kind.__name__}")
+                raise ValueError(
+                    f"{path}: task {name!r}: field {field!r} must be a {kind.__name__}"
+                )
         if spec["metric"] not in METRICS:
             raise ValueError(f"{path}: task {name!r}: unknown metric {spec['metric']!r}")
     return tasks
@@ -372,7 +384,8 @@ def task_score_e(scores: Sequence[float], lengths: Sequence[float]) -> dict[str,
     As in eval.py's ``scorer_e`` the mean is ``np.mean`` and ``round`` is applied to the numpy
     float, i.e. numpy's rounding (which can differ from Python's in the last digit, e.g. 2.675 ->
     2.68 where Python gives 2.67). An empty bucket is NaN, as in the official result.json
-    (np.mean of an empty list; returned directly here, without numpy's warning). Values are Python floats.
+    (np.mean of an empty list; returned directly here, without numpy's warning).
+    Values are Python floats.
     """
     if len(scores) != len(lengths):
         raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths")
@@ -441,8 +454,3 @@ def overall_mean(category_scores: Mapping[str, float]) -> float:
     if not category_scores:
         raise ValueError("overall_mean needs at least one category score")
     return sum(category_scores.values()) / len(category_scores)
-
-
-# jieba logs its dictionary loading ("Building prefix dict ...") to stderr at DEBUG level on first
-# use; raise only jieba's own logger to INFO so the CLI's stderr carries just kvbench's messages.
-jieba.setLogLevel(logging.INFO)

