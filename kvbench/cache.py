@@ -38,6 +38,7 @@ class KVCache(Cache):
     """One sample's cache: a method layer per global-attention layer, a window layer per local one."""
 
     def __init__(self, method: Method, windows: list[int | None]):
+        method.compressed_layers = [i for i, w in enumerate(windows) if not w]
         layers: list[KVLayer] = [
             SlidingWindowLayer(w, i) if w else method.make_layer(i) for i, w in enumerate(windows)
         ]

@@ -23,9 +23,21 @@ class KVBenchConfig:
     results_dir: str = "results"
     #: run only the first N samples of each task (smoke tests)
     limit: Optional[int] = None
+    #: "i/n": run only the i-th of n disjoint slices of the samples, into the configuration's one
+    #: results directory (sweep shard=0/4,1/4,2/4,3/4 to split a configuration over jobs); null = all
+    shard: Optional[str] = None
+    #: local folder of benchmark data files for tasks that read a dataset (LongBench: the unzipped
+    #: data.zip); a task's own `task.data_dir` takes precedence; null = download from the hub
+    data_dir: Optional[str] = None
     #: print the summary table when the run or sweep ends
     summary: bool = True
+    #: regenerate <results_dir>/LEADERBOARD.md and leaderboards/ when the run or sweep ends
+    report: bool = True
 
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
+    # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
+    from kvbench.tasks.longbench import store_configs
+
+    store_configs(ConfigStore.instance())

@@ -30,16 +30,42 @@ class Generation:
     #: during decoding): the transient real memory of use-then-compress
     peak_bytes_in_step: int
     stopped_by: list[str] = field(default_factory=list)
+    #: the uncompressed prefill state, when asked for (``keep_prefill``) or reused
+    prefilled: "Prefilled | None" = None
+
+
+@dataclass
+class Prefilled:
+    """A cache's state right after the prompt's prefill forward, before the method compressed it.
+
+    For methods whose prefill does not depend on the ratio (``Method.shares_prefill``), one prefill
+    serves every ratio of a sweep: restoring this state into a fresh cache and compressing it gives
+    exactly what a separate prefill would have given.
+    """
+
+    layers: list[dict]
+    logits: torch.Tensor
+    in_step: int
+    #: seconds the original prefill forward took
+    prefill_s: float
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for state in self.layers for v in state.values()
+                   if isinstance(v, torch.Tensor))
+
+
+def _forward(model, cache: KVCache, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+    """Run ``ids`` (batch, q) at logical positions ``start..start+q-1``. Returns the last-token
+    logits and the bytes the cache holds before the method compresses (``end_step``)."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :], cache.bytes_held()
 
 
 def _step(model, cache: KVCache, ids: torch.Tensor, start: int, phase: str) -> tuple[torch.Tensor, int]:
-    """Run ``ids`` (batch, q) at logical positions ``start..start+q-1``, then let the method compress.
-    Returns the last-token logits and the bytes the cache held before compressing."""
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    in_step = cache.bytes_held()
+    logits, in_step = _forward(model, cache, ids, start)
     cache.end_step(phase)
-    return out.logits[:, -1, :], in_step
+    return logits, in_step
 
 
 @torch.inference_mode()
@@ -52,6 +78,8 @@ def generate(
     eos_ids: set[int],
     stop_check=None,
     min_new_tokens: int = 0,
+    prefilled: Prefilled | None = None,
+    keep_prefill: bool = False,
 ) -> Generation:
     """Greedy decoding of ``prompt_ids`` (batch, n) with ``cache``.
 
@@ -60,11 +88,24 @@ def generate(
     compression (phase ``append``: question-agnostic compression, as kvpress does). Stops per sequence
     at an EOS id, when ``stop_check(new_token_ids)`` is true, or after ``max_new_tokens``. EOS ids are
     masked out of the first ``min_new_tokens`` steps (as transformers' ``min_new_tokens`` does).
+
+    ``prefilled`` replaces the prefill forward by a stored state of the same prompt; with
+    ``keep_prefill`` the result carries that state (``Generation.prefilled``) for the next ratio.
     """
     batch = prompt_ids.shape[0]
     with cache.active():
         t0 = time.perf_counter()
-        logits, in_step = _step(model, cache, prompt_ids, 0, "prefill")
+        if prefilled is not None:
+            for layer, state in zip(cache.layers, prefilled.layers):
+                layer.restore(state)
+            logits, in_step = prefilled.logits, prefilled.in_step
+        else:
+            logits, in_step = _forward(model, cache, prompt_ids, 0)
+            if keep_prefill:
+                forward_s = time.perf_counter() - t0
+                prefilled = Prefilled([layer.snapshot() for layer in cache.layers], logits, in_step, forward_s)
+                t0 = time.perf_counter() - forward_s  # the snapshot's copy is not prefill time
+        cache.end_step("prefill")
         seen = prompt_ids.shape[1]
         if question_ids is not None and question_ids.shape[1] > 0:
             logits, appended = _step(model, cache, question_ids, seen, "append")
@@ -107,4 +148,5 @@ def generate(
         peak_bytes_held=peak,
         peak_bytes_in_step=in_step,
         stopped_by=[s or "max_new_tokens" for s in stopped_by],
+        prefilled=prefilled,
     )

@@ -5,20 +5,33 @@ Layout (see docs/architecture.md)::
     <results_dir>/<model>/<task>/<method>/<setting>/
         samples.jsonl   one JSON object per finished sample, appended as it finishes
         run.json        resolved config, versions, device, method and task description, progress
-        scores.json     task-level scores, rewritten from samples.jsonl at the end of a run
+        scores.json     task-level scores, recomputed from samples.jsonl at the end of every job
 
 A record is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsync'd, so a killed
 run loses at most the sample in flight, and a torn last line (killed mid-write) is skipped on reading
 and never glued to the next record. Reading de-duplicates by sample id (first record wins), so a
 resumed run never counts a sample twice.
+
+Any number of processes, on any number of nodes, may write one directory at once (the shards of a
+configuration, a requeued job, the same configuration started twice). ``O_APPEND`` alone is atomic
+only on local filesystems (NFS clients compute the offset themselves), so appends and the
+read-modify-write of run.json/scores.json also hold an advisory ``flock`` on ``.lock`` (honoured
+across NFS clients). Samples are claimed with ``flock`` too (``.claims/``), so that two jobs do not
+generate the same sample; the kernel (or the NFS server) drops a dead job's locks, so a killed job
+leaves nothing to clean up.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +40,28 @@ log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
 RUN = "run.json"
 SCORES = "scores.json"
+LOCK = ".lock"
+CLAIMS = ".claims"
+
+# errnos of filesystems that do not implement flock (e.g. Lustre mounted without -o flock)
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
+def _flock(fd: int, operation: int) -> None:
+    """``flock(fd, operation)``, a no-op where the filesystem has no flock: there appends are still
+    single O_APPEND writes and reading still de-duplicates, but no sample is ever refused to a claimant
+    (at worst two jobs generate the same sample). Raises BlockingIOError for a held LOCK_NB lock."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        _warn_no_flock(e.strerror)
+
+
+@functools.cache
+def _warn_no_flock(reason: str) -> None:
+    log.warning("this filesystem does not support flock (%s): results are written without locks", reason)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -72,7 +107,9 @@ class RunDir:
         self.samples_path = self.path / SAMPLES
 
     def records(self) -> list[dict]:
-        """Finished samples, de-duplicated by id, in the order they were first written."""
+        """Finished samples, de-duplicated by id, in the order they were first written. Reads without
+        the lock (a record being appended right now may be missing); take :meth:`lock` for a snapshot
+        that must hold every record written so far."""
         if not self.samples_path.exists():
             return []
         seen: dict[str, dict] = {}
@@ -80,19 +117,56 @@ class RunDir:
             seen.setdefault(obj["id"], obj)
         return list(seen.values())
 
-    def append(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True, default=str).encode() + b"\n"
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory's exclusive lock: around appends, and around reading samples.jsonl and
+        rewriting run.json/scores.json from it. Not re-entrant: do not call :meth:`append` inside."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.samples_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            # A torn last line from a killed run must not swallow this record: start on a new line.
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            os.write(fd, line)
-            os.fsync(fd)
+            _flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextmanager
+    def claim(self, sample_id: str) -> Iterator[bool]:
+        """Try to take ``sample_id`` for this process: yields False while another live process holds it.
+
+        The claim is a flock, so it dies with its holder (SIGKILL, node loss) and a requeued job takes
+        the sample again. The holder finds the record already written if another job finished the
+        sample in between; check that before generating. The file is removed once the body has
+        returned, i.e. after the record was appended: a job that then claims a fresh file finds the
+        record.
+        """
+        path = self.path / CLAIMS / f"{hashlib.sha1(sample_id.encode()).hexdigest()}.lock"  # ids may hold "/"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                claimed = True
+            except BlockingIOError:
+                claimed = False
+            yield claimed
+            if claimed:
+                path.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True, default=str).encode() + b"\n"
+        with self.lock():
+            fd = os.open(self.samples_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                # A torn last line from a killed run must not swallow this record: start on a new line.
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def read_run(self) -> dict | None:
         path = self.path / RUN

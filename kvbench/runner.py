@@ -7,11 +7,15 @@ same code ``python -m kvbench.score`` uses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import platform
+import re
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -44,6 +48,8 @@ class RunSpec:
     results_dir: Path
     seed: int = 0
     limit: int | None = None
+    #: (i, n): this job runs the i-th of n disjoint slices of the samples (None: all of them)
+    shard: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "RunSpec":
@@ -74,6 +80,7 @@ class RunSpec:
             results_dir=Path(cfg.get("results_dir", "results")),
             seed=int(cfg.get("seed", 0)),
             limit=limit,
+            shard=parse_shard(cfg.get("shard")),
         )
 
     def new_method(self) -> Method:
@@ -106,6 +113,20 @@ class RunSpec:
         return {"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting()}
 
 
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)``, 0 <= i < n; None (all samples) stays None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)/(\d+)", str(value).strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise ConfigError(f"shard must be 'i/n' with 0 <= i < n (e.g. shard=0/4), or null for all samples; got {value!r}")
+    return int(match[1]), int(match[2])
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -126,6 +147,9 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "kvbench": kvbench.__version__, **found}
 
 
+_SPLIT = "\x00kvbench-question\x00"
+
+
 def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids of the part prefilled and compressed, and of the part appended uncompressed.
 
@@ -136,11 +160,11 @@ def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> 
     context, question = sample.context, sample.question
     templated = sample.chat_template and model_cfg.chat_template and tokenizer.chat_template
     if templated:
+        # A marker between the parts survives templates that trim the message's ends (Llama 3.1's)
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + question}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False
         )
-        cut = full.rfind(question) if question else full.rfind(context) + len(context)
-        context, question = full[:cut], full[cut:]
+        context, question = full.split(_SPLIT)
     ctx = tokenizer(context, add_special_tokens=not templated, return_tensors="pt").input_ids
     q = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
     if compress == "whole":
@@ -186,7 +210,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         "decode_s": round(gen.decode_s, 4),
         "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held,
                "peak_bytes_in_step": gen.peak_bytes_in_step},
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _now(),
     }
     record["scores"] = task.score(record)
     return record
@@ -218,25 +242,70 @@ def summarize_run(task: Task, records: list[dict], n_expected: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """Turn SIGTERM into ``SystemExit(143)`` (128 + 15, the shell's code for death by SIGTERM), raised
+    wherever the job is: the sample in flight is abandoned.
+
+    SIGTERM is how Slurm preempts, cancels and ends jobs at their time limit, and its SIGKILL follows
+    after a grace period (KillWait, 30 s by default) that is often shorter than one long-context
+    sample. Finished records are on disk already and a record is a single write, so unwinding from
+    anywhere loses nothing else. The non-zero exit tells Slurm and the caller that the run did not
+    end; running it again resumes it.
+
+    A SIGTERM handler someone else installed is left alone: submitit ignores SIGTERM on purpose and
+    checkpoints and requeues on its own signal (USR2), which also ends in SystemExit here.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _finish(run_dir: RunDir, task: Task, ids: list[str], meta: dict, stopped: bool = False) -> dict:
+    """Recompute scores.json and run.json from every record in the directory (all shards and jobs)
+    and return the scores. Under the directory lock: records only accumulate, so whichever job
+    writes last also saw the most records.
+
+    status: ``complete`` once every expected sample is present; otherwise ``interrupted`` (this job
+    was stopped by a signal) or ``partial`` (this job ended; other shards or jobs still owe samples).
+    """
+    wanted = set(ids)
+    with run_dir.lock():
+        records = [r for r in run_dir.records() if r["id"] in wanted]
+        scores = summarize_run(task, records, len(ids))
+        run_dir.write_scores(scores)
+        status = "complete" if scores["complete"] else "interrupted" if stopped else "partial"
+        run_dir.write_run({**meta, "status": status, "finished": _now()})
+    return scores
+
+
 def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
-    """Run (or resume) one task into its results directory; return its scores.json content."""
+    """Run (or resume) this job's share of one task into its results directory; return the scores.json
+    content of the whole directory.
+
+    Several jobs may write one directory at once (the shards of a configuration, a requeued job, the
+    same configuration started twice): each sample is claimed before it runs, records are appended
+    under the directory lock, and every job ends by recomputing run.json and scores.json.
+    """
     run_dir = spec.run_dir(task)
     identity = spec.identity(task)
-    previous = run_dir.read_run()
-    if previous is not None and previous.get("identity") != identity:
-        differing = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
-        raise ConfigError(
-            f"{run_dir.path} holds results of a different configuration (differs in: {', '.join(differing)}); "
-            "choose another results_dir or remove that directory"
-        )
     samples = task.samples(tokenizer, spec.model)
     if spec.limit is not None:
         samples = samples[: spec.limit]
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"task {task.name} produced duplicate sample ids")
-    done = {r["id"] for r in run_dir.records()}
-    todo = [s for s in samples if s.id not in done]
+    # a stride, not a block: tasks list samples by length, so every shard gets a similar amount of work
+    mine = samples if spec.shard is None else samples[spec.shard[0] :: spec.shard[1]]
     meta = {
         "identity": identity,
         "config": config,
@@ -246,24 +315,40 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
         "host": platform.node(),
         "n_expected": len(samples),
         "status": "running",
-        "started": previous.get("started") if previous else dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    run_dir.write_run(meta)
+    with run_dir.lock():
+        previous = run_dir.read_run()
+        if previous is not None and previous.get("identity") != identity:
+            differing = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
+            raise ConfigError(
+                f"{run_dir.path} holds results of a different configuration (differs in: {', '.join(differing)}); "
+                "choose another results_dir or remove that directory"
+            )
+        meta["started"] = previous.get("started") if previous else _now()
+        run_dir.write_run(meta)
+    done = {r["id"] for r in run_dir.records()}
+    todo = [s for s in mine if s.id not in done]
     label = f"[{spec.model.name} | {task.name} | {spec.method_name} {spec.setting()}]"
-    print(f"{label} {len(samples)} samples, {len(samples) - len(todo)} already done -> {run_dir.path}", flush=True)
-    for i, sample in enumerate(todo, start=len(samples) - len(todo) + 1):
-        t0 = time.perf_counter()
-        record = run_sample(model, tokenizer, spec, task, sample)
-        run_dir.append(record)
-        scores = " ".join(f"{k}={v:.2f}" for k, v in record["scores"].items())
-        print(f"{label} {i}/{len(samples)} {sample.id}: {scores} | {record['prompt_tokens']} tok, "
-              f"held {record['kv']['after_prefill']['ratio']:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
-    records = [r for r in run_dir.records() if r["id"] in set(ids)]
-    scores = summarize_run(task, records, len(samples))
-    run_dir.write_scores(scores)
-    meta.update(status="complete" if scores["complete"] else "partial",
-                finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    run_dir.write_run(meta)
+    share = f" (shard {spec.shard[0]}/{spec.shard[1]} of {len(samples)})" if spec.shard else ""
+    print(f"{label} {len(mine)} samples{share}, {len(mine) - len(todo)} already done -> {run_dir.path}", flush=True)
+    try:
+        with _sigterm_exits():
+            for i, sample in enumerate(todo, start=len(mine) - len(todo) + 1):
+                t0 = time.perf_counter()
+                with run_dir.claim(sample.id) as claimed:
+                    # another live job runs this sample, or finished it after `done` was read
+                    if not claimed or sample.id in {r["id"] for r in run_dir.records()}:
+                        print(f"{label} {i}/{len(mine)} {sample.id}: done by another job", flush=True)
+                        continue
+                    record = run_sample(model, tokenizer, spec, task, sample)
+                    run_dir.append(record)
+                scores = " ".join(f"{k}={v:.2f}" for k, v in record["scores"].items())
+                print(f"{label} {i}/{len(mine)} {sample.id}: {scores} | {record['prompt_tokens']} tok, "
+                      f"held {record['kv']['after_prefill']['ratio']:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
+    except SystemExit:
+        _finish(run_dir, task, ids, meta, stopped=True)
+        raise
+    scores = _finish(run_dir, task, ids, meta)
     return {"dir": str(run_dir.path), "model": spec.model.name, "method": spec.method_name,
             "setting": spec.setting(), **scores}
 

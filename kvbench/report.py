@@ -1,0 +1,563 @@
+"""Leaderboards, plots and table exports, built from result files only (no model, no GPU)::
+
+    python -m kvbench.report [results_dir] [--out DIR] [--format md csv parquet png svg]
+
+``DIR`` defaults to ``results_dir`` (so the default is ``results/LEADERBOARD.md`` and
+``results/leaderboards/``); the sweep regenerates it at its end (``report: true`` in the config)::
+
+    DIR/LEADERBOARD.md                        index: each model's average table and plot, links
+    DIR/leaderboards/<model>.md               a model's leaderboard (average, efficiency, per
+                                              LongBench category, per task)
+    DIR/leaderboards/results.csv, .parquet    the run table of :func:`collect`, one row per run
+    DIR/leaderboards/plots/<model>/...        PNG and SVG figures (plots/ is rebuilt every time)
+
+How numbers are compared:
+
+* baseline: the complete ``full`` run of the same model name, task name and task parameters
+  (``identity.task.params`` in run.json). retention = 100 * score / baseline score. Without such a
+  run (not run, partial, other task parameters) or with a baseline score of 0, retention is "n/a"
+  with a footnote.
+* partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, with a
+  footnote, and never enter an average: averages over tasks use complete runs only, and a cell
+  that does not cover every task of its table names the tasks left out and is not bolded.
+* bold: the highest score of each column among complete runs (for averages, among cells that cover
+  every task), where at least two compete.
+* order: ``full`` first, then methods alphabetically, a method's default parameters before its
+  variants (the setting's suffix, e.g. ``ratio-4_lag-128``); nominal ratios ascending, then token
+  budgets ascending. Tasks by suite, then LongBench category order, then name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench import plots
+from kvbench.results import RunDir, find_runs
+from kvbench.scoring import longbench
+
+#: the method every other one is compared with: it keeps the whole cache
+BASELINE_METHOD = "full"
+INDEX = "LEADERBOARD.md"
+REPORT_DIR = "leaderboards"
+FORMATS = ("md", "csv", "parquet", "png", "svg")
+MIB = 2**20
+
+COLUMNS = [
+    "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
+    "measured_ratio", "task", "suite", "category", "task_params", "metric", "score", "baseline_score",
+    "retention", "n", "n_expected", "complete", "state", "status", "tokens_held", "bytes_held",
+    "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
+    "metrics", "run_dir",
+]
+FLOAT_COLUMNS = [
+    "nominal_ratio", "measured_ratio", "score", "baseline_score", "retention", "tokens_held", "bytes_held",
+    "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
+]
+INT_COLUMNS = ["budget", "n", "n_expected"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run table
+# ---------------------------------------------------------------------------------------------
+
+
+def collect(results_dir: str | Path) -> pd.DataFrame:
+    """One row per results directory under ``results_dir`` (see :data:`COLUMNS`), with retention
+    against its full-cache baseline, sorted by model, task, method and setting."""
+    rows = [_run_row(run) for run in find_runs(results_dir)]
+    _add_baselines(rows)
+    rows.sort(key=lambda r: (r["model"], _task_key(r), _row_key(r), _column_key(r)))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df[FLOAT_COLUMNS] = df[FLOAT_COLUMNS].astype(float)
+    df[INT_COLUMNS] = df[INT_COLUMNS].astype("Int64")
+    return df
+
+
+def _run_row(run: RunDir) -> dict:
+    meta = run.read_run()
+    scores = run.read_scores()
+    identity = meta["identity"]
+    compression, task = identity["compression"], identity["task"]
+    records = run.records()
+    state = "failed" if scores is None else "complete" if scores["complete"] else "partial"
+    scores = scores or {}
+    setting = compression["label"]
+    variant = setting.partition("_")[2]  # non-default method parameters, e.g. "lag-128"
+    return {
+        "model": identity["model"]["name"],
+        "method": identity["method"]["name"],
+        "variant": variant,
+        "method_params": json.dumps(identity["method"]["params"], sort_keys=True),
+        "setting": setting,
+        "row": f"{identity['method']['name']} {variant}".strip(),
+        "column": _column_label(compression["ratio"], compression["budget"]),
+        "nominal_ratio": compression["ratio"],
+        "budget": compression["budget"],
+        "measured_ratio": scores.get("measured_ratio"),
+        "task": task["name"],
+        "suite": task["kind"],
+        "category": _longbench_category(task["name"]),
+        "task_params": json.dumps(task["params"], sort_keys=True),
+        "metric": scores.get("metric"),
+        "score": scores.get("score"),
+        "n": scores.get("n", len(records)),
+        "n_expected": scores.get("n_expected", meta.get("n_expected")),
+        "complete": state == "complete",
+        "state": state,
+        "status": meta.get("status"),
+        "tokens_held": scores.get("tokens_held"),
+        "bytes_held": scores.get("bytes_held"),
+        "peak_bytes_held": scores.get("peak_bytes_held"),
+        "decode_tokens_per_s": scores.get("decode_tokens_per_s"),
+        "prefill_s_mean": _mean(r.get("prefill_s") for r in records),
+        "decode_s_mean": _mean(r.get("decode_s") for r in records),
+        "metrics": scores.get("metrics"),
+        "run_dir": str(run.path),
+    }
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _column_label(ratio: float | None, budget: int | None) -> str:
+    return f"budget {budget}" if budget is not None else f"{ratio:g}x"
+
+
+def _longbench_category(task: str) -> str | None:
+    try:
+        return longbench.TASKS[longbench.base_task(task)]["category"]
+    except KeyError:  # not a LongBench task
+        return None
+
+
+def _baseline_key(row: dict) -> tuple:
+    return row["model"], row["task"], row["task_params"]
+
+
+def _add_baselines(rows: list[dict]) -> None:
+    """Attach the score and KV bytes of the complete full-cache run with the same model, task and
+    task parameters, and the retention and bytes relative to it."""
+    baselines = {_baseline_key(r): r for r in rows if r["method"] == BASELINE_METHOD and r["state"] == "complete"}
+    for row in rows:
+        base = baselines.get(_baseline_key(row), {})
+        row["baseline_score"] = base.get("score")
+        usable = row["score"] is not None and base.get("score")  # a 0 baseline makes retention undefined
+        row["retention"] = 100 * row["score"] / base["score"] if usable else None
+        row["bytes_vs_full"] = (row["bytes_held"] / base["bytes_held"]
+                                if row["bytes_held"] is not None and base.get("bytes_held") else None)
+
+
+# Sort keys: rows are methods (baseline first), columns are settings (ratios, then budgets).
+
+def _row_key(row: Mapping) -> tuple:
+    return row["method"] != BASELINE_METHOD, row["method"], row["variant"]
+
+
+def _column_key(row: Mapping) -> tuple:
+    budget = row["budget"]
+    return (0, row["nominal_ratio"]) if budget is None or pd.isna(budget) else (1, budget)
+
+
+def _task_key(row: Mapping) -> tuple:
+    category = row["category"]
+    rank = longbench.CATEGORIES.index(category) if isinstance(category, str) else -1
+    return row["suite"], rank, row["task"]
+
+
+def _ordered(df: pd.DataFrame, label: str, key: Callable[[Mapping], tuple]) -> list[str]:
+    """The distinct values of column ``label``, ordered by ``key`` of their rows."""
+    keys = {r[label]: key(r) for r in df.to_dict("records")}
+    return sorted(keys, key=keys.get)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One method x setting entry: a score (one run, or a mean over tasks) and its retention."""
+
+    score: float
+    retention: float
+    notes: list[str] = field(default_factory=list)
+    #: may be bolded as the best of its column (complete, and covering every task of its table)
+    rankable: bool = False
+
+
+class Footnotes:
+    """The numbered notes under one table; the same text keeps the same number."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def mark(self, texts: Iterable[str]) -> str:
+        marks = []
+        for text in texts:
+            if text not in self.texts:
+                self.texts.append(text)
+            marks.append(f" [{self.texts.index(text) + 1}]")
+        return "".join(marks)
+
+    def markdown(self) -> str:
+        return "\n".join(f"[{i}] {text}  " for i, text in enumerate(self.texts, start=1))
+
+
+def _run_notes(run: pd.Series) -> list[str]:
+    """Why a single run's cell is not a plain complete score with retention."""
+    if run.state == "failed":
+        return [f"failed: no scores.json (run.json status '{run.status}', {run.n} of {run.n_expected} samples written)"]
+    notes = []
+    if run.state == "partial":
+        notes.append(f"partial: {run.n} of {run.n_expected} samples, left out of averages")
+    if pd.notna(run.score) and pd.isna(run.retention):
+        notes.append("retention n/a: full-cache score is 0" if run.baseline_score == 0 else
+                     "retention n/a: no complete full-cache run with the same task parameters")
+    return notes
+
+
+def _run_cell(runs: pd.DataFrame) -> Cell:
+    run = runs.iloc[0]  # one results directory per model x task x method x setting
+    return Cell(run.score, run.retention, _run_notes(run), rankable=run.state == "complete" and pd.notna(run.score))
+
+
+def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
+    run = runs[runs.task == task]
+    if run.empty:
+        return "not run"
+    run = run.iloc[0]
+    return f"partial, {run.n} of {run.n_expected}" if run.state == "partial" else run.state
+
+
+def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
+    """Mean score and mean retention over the complete runs among ``tasks``."""
+    complete = runs[runs.state == "complete"]
+    left_out = [f"{t} ({_left_out_reason(runs, t)})" for t in tasks if t not in set(complete.task)]
+    notes = []
+    if left_out:
+        notes.append(f"mean over {len(tasks) - len(left_out)} of {len(tasks)} tasks; left out: {', '.join(left_out)}")
+    no_baseline = list(complete.task[complete.retention.isna()])
+    if no_baseline:
+        notes.append(f"retention n/a: no usable full-cache baseline for {', '.join(no_baseline)}")
+    retention = complete.retention.mean() if not no_baseline else math.nan
+    return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty)
+
+
+def _cells(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> dict[tuple[str, str], Cell]:
+    return {key: cell(group) for key, group in runs.groupby(["row", "column"], sort=False)}
+
+
+def _pct(value: float) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.1f}%"
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if pd.isna(value) else format(value, spec)
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub markdown table: first column left-aligned, the others right-aligned."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    separator = "| " + " | ".join([":---"] + ["---:"] * (len(header) - 1)) + " |"
+    return "\n".join([line(header), separator, *(line(row) for row in body)])
+
+
+def _best_score(column: list[Cell]) -> float | None:
+    """The score to bold in a column: the highest rankable one, if at least two compete."""
+    scores = [cell.score for cell in column if cell.rankable]
+    return max(scores) if len(scores) > 1 else None
+
+
+def _score_table(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> str:
+    """Methods as rows, settings as columns, "score (retention%)" cells, best of a column in bold."""
+    rows, columns = _ordered(runs, "row", _row_key), _ordered(runs, "column", _column_key)
+    cells = _cells(runs, cell)
+    best = {c: _best_score([x for (_, col), x in cells.items() if col == c]) for c in columns}
+    notes = Footnotes()
+
+    def text(row: str, column: str) -> str:
+        entry = cells.get((row, column))
+        if entry is None:
+            return "–"
+        shown = "n/a" if pd.isna(entry.score) else f"{entry.score:.2f} ({_pct(entry.retention)})"
+        if entry.rankable and entry.score == best[column]:
+            shown = f"**{shown}**"
+        return shown + notes.mark(entry.notes)
+
+    table = markdown_table(["method", *columns], [[r, *(text(r, c) for c in columns)] for r in rows])
+    return "\n\n".join(filter(None, [table, notes.markdown()]))
+
+
+def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
+    """Measured compression and speed per method and setting: means over complete runs."""
+    header = ["method", "setting", "tasks", "measured ratio", "KV held (MiB)", "KV held vs full",
+              "peak KV (MiB)", "decode tok/s", "prefill s/sample", "decode s/sample"]
+    body = []
+    for row in _ordered(runs, "row", _row_key):
+        for column in _ordered(runs, "column", _column_key):
+            group = runs[(runs.row == row) & (runs.column == column)]
+            if group.empty:
+                continue
+            done = group[group.state == "complete"]
+            body.append([
+                row, column, f"{done.task.nunique()} of {len(tasks)}",
+                _fmt(done.measured_ratio.mean(), ".2f") + ("x" if not done.empty else ""),
+                _fmt(done.bytes_held.mean() / MIB, ".1f"),
+                _pct(100 * done.bytes_vs_full.mean() if done.bytes_vs_full.notna().all() else math.nan),
+                _fmt(done.peak_bytes_held.mean() / MIB, ".1f"),
+                _fmt(done.decode_tokens_per_s.mean(), ".1f"),
+                _fmt(done.prefill_s_mean.mean(), ".3f"),
+                _fmt(done.decode_s_mean.mean(), ".3f"),
+            ])
+    return markdown_table(header, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown documents
+# ---------------------------------------------------------------------------------------------
+
+CELL_LEGEND = (
+    "Cells: score (retention = score / score of the complete full-cache run of the same model, task "
+    "and task parameters, in %). Averages are means over complete runs only; partial and failed runs "
+    "are footnoted and left out. Bold: best score of the column among complete cells (if two or more)."
+)
+
+
+def _tasks(runs: pd.DataFrame) -> list[str]:
+    return _ordered(runs, "task", _task_key)
+
+
+def _run_counts(runs: pd.DataFrame) -> str:
+    counts = runs.state.value_counts()
+    return f"{len(runs)} runs (" + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "partial", "failed")) + ")"
+
+
+def _images(paths: Iterable[str]) -> str:
+    return " ".join(f"![{Path(p).stem}]({p})" for p in paths)
+
+
+def _task_about(task_runs: pd.DataFrame) -> str:
+    """Suite, LongBench category (if any) and metric of a task, as one line."""
+    facts = {"suite": task_runs.suite.iloc[0], "category": task_runs.category.iloc[0],
+             "metric": next(iter(task_runs.metric.dropna()), None)}
+    return ", ".join(f"{name} `{value}`" for name, value in facts.items() if isinstance(value, str))
+
+
+def average_table(df: pd.DataFrame, model: str) -> str:
+    """The model's headline table: score (retention) averaged over all its tasks."""
+    runs = df[df.model == model]
+    return _score_table(runs, partial(_average_cell, tasks=_tasks(runs)))
+
+
+def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | None, list[str]] | None = None) -> str:
+    """The leaderboard page of one model. ``images`` maps a task (None: the model as a whole) to
+    the relative paths of its figures."""
+    images = images or {}
+    runs = df[df.model == model]
+    tasks = _tasks(runs)
+    parts = [
+        f"# {model}",
+        f"{_run_counts(runs)} over {len(tasks)} task(s): {', '.join(tasks)}. {CELL_LEGEND}",
+        f"## Average over tasks\n\n{average_table(df, model)}",
+        _images(images.get(None, [])),
+        "## Efficiency\n\nMeans over complete runs (\"tasks\": how many). KV held: bytes after prefill, "
+        f"per sample.\n\n{_efficiency_table(runs, tasks)}",
+    ]
+    categories = [c for c in longbench.CATEGORIES if c in set(runs.category.dropna())]
+    for category in categories:
+        in_category = runs[runs.category == category]
+        category_tasks = _tasks(in_category)
+        parts.append(f"## LongBench category: {category}\n\nMean over {', '.join(category_tasks)}.\n\n"
+                     + _score_table(in_category, partial(_average_cell, tasks=category_tasks)))
+    parts.append("## Per task")
+    for task in tasks:
+        task_runs = runs[runs.task == task]
+        parts += [f"### {task}\n\n{_task_about(task_runs)}\n\n{_score_table(task_runs, _run_cell)}",
+                  _images(images.get(task, []))]
+    return "\n\n".join(filter(None, parts)) + "\n"
+
+
+def index_markdown(df: pd.DataFrame, results_dir: Path, pages: Mapping[str, str],
+                   images: Mapping[str, list[str]], exports: list[str]) -> str:
+    """LEADERBOARD.md: per model its average table, main figure and a link to its page; then the
+    exports. ``pages`` and ``images`` map a model to relative paths, ``exports`` are relative paths."""
+    parts = [
+        "# kvbench leaderboard",
+        f"Generated by `python -m kvbench.report {results_dir}` from {_run_counts(df)}; regenerated at the end "
+        f"of every sweep (config key `report`). {CELL_LEGEND}",
+    ]
+    if df.empty:
+        parts.append(f"No runs found under `{results_dir}`.")
+    for model in sorted(df.model.unique()):
+        page = f"[Full leaderboard: per task, per category, efficiency]({pages[model]})" if model in pages else ""
+        parts += [f"## {model}", f"Average over tasks. {page}\n\n{average_table(df, model)}",
+                  _images(images.get(model, []))]
+    if exports:
+        parts.append("Run table (one row per run): " + ", ".join(f"[{Path(p).name}]({p})" for p in exports))
+    return "\n\n".join(filter(None, parts)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> pd.DataFrame:
+    """(row, nominal_ratio, retention) of a model's compressing methods at nominal ratios, for one
+    task or averaged over all its tasks; complete runs only, averages only where they cover every
+    task (the same cells as the tables bold)."""
+    runs = df[(df.model == model) & df.budget.isna() & (df.method != BASELINE_METHOD)]
+    if task is not None:
+        runs = runs[(runs.task == task) & (runs.state == "complete") & runs.retention.notna()]
+        return runs[["row", "nominal_ratio", "retention"]].reset_index(drop=True)
+    tasks = _tasks(df[df.model == model])
+    points = []
+    for (row, column), group in runs.groupby(["row", "column"], sort=False):
+        cell = _average_cell(group, tasks)
+        if cell.rankable and pd.notna(cell.retention):
+            points.append({"row": row, "nominal_ratio": group.nominal_ratio.iloc[0], "retention": cell.retention,
+                           "key": (_row_key(group.iloc[0]), _column_key(group.iloc[0]))})
+    points.sort(key=lambda p: p["key"])
+    return pd.DataFrame(points, columns=["row", "nominal_ratio", "retention"])
+
+
+def _bytes_points(runs: pd.DataFrame) -> pd.DataFrame:
+    done = runs[(runs.state == "complete") & runs.bytes_held.notna() & runs.score.notna()]
+    return done.assign(bytes_mib=done.bytes_held / MIB)[["row", "bytes_mib", "score"]]
+
+
+def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[dict, list[Path]]:
+    """Every figure of every model; returns ({model: {task or None: [figure stems]}}, files)."""
+    stems: dict[str, dict[str | None, list[Path]]] = {}
+    written: list[Path] = []
+
+    def draw(model: str, task: str | None, stem: Path, fig) -> None:
+        written.extend(plots.save(fig, stem, formats))
+        stems.setdefault(model, {}).setdefault(task, []).append(stem)
+
+    for model in df.model.unique():
+        runs = df[df.model == model]
+        points = retention_points(df, model)
+        if not points.empty:
+            draw(model, None, plot_dir / model / "retention_average",
+                 plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks"))
+        for task in _tasks(runs):
+            task_runs = runs[runs.task == task]
+            points = retention_points(df, model, task)
+            if not points.empty:
+                draw(model, task, plot_dir / model / task / "retention",
+                     plots.retention_vs_ratio(points, f"{model} · {task}: retention"))
+            bytes_points = _bytes_points(task_runs)
+            if not bytes_points.empty:
+                metric = task_runs.metric.dropna().iloc[0]
+                draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
+                     plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric))
+            for run in task_runs.itertuples():
+                if isinstance(run.metrics, dict) and run.metrics.get("cells"):
+                    flag = f" (partial: {run.n} of {run.n_expected})" if run.state == "partial" else ""
+                    draw(model, task, plot_dir / model / task / f"passkey_{run.method}_{run.setting}",
+                         plots.passkey_heatmap(run.metrics["cells"], run.metric,
+                                               f"{model} · {task} · {run.row} {run.column}{flag}"))
+    return stems, written
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing everything
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The run table with ``metrics`` (nested, varying keys) as a JSON string, for CSV and Parquet."""
+    return df.assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
+                 formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write the index, per-model leaderboards, exports and figures (see the module docstring)
+    for the runs under ``results_dir`` into ``out_dir`` (default: ``results_dir``); return the
+    files written."""
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir is not None else results_dir
+    report_dir = out / REPORT_DIR
+    formats = list(formats)
+    df = collect(results_dir)
+    written: list[Path] = []
+    image_format = next((f for f in ("png", "svg") if f in formats), None)
+    stems: dict = {}
+    if image_format:
+        shutil.rmtree(report_dir / "plots", ignore_errors=True)  # so no figure outlives its run
+        stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")])
+        written += files
+    if "csv" in formats:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        _export_frame(df).to_csv(report_dir / "results.csv", index=False)
+        written.append(report_dir / "results.csv")
+    if "parquet" in formats:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        _export_frame(df).to_parquet(report_dir / "results.parquet", index=False)
+        written.append(report_dir / "results.parquet")
+    if "md" in formats:
+        exports = [p for p in written if p.suffix in (".csv", ".parquet")]
+        written += _write_markdown(df, results_dir, out, stems, image_format, exports)
+    return written
+
+
+def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, stems: Mapping, image_format: str | None,
+                    exports: list[Path]) -> list[Path]:
+    report_dir = out / REPORT_DIR
+
+    def relative(stem: Path, start: Path) -> str:
+        return (stem.parent / f"{stem.name}.{image_format}").relative_to(start).as_posix()
+
+    written, pages = [], {}
+    for model in sorted(df.model.unique()):
+        images = {task: [relative(s, report_dir) for s in paths] for task, paths in stems.get(model, {}).items()}
+        page = _write_text(report_dir / f"{model}.md", leaderboard_markdown(df, model, images))
+        written.append(page)
+        pages[model] = page.relative_to(out).as_posix()
+    index_images = {model: [relative(s, out) for s in by_task.get(None, [])] for model, by_task in stems.items()}
+    export_links = [p.relative_to(out).as_posix() for p in exports]
+    written.append(_write_text(out / INDEX, index_markdown(df, results_dir, pages, index_images, export_links)))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvbench.report",
+                                     description="Leaderboards, plots and table exports from kvbench result files.")
+    parser.add_argument("results_dir", nargs="?", default="results", type=Path,
+                        help="results directory to read (default: results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where LEADERBOARD.md and leaderboards/ go (default: results_dir)")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
+                        help="what to write (default: all)")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"no results directory {args.results_dir}")
+    written = write_report(args.results_dir, args.out, args.formats)
+    index = next((p for p in written if p.name == INDEX), None)
+    print(f"kvbench.report: wrote {len(written)} files" + (f"; index: {index}" if index else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""kvbench.report on synthetic results directories written here with the runner's schema."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from kvbench import plots, report
+from kvbench.summary import SweepSummary
+
+PASSKEY_PARAMS = {"compress": "whole", "depths": [0.0, 1.0], "lengths": [512, 1024], "metric": "exact_match"}
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
+
+
+def write_run(root: Path, model="m", task="passkey", method="full", ratio=1, budget=None, variant="",
+              score=80.0, n=4, n_expected=4, kind="passkey", task_params=None, scores=True,
+              bytes_held=1000.0, cells=None) -> Path:
+    """A results directory as kvbench.runner writes it; ``scores=False`` leaves a killed run."""
+    compression = f"budget-{budget}" if budget is not None else f"ratio-{ratio:g}"
+    setting = "_".join(filter(None, [compression, variant]))
+    path = root / model / task / method / setting
+    path.mkdir(parents=True)
+    identity = {
+        "model": {"name": model, "source": "hf", "path": model},
+        "method": {"name": method, "params": {"lag": 128} if variant else {}, "phases": []},
+        "task": {"name": task, "kind": kind, "params": task_params or PASSKEY_PARAMS},
+        "compression": {"ratio": None if budget is not None else ratio, "budget": budget, "label": setting},
+    }
+    status = "complete" if n == n_expected else "partial" if scores else "running"
+    (path / "run.json").write_text(json.dumps({"identity": identity, "config": {}, "model_info": {},
+                                               "n_expected": n_expected, "status": status}))
+    with open(path / "samples.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"s{i}", "prefill_s": 0.5, "decode_s": 0.25, "new_tokens": 4,
+                                "kv": {"after_prefill": {"ratio": ratio or 2.0, "bytes_held": bytes_held}}}) + "\n")
+    if scores:
+        metrics = {"exact_match": score, **({"cells": cells} if cells else {})}
+        (path / "scores.json").write_text(json.dumps({
+            "task": task, "metric": "exact_match", "score": score, "metrics": metrics, "n": n,
+            "n_expected": n_expected, "complete": n == n_expected, "measured_ratio": ratio or 2.0,
+            "tokens_held": 100.0, "bytes_held": bytes_held, "peak_bytes_held": bytes_held,
+            "decode_tokens_per_s": 16.0}))
+    return path
+
+
+def run_of(df: pd.DataFrame, **where) -> pd.Series:
+    match = df
+    for column, value in where.items():
+        match = match[match[column] == value]
+    assert len(match) == 1, where
+    return match.iloc[0]
+
+
+def table_blocks(markdown: str) -> list[list[str]]:
+    """The markdown tables of a document, as lists of their lines."""
+    blocks, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    return blocks
+
+
+def cells_of(line: str) -> list[str]:
+    assert line.startswith("| ") and line.endswith(" |"), line
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])]
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Two models with different full-cache scores; two methods, a variant, ratios and a budget;
+    a partial and a failed run; passkey depth x length cells."""
+    cells = {"512/0": {"exact_match": 100.0}, "512/1": {"exact_match": 0.0}, "1024/0": {"exact_match": 50.0}}
+    write_run(tmp_path, model="a", score=80.0, bytes_held=4000.0, cells=cells)
+    write_run(tmp_path, model="b", score=40.0)
+    for model in ("a", "b"):
+        write_run(tmp_path, model=model, method="zeta", ratio=2, score=40.0, bytes_held=2000.0, cells=cells)
+    write_run(tmp_path, model="a", method="zeta", ratio=16, score=20.0, bytes_held=250.0)
+    write_run(tmp_path, model="a", method="alpha", ratio=2, score=60.0, bytes_held=2000.0)
+    write_run(tmp_path, model="a", method="alpha", ratio=2, variant="lag-128", score=70.0)
+    write_run(tmp_path, model="a", method="alpha", budget=256, score=10.0)
+    # second task: zeta complete; alpha partial at 2x, failed (killed, no scores.json) at 16x
+    write_run(tmp_path, model="a", task="passkey_long", score=50.0)
+    write_run(tmp_path, model="a", task="passkey_long", method="zeta", ratio=2, score=25.0)
+    write_run(tmp_path, model="a", task="passkey_long", method="alpha", ratio=2, score=45.0, n=2)
+    write_run(tmp_path, model="a", task="passkey_long", method="alpha", ratio=16, scores=False, n=1)
+    return tmp_path
+
+
+def test_collect_one_row_per_run_with_run_facts(sweep):
+    df = report.collect(sweep)
+    assert len(df) == 12
+    run = run_of(df, model="a", task="passkey", method="zeta", setting="ratio-2")
+    assert (run.nominal_ratio, run.measured_ratio, run.suite, run.metric, run.n, run.n_expected) == (
+        2, 2, "passkey", "exact_match", 4, 4)
+    assert (run.prefill_s_mean, run.decode_s_mean, run.bytes_vs_full) == (0.5, 0.25, 0.5)
+    assert run.run_dir == str(sweep / "a" / "passkey" / "zeta" / "ratio-2")
+    budget = run_of(df, method="alpha", setting="budget-256")
+    assert budget.budget == 256 and pd.isna(budget.nominal_ratio) and budget.column == "budget 256"
+    assert run_of(df, setting="ratio-2_lag-128").row == "alpha lag-128"
+
+
+def test_retention_against_the_same_models_and_tasks_full_cache(sweep):
+    df = report.collect(sweep)
+    # the same 40.0 is 50% of model a's full cache (80) and 100% of model b's (40)
+    assert run_of(df, model="a", task="passkey", method="zeta", setting="ratio-2").retention == 50.0
+    assert run_of(df, model="b", task="passkey", method="zeta", setting="ratio-2").retention == 100.0
+    # and 50% of model a's other task (full 50)
+    assert run_of(df, model="a", task="passkey_long", method="zeta").retention == 50.0
+    assert run_of(df, model="a", task="passkey", method="full").retention == 100.0
+
+
+def test_other_task_parameters_have_no_baseline(tmp_path):
+    write_run(tmp_path, score=80.0)
+    write_run(tmp_path, method="zeta", ratio=2, score=40.0, task_params={**PASSKEY_PARAMS, "lengths": [4096]})
+    df = report.collect(tmp_path)
+    assert pd.isna(run_of(df, method="zeta").retention)
+    markdown = report.leaderboard_markdown(df, "m")
+    assert "40.00 (n/a) [1]" in markdown
+    assert "[1] retention n/a: no complete full-cache run with the same task parameters" in markdown
+
+
+def test_missing_baseline_is_na_with_a_note_not_a_crash(tmp_path):
+    write_run(tmp_path, method="zeta", ratio=2, score=40.0)
+    write_run(tmp_path, method="zeta", ratio=4, score=30.0)
+    df = report.collect(tmp_path)
+    assert df.retention.isna().all()
+    markdown = report.leaderboard_markdown(df, "m")
+    assert "40.00 (n/a)" in markdown and "no usable full-cache baseline for passkey" in markdown
+    written = report.write_report(tmp_path)
+    assert (tmp_path / "LEADERBOARD.md") in written
+    assert report.retention_points(df, "m").empty
+
+
+def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
+    df = report.collect(sweep)
+    partial = run_of(df, task="passkey_long", method="alpha", setting="ratio-2")
+    failed = run_of(df, task="passkey_long", method="alpha", setting="ratio-16")
+    assert (partial.state, partial.complete, partial.n, partial.n_expected) == ("partial", False, 2, 4)
+    assert (failed.state, failed.status, failed.n) == ("failed", "running", 1)
+    markdown = report.leaderboard_markdown(df, "a")
+    assert "partial: 2 of 4 samples, left out of averages" in markdown
+    assert "failed: no scores.json (run.json status 'running', 1 of 4 samples written)" in markdown
+    average = table_blocks(markdown)[0]
+    alpha = cells_of(next(line for line in average if line.startswith("| alpha |")))
+    # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, footnoted, not bold
+    assert alpha[2].startswith("60.00 (75.0%) [")
+    assert "mean over 1 of 2 tasks; left out: passkey_long (partial, 2 of 4)" in markdown
+    assert "passkey_long (failed)" in markdown and "passkey_long (not run)" in markdown
+    # zeta 2x covers both tasks (mean of 40 and 25, of 50% and 50%); the only such cell of its
+    # column, so there is nothing to bold
+    zeta = cells_of(next(line for line in average if line.startswith("| zeta |")))
+    assert zeta[2] == "32.50 (50.0%)"
+
+
+def test_rows_and_columns_in_a_stable_order(sweep):
+    markdown = report.leaderboard_markdown(report.collect(sweep), "a")
+    table = table_blocks(markdown)[0]
+    assert cells_of(table[0]) == ["method", "1x", "2x", "16x", "budget 256"]
+    assert [cells_of(line)[0] for line in table[2:]] == ["full", "alpha", "alpha lag-128", "zeta"]
+    tasks = re.findall(r"^### (.+)$", markdown, flags=re.M)
+    assert tasks == ["passkey", "passkey_long"]
+
+
+def test_best_complete_score_of_a_column_is_bold(sweep):
+    markdown = report.leaderboard_markdown(report.collect(sweep), "a")
+    passkey = table_blocks(markdown[markdown.index("### passkey"):])[0]
+    column = [cells_of(line)[2] for line in passkey[2:]]  # 2x: full, alpha, alpha lag-128, zeta
+    assert column == ["–", "60.00 (75.0%)", "**70.00 (87.5%)**", "40.00 (50.0%)"]
+
+
+def test_markdown_tables_are_well_formed(sweep):
+    df = report.collect(sweep)
+    for markdown in [report.leaderboard_markdown(df, model) for model in ("a", "b")] + [
+            report.index_markdown(df, sweep, {}, {}, [])]:
+        blocks = table_blocks(markdown)
+        assert blocks
+        for block in blocks:
+            width = len(cells_of(block[0]))
+            assert all(re.fullmatch(r":?-{3,}:?", c) for c in cells_of(block[1])), block[1]
+            assert all(len(cells_of(line)) == width for line in block), block
+
+
+def test_longbench_tasks_get_category_tables(tmp_path):
+    for task in ("narrativeqa", "qasper", "hotpotqa_e"):
+        write_run(tmp_path, task=task, kind="longbench", score=30.0, task_params={"dataset": task})
+        write_run(tmp_path, task=task, kind="longbench", method="zeta", ratio=4, score=15.0,
+                  task_params={"dataset": task})
+    df = report.collect(tmp_path)
+    assert dict(zip(df.task, df.category)) == {
+        "narrativeqa": "single-doc QA", "qasper": "single-doc QA", "hotpotqa_e": "multi-doc QA"}
+    markdown = report.leaderboard_markdown(df, "m")
+    assert markdown.index("## LongBench category: single-doc QA") < markdown.index(
+        "## LongBench category: multi-doc QA")
+    assert "Mean over narrativeqa, qasper." in markdown
+
+
+def test_retention_figure_has_one_line_per_method_and_labelled_axes(sweep):
+    df = report.collect(sweep)
+    fig = plots.retention_vs_ratio(report.retention_points(df, "a", "passkey"), "a: passkey")
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == [plots.FULL_CACHE_LABEL, "alpha", "alpha lag-128", "zeta"]
+    zeta = ax.get_lines()[-1]
+    assert list(zeta.get_xdata()) == [2, 16] and list(zeta.get_ydata()) == [50.0, 25.0]
+    assert "compression ratio" in ax.get_xlabel() and "retention" in ax.get_ylabel()
+    # averaged: only settings complete on every task (zeta 2x); alpha has none
+    average = report.retention_points(df, "a")
+    assert average.to_dict("records") == [{"row": "zeta", "nominal_ratio": 2.0, "retention": 50.0}]
+
+
+def test_write_report_writes_linked_tables_exports_and_figures(sweep):
+    written = report.write_report(sweep, formats=["md", "csv", "parquet", "png", "svg"])
+    assert all(path.is_file() for path in written)
+    out = sweep / report.REPORT_DIR
+    assert {out / "a.md", out / "b.md", out / "results.csv", out / "results.parquet",
+            sweep / report.INDEX} <= set(written)
+    assert out / "plots" / "a" / "passkey" / "passkey_zeta_ratio-2.png" in written
+    assert out / "plots" / "a" / "retention_average.svg" in written
+    assert len(pd.read_parquet(out / "results.parquet")) == len(pd.read_csv(out / "results.csv")) == 12
+    for page in (sweep / report.INDEX, out / "a.md"):
+        for link in re.findall(r"\]\(([^)]+)\)", page.read_text()):
+            assert (page.parent / link).is_file(), (page, link)
+
+
+def test_cli_writes_to_out_dir(sweep, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert report.main([str(sweep), "--out", str(out), "--format", "md"]) == 0
+    assert (out / report.INDEX).is_file() and (out / report.REPORT_DIR / "a.md").is_file()
+    assert not (sweep / report.INDEX).exists()
+    assert "LEADERBOARD.md" in capsys.readouterr().out
+
+
+def test_sweep_end_regenerates_the_report_and_survives_failures(tmp_path, monkeypatch, caplog):
+    write_run(tmp_path)
+    config = OmegaConf.create({"results_dir": str(tmp_path), "report": True})
+    summary = SweepSummary()
+    summary.rows = {"dir": {}}  # a job has finished
+    summary._print = lambda config: None
+    summary.on_multirun_end(config)
+    assert (tmp_path / report.INDEX).is_file()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    summary.on_run_end(config)
+    assert "could not regenerate the report" in caplog.text and "disk full" in caplog.text
+
+
+def test_notebook_executes(sweep, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    # a kernelspec naming this interpreter, so the kernel is the venv's whatever kernels are installed
+    spec_dir = tmp_path / "jupyter" / "kernels" / "kvbench-test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "kvbench test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("KVBENCH_RESULTS", str(sweep))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells), "the notebook is stored without outputs"
+    NotebookClient(nb, kernel_name="kvbench-test", timeout=120,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # one figure per model
