@@ -26,6 +26,9 @@ class KVBenchConfig:
     #: "i/n": run only the i-th of n disjoint slices of the samples, into the configuration's one
     #: results directory (sweep shard=0/4,1/4,2/4,3/4 to split a configuration over jobs); null = all
     shard: Optional[str] = None
+    #: GiB of uncompressed prefill states kept so the next ratio of a sweep reuses them (methods whose
+    #: prefill does not depend on the ratio); 0 = prefill in every run
+    prefill_reuse_gb: float = 2.0
     #: local folder of benchmark data files for tasks that read a dataset (LongBench: the unzipped
     #: data.zip); a task's own `task.data_dir` takes precedence; null = download from the hub
     data_dir: Optional[str] = None

@@ -26,7 +26,7 @@ import torch
 
 import kvbench
 from kvbench.cache import KVCache, layer_windows
-from kvbench.generation import generate
+from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, ConfigError, Method
 from kvbench.models import ModelConfig, load_model, model_info, parse_model_config
@@ -50,6 +50,8 @@ class RunSpec:
     limit: int | None = None
     #: (i, n): this job runs the i-th of n disjoint slices of the samples (None: all of them)
     shard: tuple[int, int] | None = None
+    #: memory for prefill states shared between the ratios of a sweep (0: prefill every run)
+    prefill_reuse_gb: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> "RunSpec":
@@ -81,6 +83,7 @@ class RunSpec:
             seed=int(cfg.get("seed", 0)),
             limit=limit,
             shard=parse_shard(cfg.get("shard")),
+            prefill_reuse_gb=float(cfg.get("prefill_reuse_gb", 2.0)),
         )
 
     def new_method(self) -> Method:
@@ -182,6 +185,40 @@ def eos_ids(model, tokenizer, stop_tokens: list[str] = ()) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class PrefillStore:
+    """Uncompressed prefill states of the samples of the last configuration run in this process.
+
+    A sequential sweep over ratios (or budgets) runs one job per ratio; for methods whose prefill
+    does not depend on the ratio (``Method.shares_prefill``), the next ratio's jobs restore these
+    states instead of prefilling again. States are keyed by everything except the compression
+    (model, method and parameters, task, seed) and held within ``prefill_reuse_gb``; a sample whose
+    state did not fit is simply prefilled again.
+    """
+
+    def __init__(self):
+        self.group: tuple | None = None
+        self.states: dict[str, Prefilled] = {}
+
+    @staticmethod
+    def _group(spec: "RunSpec", task: Task) -> tuple:
+        return (repr(spec.model), spec.method_name, repr(sorted(spec.method_params.items())),
+                repr(task.describe()), spec.seed)
+
+    def get(self, spec: "RunSpec", task: Task, sample_id: str) -> Prefilled | None:
+        return self.states.get(sample_id) if self.group == self._group(spec, task) else None
+
+    def put(self, spec: "RunSpec", task: Task, sample_id: str, state: Prefilled) -> None:
+        group = self._group(spec, task)
+        if group != self.group:
+            self.group, self.states = group, {}
+        held = sum(s.nbytes() for s in self.states.values())
+        if held + state.nbytes() <= spec.prefill_reuse_gb * 2**30:
+            self.states[sample_id] = state
+
+
+_prefills = PrefillStore()
+
+
 def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> dict:
     """Generate for one sample and return its result record (scored)."""
     device = next(model.parameters()).device
@@ -193,9 +230,15 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         def stop_check(tokens):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             return any(s in text for s in sample.stop_strings)
-    cache = KVCache(spec.new_method(), layer_windows(model.config))
+    method = spec.new_method()
+    reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
+    prefilled = _prefills.get(spec, task, sample.id) if reuse else None
+    cache = KVCache(method, layer_windows(model.config))
     gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
-                   eos_ids(model, tokenizer, sample.stop_tokens), stop_check, sample.min_new_tokens)
+                   eos_ids(model, tokenizer, sample.stop_tokens), stop_check, sample.min_new_tokens,
+                   prefilled=prefilled, keep_prefill=reuse and prefilled is None)
+    if reuse and prefilled is None:
+        _prefills.put(spec, task, sample.id, gen.prefilled)
     record = {
         "id": sample.id,
         "task": task.name,
@@ -207,6 +250,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         "new_tokens": len(gen.tokens[0]),
         "stopped_by": gen.stopped_by[0],
         "prefill_s": round(gen.prefill_s, 4),
+        # a reused prefill's time is its restore and compression only: the forward ran for another ratio
+        "prefill_reused": prefilled is not None,
         "decode_s": round(gen.decode_s, 4),
         "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held,
                "peak_bytes_in_step": gen.peak_bytes_in_step},

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import kvbench.generation as generation
 import kvbench.runner as runner
 from conftest import EMBEDDED
 from kvbench.methods.base import ConfigError
@@ -135,3 +136,28 @@ def test_encode_splits_a_templated_prompt_even_when_the_template_trims(embedded,
         assert texts == ["<u>Some context. The answer is:</u><a>"]
     else:
         assert texts == ["<u>Some context. ", "The answer is:</u><a>"]
+
+
+@pytest.mark.embedded
+def test_a_sweep_over_ratios_prefills_once_with_identical_results(tmp_path, embedded, monkeypatch):
+    forwards = []
+    real_forward = generation._forward
+
+    def counting_forward(model, cache, ids, start):
+        forwards.append(ids.shape[1])
+        return real_forward(model, cache, ids, start)
+
+    monkeypatch.setattr(generation, "_forward", counting_forward)
+    shared, separate = {}, {}
+    for ratio in (2, 4):
+        row = runner.run(config(tmp_path / "shared", ratio=ratio, limit=2))[0]
+        shared[ratio] = RunDir(row["dir"]).records()
+    prompts = len(shared[2])
+    assert len([n for n in forwards if n > 1]) == prompts  # one prefill forward per sample, not per ratio
+    assert [r["prefill_reused"] for r in shared[4]] == [True] * prompts
+    for ratio in (2, 4):
+        row = runner.run(config(tmp_path / "separate", ratio=ratio, limit=2, prefill_reuse_gb=0))[0]
+        separate[ratio] = RunDir(row["dir"]).records()
+        assert not any(r["prefill_reused"] for r in separate[ratio])
+        strip = lambda records: [(r["id"], r["pred"], r["scores"], r["kv"]["after_prefill"]) for r in records]
+        assert strip(shared[ratio]) == strip(separate[ratio])
