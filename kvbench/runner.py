@@ -301,7 +301,9 @@ def _sigterm_exits():
     A SIGTERM handler someone else installed is left alone: submitit ignores SIGTERM on purpose and
     checkpoints and requeues on its own signal (USR2), which also ends in SystemExit here.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    # only the main thread may set handlers
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if not ours:
         yield
         return
 
@@ -383,14 +385,14 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
                 with run_dir.claim(sample.id) as claimed:
                     # another live job runs this sample, or finished it after `done` was read
                     if not claimed or sample.id in {r["id"] for r in run_dir.records()}:
-                        print(f"{label} {i}/{len(mine)} {sample.id}: done by another job", flush=True)
+                        print(f"{label} {i}/{len(mine)} {sample.id}: left to another job", flush=True)
                         continue
                     record = run_sample(model, tokenizer, spec, task, sample)
                     run_dir.append(record)
                 scores = " ".join(f"{k}={v:.2f}" for k, v in record["scores"].items())
                 print(f"{label} {i}/{len(mine)} {sample.id}: {scores} | {record['prompt_tokens']} tok, "
                       f"held {record['kv']['after_prefill']['ratio']:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
-    except SystemExit:
+    except SystemExit:  # a signal stopped the job (SIGTERM, or submitit's USR2): say so in run.json
         _finish(run_dir, task, ids, meta, stopped=True)
         raise
     scores = _finish(run_dir, task, ids, meta)

