@@ -8,6 +8,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from kvbench.results import RunDir, find_runs
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def row_from_disk(run: RunDir) -> dict:
+    """A table row (the shape ``runner.run_task`` returns) from a results directory's files."""
+    identity = run.read_run()["identity"]
+    return {"dir": str(run.path), "model": identity["model"]["name"], "method": identity["method"]["name"],
+            "setting": identity["compression"]["label"], **run.read_scores()}
+
+
 class SweepSummary(Callback):
     """Collects what each job returned and prints one table at the end (jobs of a sweep that point at
     the same results directory, such as ``full`` crossed with several ratios, appear once)."""
@@ -42,14 +51,21 @@ class SweepSummary(Callback):
         for row in value or []:
             self.rows[row["dir"]] = row
 
-    def _print(self, config) -> None:
-        if self.rows and config.get("summary", True):
-            print("\n" + format_table(list(self.rows.values())), flush=True)
+    def _rows(self, config) -> list[dict]:
+        """This process's jobs; jobs that ran elsewhere (Slurm, submitit's local executor) call
+        ``on_job_end`` in their own process, so their rows are read back from the results tree."""
+        if self.rows:
+            return list(self.rows.values())
+        return [row_from_disk(run) for run in find_runs(Path(config.results_dir)) if run.read_scores()]
 
-    def _report(self, config) -> None:
+    def _print(self, rows: list[dict], config) -> None:
+        if rows and config.get("summary", True):
+            print("\n" + format_table(rows), flush=True)
+
+    def _report(self, rows: list[dict], config) -> None:
         """Regenerate the leaderboards of the results directory. The results are already on disk, so a
         reporting error is only a warning: it must never turn a finished sweep into a failed one."""
-        if not self.rows or not config.get("report", True):  # no job finished: nothing new to report
+        if not rows or not config.get("report", True):  # no job finished: nothing new to report
             return
         try:
             from kvbench.report import INDEX, write_report  # pandas and matplotlib only when reporting
@@ -60,10 +76,13 @@ class SweepSummary(Callback):
             log.warning("could not regenerate the report of %s (results are kept; rerun "
                         "`python -m kvbench.report %s`)", config.results_dir, config.results_dir, exc_info=True)
 
+    def _end(self, config) -> None:
+        rows = self._rows(config)
+        self._print(rows, config)
+        self._report(rows, config)
+
     def on_run_end(self, config, **kwargs: Any) -> None:
-        self._print(config)
-        self._report(config)
+        self._end(config)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        self._print(config)
-        self._report(config)
+        self._end(config)

@@ -38,10 +38,10 @@ install_packages() {
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
   fi
   local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
-  local ok=0
-  "${apt[@]}" >/dev/null || { apt-get update -q >/dev/null && "${apt[@]}" >/dev/null; } || ok=$?
+  local rc=0
+  "${apt[@]}" >/dev/null || { apt-get update -q >/dev/null && "${apt[@]}" >/dev/null; } || rc=$?
   [ -z "$policy" ] || rm -f "$policy"
-  [ "$ok" = 0 ] || die "apt-get install ${missing[*]} failed" 3
+  [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed" 3
 }
 
 write_config() {
@@ -109,7 +109,8 @@ install_packages
 [ "$(id -u)" = 0 ] || die "must run as root (the daemons run as root)" 3
 mkdir -p "$DIR"/{etc,munge,state,spool,log,run}
 chmod 700 "$DIR/munge"
-[ -s "$CONF" ] || write_config
+# (re)written unless the controller runs: a stale file may describe another host or memory size
+alive "$DIR/run/slurmctld.pid" || write_config
 if [ ! -e /etc/slurm/slurm.conf ] && [ ! -L /etc/slurm/slurm.conf ]; then
   mkdir -p /etc/slurm && ln -s "$CONF" /etc/slurm/slurm.conf
 fi

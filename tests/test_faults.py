@@ -176,10 +176,12 @@ def test_a_claim_is_exclusive_and_dies_with_its_holder(tmp_path):
             assert mine and not again and other
 
     holder = python(CLAIM_AND_WAIT, str(tmp_path))
-    assert holder.stdout.readline().strip() == "True"
-    with run_dir.claim("sample/1") as claimed:
-        assert not claimed
-    holder.kill()  # SIGKILL, as when a preempted job's node goes down
-    holder.wait(timeout=60)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with run_dir.claim("sample/1") as claimed:
+            assert not claimed
+    finally:
+        holder.kill()  # SIGKILL, as when a preempted job's node goes down
+        holder.wait(timeout=60)
     with run_dir.claim("sample/1") as claimed:
         assert claimed

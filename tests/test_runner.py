@@ -140,6 +140,7 @@ def test_encode_splits_a_templated_prompt_even_when_the_template_trims(embedded,
 
 @pytest.mark.embedded
 def test_a_sweep_over_ratios_prefills_once_with_identical_results(tmp_path, embedded, monkeypatch):
+    monkeypatch.setattr(runner, "_prefills", runner.PrefillStore())  # no states from earlier tests
     forwards = []
     real_forward = generation._forward
 
