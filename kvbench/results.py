@@ -64,20 +64,42 @@ def _warn_no_flock(reason: str) -> None:
     log.warning("this filesystem does not support flock (%s): results are written without locks", reason)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and rename, so readers never see half a file."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def record_line(record: dict) -> str:
+    """A record as one ``samples.jsonl`` line (the only format records are written in)."""
+    return json.dumps(record, sort_keys=True, default=str) + "\n"
+
+
+def read_jsonl_strict(path: Path, error: type[Exception]) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, object) for every non-blank line of an input file; a malformed line raises
+    ``error`` naming its file and line number (input data must be whole, unlike results)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: malformed JSON line: {err}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -155,7 +177,7 @@ class RunDir:
             os.close(fd)
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True, default=str).encode() + b"\n"
+        line = record_line(record).encode()
         with self.lock():
             fd = os.open(self.samples_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:

@@ -225,17 +225,16 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
     prompt_ids, question_ids = encode(sample, tokenizer, spec.model, task.params.compress)
     prompt_ids = prompt_ids.to(device)
     question_ids = question_ids.to(device) if question_ids is not None else None
-    stop_check = None
-    if sample.stop_strings:
-        def stop_check(tokens):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            return any(s in text for s in sample.stop_strings)
+    def stop_check(tokens):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in sample.stop_strings)
     method = spec.new_method()
     reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
     prefilled = _prefills.get(spec, task, sample.id) if reuse else None
     cache = KVCache(method, layer_windows(model.config))
     gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
-                   eos_ids(model, tokenizer, sample.stop_tokens), stop_check, sample.min_new_tokens,
+                   eos_ids(model, tokenizer, sample.stop_tokens),
+                   stop_check if sample.stop_strings else None, sample.min_new_tokens,
                    prefilled=prefilled, keep_prefill=reuse and prefilled is None)
     if reuse and prefilled is None:
         _prefills.put(spec, task, sample.id, gen.prefilled)

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench.results import SAMPLES, RunDir, find_runs
+from kvbench.results import SAMPLES, RunDir, find_runs, read_jsonl_strict, record_line, write_atomic
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
 RESULTS_FILE = SAMPLES
@@ -111,16 +109,8 @@ def _lift_meta(record: dict[str, Any]) -> None:
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the checked records of one JSONL file; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: malformed JSON line: {err}") from None
-            yield _check_record(record, where)
+    for where, record in read_jsonl_strict(path, InputError):
+        yield _check_record(record, where)
 
 
 def score_path(path: Path) -> dict[str, dict[str, Any]]:
@@ -162,19 +152,8 @@ def _file_state(path: Path) -> tuple[int, int] | None:
 
 
 def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite a samples.jsonl through a temporary file and a rename (same line format as
-    RunDir.append), so a reader or a crash never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for record in records:
-                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Rewrite a samples.jsonl atomically, in the line format RunDir.append uses."""
+    write_atomic(path, "".join(record_line(r) for r in records))
 
 
 def rescore(path: Path) -> dict[str, dict[str, Any]]:

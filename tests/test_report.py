@@ -242,7 +242,7 @@ def test_sweep_end_regenerates_the_report_and_survives_failures(tmp_path, monkey
     config = OmegaConf.create({"results_dir": str(tmp_path), "report": True})
     summary = SweepSummary()
     summary.rows = {"dir": {}}  # a job has finished
-    summary._print = lambda config: None
+    summary._print = lambda rows, config: None
     summary.on_multirun_end(config)
     assert (tmp_path / report.INDEX).is_file()
 

@@ -271,6 +271,11 @@ class Method:
     #: why outputs differ from the full cache even when nothing is evicted (None: a budget above the
     #: sequence length must reproduce the full cache exactly)
     lossy_note: ClassVar[str | None] = None
+    #: why, once it compresses, the cache is not an exact subset of the sequence's keys and values
+    #: attended exactly (tokens merged, attention estimated); None: it is, and the shared method
+    #: matrix checks decoding against a reference forward masked to the kept tokens. A
+    #: ``lossy_note`` implies it.
+    approximation_note: ClassVar[str | None] = None
     #: indices of the layers this method compresses, set by ``KVCache`` before it builds them (for
     #: methods whose budget depends on depth, such as PyramidKV)
     compressed_layers: list[int] | None = None

@@ -37,7 +37,6 @@ Compression modes (``compress``):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, replace
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.methods.base import ConfigError
+from kvbench.results import read_jsonl_strict
 from kvbench.scoring.longbench import E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
 from kvbench.tasks.base import Sample, Task
@@ -169,18 +169,7 @@ def check_example(example: Any, where: str) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """Examples of an official-format JSONL file; blank lines are skipped, anything else malformed
     stops with the file and line number."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON line: {err}") from None
-            examples.append(check_example(example, where))
-    return examples
+    return [check_example(example, where) for where, example in read_jsonl_strict(path, DataError)]
 
 
 def load_hub(name: str, revision: str) -> list[dict]:
