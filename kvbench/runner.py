@@ -59,7 +59,6 @@ class RunSpec:
         method_cfg = dict(cfg["method"])
         name = method_cfg.pop("name", None)
         method_cls = method_class(name)
-        method_cls.parse_params(method_cfg)  # fail now on bad parameters, not after loading the model
         ratio, budget = cfg.get("ratio"), cfg.get("budget")
         if method_cls.uses_compression:
             compression = Compression(ratio=ratio, budget=budget)
@@ -70,6 +69,9 @@ class RunSpec:
                 log.warning("method '%s' does not compress: ratio=%s budget=%s ignored, recorded as ratio 1",
                             name, ratio, budget)
             compression = None
+        # building the method checks what its class can only check against the compression (e.g.
+        # quant's achievable ratios), still before any model is loaded
+        build_method(name, method_cfg, compression, int(cfg.get("seed", 0)))
         limit = cfg.get("limit")
         if limit is not None and limit < 1:
             raise ConfigError(f"limit must be >= 1 sample (or null for all), got {limit}")

@@ -33,6 +33,7 @@ def config(tmp_path, **over):
     ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
     ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),
     ({"limit": 0}, "limit must be >= 1"),
+    ({"method": {"name": "quant"}, "ratio": 3}, "quant cannot reach ratio 3: its achievable ratios are"),
 ])
 def test_bad_configs_fail_before_loading(tmp_path, monkeypatch, over, message):
     monkeypatch.setattr(runner, "load_model", lambda cfg: pytest.fail("model loaded before validation"))

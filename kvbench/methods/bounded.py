@@ -125,6 +125,10 @@ class Bounded(Method):
     Params = BoundedParams
     phases = ("prefill", "append", "decode")
     shares_prefill = True  # attention-free: the prefill does not depend on the capacity
+    approximation_note = (
+        "Once full, tokens leaving the window are merged into the most similar slot: held entries are "
+        "count-weighted averages of several tokens, not original tokens."
+    )
     ratio_note = (
         "Holds exactly the capacity in tokens once full, but every held entry also stores an int32 merge "
         "count, which bytes_held includes: the measured ratio is slightly below nominal."

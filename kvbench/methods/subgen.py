@@ -281,6 +281,10 @@ class SubGen(Method):
     Params = SubGenParams
     phases = ("prefill", "append", "decode")
     shares_prefill = True  # the prefill is exact and the sketch starts in end_step
+    approximation_note = (
+        "Tokens outside the exact sink and recent window are attended through the sketch's estimate "
+        "(clustered keys, sampled values), not exactly, once the sequence exceeds the capacity."
+    )
     ratio_note = (
         "SubGen's memory is exact tokens plus a sketch (cluster centres, t samples per cluster, s value "
         "samples, int32 counts, float32 mu and radius), reported as bytes and as token-equivalents "
