@@ -3,7 +3,7 @@
 :class:`KVCache` is a transformers ``Cache`` whose layers are the method's :class:`KVLayer` objects
 (sliding-window layers get :class:`SlidingWindowLayer`). Models run with the attention implementation
 ``"kvbench"`` (registered here): it hands the step's queries to the layer (``observe``), lets the
-layer replace the output (``attend``), and otherwise runs exact SDPA with a mask built from the
+layer compute the output itself (``attend``), and otherwise runs exact SDPA with a mask built from the
 layer's own length. Building the mask per layer is what lets layers hold different numbers of tokens
 (PyramidKV, sliding layers) after compression.
 """
@@ -98,6 +98,13 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.T
     return mask
 
 
+def layer_attention(layer: KVLayer, query, keys, values, scaling, window=None) -> torch.Tensor | None:
+    """A layer's part of one attention call: it sees the step's queries (``observe``), then may
+    compute the output itself (``attend``, (batch, q_heads, q, d)); None leaves it to SDPA."""
+    layer.observe(query, keys, scaling)
+    return layer.attend(query, keys, values, scaling, window)
+
+
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, **kwargs):
     """Attention function registered as ``attn_implementation="kvbench"``.
@@ -113,8 +120,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     cache = _active.get()
     layer = cache.layers[module.layer_idx] if cache is not None else None
     if layer is not None:
-        layer.observe(query, key, scaling)
-        out = layer.attend(query, key, value, scaling, window)
+        out = layer_attention(layer, query, key, value, scaling, window)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     q_len, kv_len = query.shape[2], key.shape[2]

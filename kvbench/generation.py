@@ -20,8 +20,14 @@ class Generation:
     """Greedy output of one batch, with what the cache held and how long each part took."""
 
     tokens: list[list[int]]
+    #: prompt forward(s) and their compression, until the first token's logits
     prefill_s: float
+    #: every decoding step: forwards and decode-time compression
     decode_s: float
+    #: the parts of ``prefill_s`` and ``decode_s`` spent in the method's ``end_step`` (eviction,
+    #: merging, quantisation); scoring done inside attention counts as forward time
+    compress_s: float
+    decode_compress_s: float
     after_prefill: dict
     at_end: dict
     #: most bytes held between steps (after each step's compression): what the method guarantees
@@ -62,10 +68,11 @@ def _forward(model, cache: KVCache, ids: torch.Tensor, start: int) -> tuple[torc
     return out.logits[:, -1, :], cache.bytes_held()
 
 
-def _step(model, cache: KVCache, ids: torch.Tensor, start: int, phase: str) -> tuple[torch.Tensor, int]:
-    logits, in_step = _forward(model, cache, ids, start)
+def _end_step(cache: KVCache, phase: str) -> float:
+    """The method's compression after a forward step; returns the seconds it took."""
+    t0 = time.perf_counter()
     cache.end_step(phase)
-    return logits, in_step
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -105,10 +112,11 @@ def generate(
                 forward_s = time.perf_counter() - t0
                 prefilled = Prefilled([layer.snapshot() for layer in cache.layers], logits, in_step, forward_s)
                 t0 = time.perf_counter() - forward_s  # the snapshot's copy is not prefill time
-        cache.end_step("prefill")
+        compress_s = _end_step(cache, "prefill")
         seen = prompt_ids.shape[1]
         if question_ids is not None and question_ids.shape[1] > 0:
-            logits, appended = _step(model, cache, question_ids, seen, "append")
+            logits, appended = _forward(model, cache, question_ids, seen)
+            compress_s += _end_step(cache, "append")
             in_step = max(in_step, appended)
             seen += question_ids.shape[1]
         prefill_s = time.perf_counter() - t0
@@ -117,6 +125,7 @@ def generate(
 
         out: list[list[int]] = [[] for _ in range(batch)]
         stopped_by = [""] * batch
+        decode_compress_s = 0.0
         t0 = time.perf_counter()
         banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
         for step in range(max_new_tokens):
@@ -134,7 +143,8 @@ def generate(
                     stopped_by[b] = "stop"
             if all(stopped_by) or step == max_new_tokens - 1:
                 break
-            logits, step_bytes = _step(model, cache, next_ids[:, None], seen, "decode")
+            logits, step_bytes = _forward(model, cache, next_ids[:, None], seen)
+            decode_compress_s += _end_step(cache, "decode")
             in_step = max(in_step, step_bytes)
             seen += 1
             peak = max(peak, cache.bytes_held())
@@ -143,6 +153,8 @@ def generate(
         tokens=out,
         prefill_s=prefill_s,
         decode_s=decode_s,
+        compress_s=compress_s,
+        decode_compress_s=decode_compress_s,
         after_prefill=after_prefill,
         at_end=cache.stats(),
         peak_bytes_held=peak,

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -188,34 +189,34 @@ def eos_ids(model, tokenizer, stop_tokens: list[str] = ()) -> set[int]:
 
 
 class PrefillStore:
-    """Uncompressed prefill states of the samples of the last configuration run in this process.
+    """Uncompressed prefill states of samples run in this process, for the other ratios of a sweep.
 
     A sequential sweep over ratios (or budgets) runs one job per ratio; for methods whose prefill
-    does not depend on the ratio (``Method.shares_prefill``), the next ratio's jobs restore these
+    does not depend on the ratio (``Method.shares_prefill``), a later ratio's jobs restore these
     states instead of prefilling again. States are keyed by everything except the compression
-    (model, method and parameters, task, seed) and held within ``prefill_reuse_gb``; a sample whose
-    state did not fit is simply prefilled again.
+    (model, method and parameters, task, seed) and the sample, so the order of the sweep's axes does
+    not matter. They are held within ``prefill_reuse_gb``, the oldest dropped first; a sample whose
+    state is gone is simply prefilled again.
     """
 
     def __init__(self):
-        self.group: tuple | None = None
-        self.states: dict[str, Prefilled] = {}
+        self.states: OrderedDict[tuple, Prefilled] = OrderedDict()
 
     @staticmethod
-    def _group(spec: "RunSpec", task: Task) -> tuple:
+    def _key(spec: "RunSpec", task: Task, sample_id: str) -> tuple:
         return (repr(spec.model), spec.method_name, repr(sorted(spec.method_params.items())),
-                repr(task.describe()), spec.seed)
+                repr(task.describe()), spec.seed, sample_id)
 
     def get(self, spec: "RunSpec", task: Task, sample_id: str) -> Prefilled | None:
-        return self.states.get(sample_id) if self.group == self._group(spec, task) else None
+        return self.states.get(self._key(spec, task, sample_id))
 
     def put(self, spec: "RunSpec", task: Task, sample_id: str, state: Prefilled) -> None:
-        group = self._group(spec, task)
-        if group != self.group:
-            self.group, self.states = group, {}
-        held = sum(s.nbytes() for s in self.states.values())
-        if held + state.nbytes() <= spec.prefill_reuse_gb * 2**30:
-            self.states[sample_id] = state
+        limit = spec.prefill_reuse_gb * 2**30
+        if state.nbytes() > limit:
+            return
+        self.states[self._key(spec, task, sample_id)] = state
+        while sum(s.nbytes() for s in self.states.values()) > limit:
+            self.states.popitem(last=False)
 
 
 _prefills = PrefillStore()
@@ -254,6 +255,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         # a reused prefill's time is its restore and compression only: the forward ran for another ratio
         "prefill_reused": prefilled is not None,
         "decode_s": round(gen.decode_s, 4),
+        "compress_s": round(gen.compress_s, 4),
+        "decode_compress_s": round(gen.decode_compress_s, 4),
         "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held,
                "peak_bytes_in_step": gen.peak_bytes_in_step},
         "finished_at": _now(),

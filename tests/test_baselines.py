@@ -1,16 +1,16 @@
-"""The baseline methods on small hand-made tensors: layers are driven directly (update, observe,
-end_step), as the cache and kvbench's attention function drive them."""
+"""The baseline methods on small hand-made tensors: layers are driven directly (update, observe and
+attend, end_step), as the cache and kvbench's attention function drive them."""
 
 import pytest
 import torch
 
 from conftest import random_prompt
-from kvbench.cache import KVCache, layer_windows
+from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.generation import generate
 from kvbench.methods import Compression, ConfigError, build_method
 from kvbench.methods.pyramidkv import layer_budgets
 from kvbench.methods.quant import dequantize, pack, quantize, unpack
-from kvbench.methods.scores import accumulated_attention, attention_probs, top_and_recent, window_scores
+from kvbench.methods.scores import attention_probs, attention_with_received, top_and_recent, window_scores
 
 
 def make_layer(name, layer_idx=0, seed=0, params=None, **comp):
@@ -18,10 +18,10 @@ def make_layer(name, layer_idx=0, seed=0, params=None, **comp):
 
 
 def step(layer, keys, query=None, phase="prefill", values=None, scaling=1.0):
-    """One forward step of one layer: update -> observe -> end_step. Returns what the step attended."""
+    """One forward step of one layer: update -> observe, attend -> end_step. Returns what the step attended."""
     k, v = layer.update(keys, keys.clone() if values is None else values)
     if query is not None:
-        layer.observe(query, k, scaling)
+        layer_attention(layer, query, k, v, scaling)
     layer.end_step(phase)
     return k, v
 
@@ -43,15 +43,17 @@ def naive_probs(query, keys, scaling=1.0):
 
 # -- shared scores ----------------------------------------------------------------------------------
 
-def test_accumulated_attention_in_chunks_equals_the_full_matrix():
+def test_attention_with_received_in_chunks_equals_the_full_matrix():
     g = torch.Generator().manual_seed(0)
     keys, query = torch.randn(2, 2, 11, 4, generator=g), torch.randn(2, 4, 7, 4, generator=g)  # GQA 2
+    values = torch.randn(2, 2, 11, 3, generator=g)
     full = naive_probs(query, keys, 0.5)  # (2, 4, 7, 11)
     expected = full.unflatten(1, (2, 2)).mean(2).sum(2)
+    expected_out = full @ values.repeat_interleave(2, dim=1)
     for chunk in (1, 3, 512):
-        torch.testing.assert_close(accumulated_attention(query, keys, 0.5, chunk=chunk), expected)
-    as_max = accumulated_attention(query, keys, 0.5, reduce="max", chunk=3)
-    torch.testing.assert_close(as_max, full.unflatten(1, (2, 2)).amax(2).sum(2))
+        out, received = attention_with_received(query, keys, values, 0.5, chunk=chunk)
+        torch.testing.assert_close(received, expected)
+        torch.testing.assert_close(out, expected_out)
     last_two = full[:, :, -2:].unflatten(1, (2, 2)).mean(2)
     torch.testing.assert_close(attention_probs(query[:, :, -2:], keys, 0.5), last_two)
 

@@ -126,3 +126,61 @@ def test_embedded_model_matches_transformers_generate(embedded, method, comp):
     gen, _ = run(model, method, prompt, 12, **comp)
     assert gen.tokens == reference_generate(model, prompt, 12)
     assert "68191" in tok.decode(gen.tokens[0])
+
+
+# -- storage: decoding writes into spare room instead of copying the cache --------------------------
+
+def storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_decoding_appends_in_place_and_holds_the_same_tokens():
+    layer = build_method("full", {}, None).make_layer(0)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(1, 2, 50, 4, generator=g)] + [torch.randn(1, 2, 1, 4, generator=g) for _ in range(40)]
+    layer.update(steps[0], -steps[0])
+    layer.update(steps[1], -steps[1])  # the first append moves the prompt into a buffer with room
+    buffers = {storage(layer.keys), storage(layer.values)}
+    for new in steps[2:]:
+        layer.update(new, -new)
+        assert {storage(layer.keys), storage(layer.values)} == buffers  # 50 + 40 tokens fit the room
+    expected = torch.cat(steps, dim=2)
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
+    assert layer.positions[0, 0].tolist() == list(range(90))
+    assert layer.bytes_held() == 2 * 90 * 2 * 4 * 4  # tokens held, not the room
+
+
+def test_eviction_reuses_the_buffer_when_decoding_and_frees_it_after_prefill():
+    layer = build_method("streaming", {"sink_tokens": 2}, Compression(budget=8)).make_layer(0)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 1, 300, 4, generator=g)
+    layer.update(tokens[:, :, :200], tokens[:, :, :200])
+    layer.update(tokens[:, :, 200:201], tokens[:, :, 200:201])  # 201 tokens in a buffer sized for ~265
+    big = storage(layer.keys)
+    layer.end_step("prefill")  # 8 of 201 kept: a small tensor, the big buffer is let go
+    assert storage(layer.keys) != big and layer.keys.shape[2] == 8
+    layer.update(tokens[:, :, 201:202], tokens[:, :, 201:202])
+    room = storage(layer.keys)
+    for i in range(202, 300):
+        layer.end_step("decode")
+        layer.update(tokens[:, :, i:i + 1], tokens[:, :, i:i + 1])
+        assert storage(layer.keys) == room  # evict one, append one: same buffer every step
+    layer.end_step("decode")
+    kept = [0, 1, *range(294, 300)]
+    assert layer.positions[0, 0].tolist() == kept
+    assert torch.equal(layer.keys, tokens[:, :, kept])
+
+
+def test_snapshot_is_unaffected_by_later_appends():
+    layer = build_method("full", {}, None).make_layer(0)
+    first = torch.randn(1, 1, 5, 4)
+    layer.update(first, first)
+    layer.update(first[:, :, :1], first[:, :, :1])  # now in a buffer with room
+    state = layer.snapshot()
+    for _ in range(3):
+        layer.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+    assert torch.equal(state["keys"], torch.cat([first, first[:, :, :1]], dim=2))
+    layer.restore(state)
+    layer.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    assert torch.equal(layer.keys[:, :, -1], torch.ones(1, 1, 4)) and layer.keys.shape[2] == 7
+    assert state["keys"].shape[2] == 6

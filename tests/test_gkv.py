@@ -1,6 +1,6 @@
 """G-KV: global score (decay + max) across compression events, the compression schedule on a real
 model, and R-KV's redundancy term, on hand-made tensors (layers driven directly, as the cache and
-kvbench's attention function drive them: update -> observe -> end_step)."""
+kvbench's attention function drive them: update -> observe, attend -> end_step)."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from kvbench.cache import KVCache, layer_windows
+from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.generation import generate
 from kvbench.methods import Compression, ConfigError, build_method
 from kvbench.methods.gkv import local_scores, redundancy
@@ -19,8 +19,8 @@ def make_layer(params=None, **comp):
 
 
 def step(layer, keys, query, phase):
-    k, _ = layer.update(keys, keys.clone())
-    layer.observe(query, k, 1.0)
+    k, v = layer.update(keys, keys.clone())
+    layer_attention(layer, query, k, v, 1.0)
     layer.end_step(phase)
 
 

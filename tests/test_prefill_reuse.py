@@ -1,12 +1,18 @@
 """One prefill for many ratios: for every method that declares ``shares_prefill``, compressing a
-stored prefill state gives exactly what a separate prefill gives, at every ratio."""
+stored prefill state gives exactly what a separate prefill gives, at every ratio; the runner's store
+of those states."""
+
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import random_prompt
+from conftest import EMBEDDED, random_prompt
 from kvbench.cache import KVCache, layer_windows
-from kvbench.generation import generate
+from kvbench.generation import Prefilled, generate
 from kvbench.methods import Compression, build_method, registered
+from kvbench.runner import PrefillStore, RunSpec
+from kvbench.tasks import build_task
 
 SHARING = [name for name, cls in registered().items() if cls.shares_prefill]
 
@@ -35,3 +41,27 @@ def test_reused_prefill_equals_separate_prefill(name, fixture, request):
         assert reused.after_prefill == separate.after_prefill
         for a, b in zip(separate_cache.layers, reused_cache.layers):
             assert a.positions.equal(b.positions)
+
+
+def spec(method="streaming", gb=1.0):
+    return RunSpec(model=EMBEDDED, method_name=method, method_params={}, compression=Compression(ratio=2),
+                   task=None, results_dir=Path("unused"), prefill_reuse_gb=gb)
+
+
+def state(mib):
+    return Prefilled(layers=[{"keys": torch.zeros(mib * 2**18)}], logits=torch.zeros(1), in_step=0, prefill_s=0.0)
+
+
+def test_the_store_serves_any_sweep_order_within_its_memory():
+    task = build_task({"name": "passkey", "kind": "passkey"})
+    store = PrefillStore()
+    a, b = state(300), state(300)
+    # ratio outermost: streaming and snapkv alternate, each still finds its own states
+    store.put(spec("streaming"), task, "s1", a)
+    store.put(spec("snapkv"), task, "s1", b)
+    assert store.get(spec("streaming"), task, "s1") is a and store.get(spec("snapkv"), task, "s1") is b
+    assert store.get(spec("streaming"), task, "s2") is None
+    store.put(spec("streaming"), task, "s2", state(500))  # 1100 MiB > 1 GiB: the oldest goes
+    assert store.get(spec("streaming"), task, "s1") is None and store.get(spec("snapkv"), task, "s1") is b
+    store.put(spec("streaming"), task, "s3", state(2000))  # larger than the whole budget: not held
+    assert store.get(spec("streaming"), task, "s3") is None and len(store.states) == 2

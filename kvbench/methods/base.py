@@ -9,10 +9,12 @@ attention layer of the model. The cache (``kvbench.cache.KVCache``) calls the la
     that triggers a compression still attends over the uncompressed cache ("use, then compress").
 ``observe(query, keys, scaling)``
     called by kvbench's attention function with the step's queries, before attention. Methods that
-    score tokens by attention (H2O, SnapKV, TOVA, G-KV, MiKV) record what they need here; the default
-    does nothing, so attention-free methods work with any kernel.
+    score tokens by a few queries' attention (SnapKV, TOVA, G-KV) record what they need here; the
+    default does nothing, so attention-free methods work with any kernel.
 ``attend(query, keys, values, scaling, sliding_window)``
-    may return the attention output instead of exact attention (SubGen's estimate); ``None`` = exact.
+    may compute the step's attention output itself: an estimate (SubGen), or exact attention whose
+    probabilities the method also needs (H2O and MiKV sum every query's, so computing them once
+    replaces a second attention); ``None`` = kvbench computes exact attention with SDPA.
 ``end_step(phase)``
     called once per layer after every forward step of the model: ``"prefill"`` (the compressed part of
     the prompt), ``"append"`` (a question appended uncompressed after the context) and ``"decode"``
@@ -85,6 +87,23 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
 
+def _growth(n: int) -> int:
+    """Spare token slots allocated when a token field of ``n`` tokens outgrows its buffer: an eighth
+    (re-allocations stay O(log n) over a generation), at least 64."""
+    return max(64, n // 8)
+
+
+def _roomy(buffer: torch.Tensor, k: int) -> bool:
+    """Whether ``k`` tokens may live in ``buffer`` without wasting more than twice the growth room."""
+    return k <= buffer.shape[2] <= k + 2 * _growth(k)
+
+
+def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``view`` is ``buffer[:, :, :m]`` for some m (it was not re-assigned since)."""
+    return (view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
+            and view.shape[:2] == buffer.shape[:2])
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -109,6 +128,8 @@ class KVLayer:
     #: attributes that hold the sequence's state (not configuration): what a prefill snapshot copies.
     #: Layers that keep more per-sequence state before compressing (accumulated scores) extend it.
     state_fields: ClassVar[tuple[str, ...]] = ("keys", "values", "positions", "seen")
+    #: the tensors with one entry per held token along dim 2, which ``keep`` selects from
+    token_fields: ClassVar[tuple[str, ...]] = ("keys", "values", "positions")
 
     def __init__(self, method: "Method | None" = None, layer_idx: int = 0):
         self.method = method
@@ -117,6 +138,7 @@ class KVLayer:
         self.values: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.seen = 0  # tokens ever written to this layer: the logical length of the sequence
+        self._buffers: dict[str, torch.Tensor] = {}  # storage behind the token fields (append_tokens)
 
     # -- transformers' cache-layer protocol -------------------------------------------------------
     @property
@@ -141,19 +163,55 @@ class KVLayer:
         b, h, q, _ = key_states.shape
         pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
         if self.keys is None:
-            self.keys, self.values, self.positions = key_states, value_states, pos
+            # positions materialised: methods may write into token fields in place (bounded)
+            self.keys, self.values, self.positions = key_states, value_states, pos.contiguous()
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.positions = torch.cat([self.positions, pos], dim=-1)
+            for name, new in (("keys", key_states), ("values", value_states), ("positions", pos)):
+                self.append_tokens(name, new)
         self.seen += q
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only the tokens at ``idx`` (batch, heads, k), in ascending order of ``idx``."""
         idx = idx.sort(dim=-1).values
-        self.keys = gather_tokens(self.keys, idx)
-        self.values = gather_tokens(self.values, idx)
-        self.positions = gather_tokens(self.positions, idx)
+        for name in self.token_fields:
+            self.set_tokens(name, gather_tokens(getattr(self, name), idx))
+
+    # A token field is a prefix view of a larger buffer, so that appending a decoded token writes into
+    # spare room instead of copying the whole cache (``torch.cat``). A method that assigns a field
+    # directly just gets a new buffer at the next append. The spare room is allocated but untouched
+    # until tokens arrive (not resident on CPU); ``bytes_held`` counts the tokens held, which is what
+    # a method controls. A field that shrinks far below its buffer (a prompt compressed to its
+    # capacity) gets a compact tensor, so the prompt-sized storage is freed.
+    def append_tokens(self, name: str, new: torch.Tensor) -> None:
+        """Append ``new`` along the token axis of field ``name``."""
+        held = getattr(self, name)
+        n, q = held.shape[2], new.shape[2]
+        buffer = self._buffers.get(name)
+        if buffer is None or not _is_prefix(held, buffer) or n + q > buffer.shape[2]:
+            buffer = held.new_empty((*held.shape[:2], n + q + _growth(n + q), *held.shape[3:]))
+            buffer[:, :, :n] = held
+            self._buffers[name] = buffer
+        buffer[:, :, n:n + q] = new
+        setattr(self, name, buffer[:, :, :n + q])
+
+    def set_tokens(self, name: str, tensor: torch.Tensor) -> None:
+        """Make ``tensor`` (a new tensor, not a view of the field) the field's content."""
+        buffer, k = self._buffers.get(name), tensor.shape[2]
+        if buffer is not None and buffer.shape[:2] == tensor.shape[:2] and _roomy(buffer, k):
+            buffer[:, :, :k] = tensor
+            tensor = buffer[:, :, :k]
+        else:
+            self._buffers.pop(name, None)
+        setattr(self, name, tensor)
+
+    def truncate_tokens(self, name: str, k: int) -> None:
+        """Keep the first ``k`` tokens of the field."""
+        held, buffer = getattr(self, name), self._buffers.get(name)
+        if buffer is not None and _is_prefix(held, buffer) and _roomy(buffer, k):
+            setattr(self, name, buffer[:, :, :k])
+        else:
+            self._buffers.pop(name, None)
+            setattr(self, name, held[:, :, :k].clone())
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the sequence state (``state_fields``), independent of later in-place updates."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase, gather_tokens
+from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
 
 #: outgoing tokens compared with the slots at a time (bounds the similarity matrix, not the result)
 MERGE_CHUNK = 1024
@@ -76,6 +76,7 @@ def merge_into_slots(slot_k, slot_v, slot_c, out_k, out_v, out_c):
 
 class BoundedLayer(EvictionLayer):
     state_fields = EvictionLayer.state_fields + ("counts",)
+    token_fields = EvictionLayer.token_fields + ("counts",)
 
     def __init__(self, method: "Bounded", layer_idx: int):
         super().__init__(method, layer_idx)
@@ -84,12 +85,10 @@ class BoundedLayer(EvictionLayer):
     def append(self, key_states, value_states) -> None:
         super().append(key_states, value_states)
         ones = torch.ones(key_states.shape[:3], dtype=torch.int32, device=key_states.device)
-        self.counts = ones if self.counts is None else torch.cat([self.counts, ones], dim=-1)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        idx = idx.sort(dim=-1).values
-        super().keep(idx)
-        self.counts = gather_tokens(self.counts, idx)
+        if self.counts is None:
+            self.counts = ones
+        else:
+            self.append_tokens("counts", ones)
 
     def layout(self) -> tuple[int, int, int]:
         """(sinks, memory slots, window) for this layer's capacity."""
@@ -103,15 +102,19 @@ class BoundedLayer(EvictionLayer):
         if n <= self.capacity:
             return
         sinks, memory, window = self.layout()
-        slots, out = slice(sinks, sinks + memory), slice(sinks + memory, n - window)
-        keys, values, counts = merge_into_slots(
+        end = sinks + memory
+        slots, out = slice(sinks, end), slice(end, n - window)
+        merged = merge_into_slots(
             self.keys[:, :, slots], self.values[:, :, slots], self.counts[:, :, slots],
             self.keys[:, :, out], self.values[:, :, out], self.counts[:, :, out])
-        recent = slice(n - window, n)
-        self.keys = torch.cat([self.keys[:, :, :sinks], keys, self.keys[:, :, recent]], dim=2)
-        self.values = torch.cat([self.values[:, :, :sinks], values, self.values[:, :, recent]], dim=2)
-        self.counts = torch.cat([self.counts[:, :, :sinks], counts, self.counts[:, :, recent]], dim=2)
-        self.positions = torch.cat([self.positions[:, :, :sinks + memory], self.positions[:, :, recent]], dim=2)
+        # in place: the slots take their merged entries, the recent window moves down behind them and
+        # the field is cut there (a slot keeps the position of the token that opened it)
+        for name, slot_entries in zip(("keys", "values", "counts", "positions"), (*merged, None)):
+            held = getattr(self, name)
+            if slot_entries is not None:
+                held[:, :, slots] = slot_entries
+            held[:, :, end:end + window] = held[:, :, n - window:].clone()
+            self.truncate_tokens(name, end + window)
 
     def bytes_held(self) -> int:
         return super().bytes_held() + self.counts.numel() * self.counts.element_size()

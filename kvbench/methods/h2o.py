@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase, gather_tokens
-from kvbench.methods.scores import accumulated_attention, top_and_recent
+from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.scores import attention_with_received, top_and_recent
 
 
 @dataclass
@@ -20,24 +20,27 @@ class H2OParams:
 
 
 class H2OLayer(EvictionLayer):
+    state_fields = EvictionLayer.state_fields + ("scores",)
+    token_fields = EvictionLayer.token_fields + ("scores",)
+
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
         self.scores: torch.Tensor | None = None  # accumulated attention of every held token
 
-    def observe(self, query, keys, scaling):
-        # every query of every step adds its attention to the tokens it sees (the new ones start at 0)
-        step = accumulated_attention(query, keys, scaling, reduce="mean")
+    def attend(self, query, keys, values, scaling, sliding_window):
+        # every query of every step adds its attention to the tokens it sees (the new ones start at 0);
+        # the step's output comes from the same probabilities (exact attention, computed once)
+        out, step = attention_with_received(query, keys, values, scaling)
         old = 0 if self.scores is None else self.scores.shape[-1]
         self.scores = step if self.scores is None else step + F.pad(self.scores, (0, keys.shape[2] - old))
+        return out
 
     def compress(self, phase: Phase) -> None:
         n = self.get_seq_length()
         if n <= self.capacity:
             return
         recent = int(self.capacity * self.method.params.recent_fraction)
-        idx = top_and_recent(self.scores, n, self.capacity, recent).sort(dim=-1).values
-        self.keep(idx)
-        self.scores = gather_tokens(self.scores, idx)
+        self.keep(top_and_recent(self.scores, n, self.capacity, recent))
 
 
 @register
@@ -49,14 +52,16 @@ class H2O(Method):
     over the query heads of a GQA group). At the end of every step - prefill, appended question and
     each decoding step - the cache is cut back to the capacity: the most recent
     ``recent_fraction * capacity`` tokens plus the highest-scoring older tokens (heavy hitters), so it
-    never holds more than the capacity between steps. Scores of kept tokens carry over. The prefill
-    sums are computed in query chunks (``scores.accumulated_attention``), never as an n x n matrix.
+    never holds more than the capacity between steps. Scores of kept tokens carry over. The sums and
+    the step's exact attention output come from the same probabilities, computed in query chunks
+    (``scores.attention_with_received``), never as an n x n matrix.
     """
 
     name = "h2o"
     Params = H2OParams
     phases = ("prefill", "append", "decode")
     needs_queries = True
+    shares_prefill = True  # the prefill's exact attention and score sums do not depend on the capacity
 
     def make_layer(self, layer_idx: int) -> H2OLayer:
         return H2OLayer(self, layer_idx)

@@ -23,6 +23,7 @@ class KNorm(Method):
 
     name = "knorm"
     phases = ("prefill",)
+    shares_prefill = True  # attention-free: the prefill does not depend on the ratio
 
     def make_layer(self, layer_idx: int) -> KNormLayer:
         return KNormLayer(self, layer_idx)

@@ -3,8 +3,8 @@
 No official code; this follows the methods reference (``shared/reference/methods.md``):
 
 - Importance: H2O-style accumulated attention - every query of every step adds its attention
-  probabilities, summed over the query heads of a GQA group (``scores.accumulated_attention`` gives
-  the group mean; times the group size is the sum, so the ranking is H2O's).
+  probabilities, summed over the query heads of a GQA group (``scores.attention_with_received``
+  gives the group mean; times the group size is the sum, so the ranking is H2O's).
 - Important set: ``C`` tokens per layer and KV head, half the most recent (``recent_fraction``), half
   the top-scoring others, stored in high precision (fp16 by default; int8 / int4 options). Every other
   token is kept in low precision (int2 default; int3 / int4) instead of being dropped.
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from kvbench.methods import register
 from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
 from kvbench.methods.quant import Packed, dequantize, quantize
-from kvbench.methods.scores import accumulated_attention
+from kvbench.methods.scores import attention_with_received
 
 HIGH_BITS = (16, 8, 4)  # 16 = fp16 storage
 LOW_BITS = (2, 3, 4)
@@ -209,11 +209,12 @@ class MiKVLayer(KVLayer):
     def get_seq_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
 
-    def observe(self, query, keys, scaling):
+    def attend(self, query, keys, values, scaling, sliding_window):
         if self.order is None and self.balance is None and self.method.params.balancer:
             self.balance = key_balancer(query, keys)  # the prefill: the prompt's queries and keys
         group = query.shape[1] // keys.shape[1]
-        step = accumulated_attention(query, keys, scaling, reduce="mean") * group  # sum over the group
+        out, step = attention_with_received(query, keys, values, scaling)
+        step = step * group  # sum over the group
         held = keys.shape[2] - self.keys.shape[2]
         if held:
             # back from position order to the stores' order (hi first): scores only matter for hi
@@ -223,6 +224,7 @@ class MiKVLayer(KVLayer):
         # two forwards before one end_step (not kvbench's generation, but the protocol allows it): add up
         self.new_scores = new if self.new_scores is None else new + F.pad(
             self.new_scores, (0, new.shape[-1] - self.new_scores.shape[-1]))
+        return out
 
     def end_step(self, phase: Phase) -> None:
         if self.keys is None:

@@ -66,6 +66,7 @@ class PyramidKV(Method):
     Params = PyramidKVParams
     phases = ("prefill",)
     needs_queries = True
+    shares_prefill = True  # as SnapKV: the per-layer budgets first act in end_step
 
     def make_layer(self, layer_idx: int) -> PyramidKVLayer:
         return PyramidKVLayer(self, layer_idx)

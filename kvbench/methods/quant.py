@@ -106,6 +106,8 @@ class QuantLayer(KVLayer):
     """Holds every token, packed. The step's new tokens wait in float in ``keys``/``values`` until
     ``end_step`` (use, then compress: the step that adds them attends over their exact values)."""
 
+    state_fields = KVLayer.state_fields + ("packed", "dtype", "head_dim")
+
     def __init__(self, method: "Quant", layer_idx: int):
         super().__init__(method, layer_idx)
         self.packed: tuple[Packed, Packed] | None = None  # quantised keys and values
@@ -173,6 +175,7 @@ class Quant(Method):
     name = "quant"
     Params = QuantParams
     phases = ("prefill", "append", "decode")
+    shares_prefill = True  # the prefill forward attends over exact values; the bit width acts in end_step
     ratio_note = ("the ratio names the bit width (16 / bits, against a 16-bit cache); the measured ratio "
                   "is against the model's real cache dtype (about twice the nominal with an fp32 cache) "
                   "and counts the fp16 scale and zero of every group (which lower it)")

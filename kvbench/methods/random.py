@@ -25,6 +25,7 @@ class Random(Method):
 
     name = "random"
     phases = ("prefill",)
+    shares_prefill = True  # the draws come from the layer's own generator, first used in end_step
 
     def make_layer(self, layer_idx: int) -> RandomLayer:
         return RandomLayer(self, layer_idx)

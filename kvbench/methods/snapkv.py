@@ -21,6 +21,8 @@ class SnapKVParams:
 
 
 class SnapKVLayer(EvictionLayer):
+    state_fields = EvictionLayer.state_fields + ("window_query", "scaling")
+
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
         self.window_query, self.scaling = None, 1.0  # the last window of queries seen, and its scaling
@@ -62,6 +64,7 @@ class SnapKV(Method):
     Params = SnapKVParams
     phases = ("prefill",)
     needs_queries = True
+    shares_prefill = True  # the prefill forward only records the observation window's queries
 
     def make_layer(self, layer_idx: int) -> SnapKVLayer:
         return SnapKVLayer(self, layer_idx)

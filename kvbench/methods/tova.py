@@ -4,6 +4,8 @@ from kvbench.methods.scores import attention_probs, last_queries
 
 
 class TOVALayer(EvictionLayer):
+    state_fields = EvictionLayer.state_fields + ("query", "scaling")
+
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
         self.query, self.scaling = None, 1.0  # the last query seen, and its scaling
@@ -37,6 +39,7 @@ class TOVA(Method):
     name = "tova"
     phases = ("prefill", "append", "decode")
     needs_queries = True
+    shares_prefill = True  # the prefill forward only records the last query
 
     def make_layer(self, layer_idx: int) -> TOVALayer:
         return TOVALayer(self, layer_idx)
