@@ -84,7 +84,7 @@ def test_h2o_keeps_heavy_hitters_and_recent_tokens():
     torch.testing.assert_close(layer.scores[0, 0, :2], torch.tensor([5 / 3, 13 / 6]), atol=1e-3, rtol=0)
     # a decode step adds the new query's attention; token 2 (attended by head 0) stays a heavy hitter
     step(layer, torch.zeros(1, 1, 1, 2), query[:, :, :1], phase="decode")
-    assert layer.positions.tolist() == [[[0, 2, 5, 6]]]
+    assert layer.positions.sort(dim=-1).values.tolist() == [[[0, 2, 5, 6]]]  # decoding may reorder
     assert layer.get_seq_length() == 4  # never above capacity between steps
 
 

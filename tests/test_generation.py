@@ -51,7 +51,7 @@ def test_streaming_decodes_at_original_positions(tiny_llama):
     gen = generate(tiny_llama, cache, prompt, None, steps, eos_ids=set())
     assert [layer.get_seq_length() for layer in cache.layers] == [capacity] * 2
     expected_positions = list(range(sinks)) + list(range(n + steps - 1 - (capacity - sinks), n + steps - 1))
-    assert cache.layers[0].positions[0, 0].tolist() == expected_positions
+    assert cache.layers[0].positions[0, 0].sort().values.tolist() == expected_positions  # decoding may reorder
 
     sequence = torch.cat([prompt, torch.tensor([gen.tokens[0][:-1]])], dim=1)
     total = sequence.shape[1]
@@ -167,8 +167,9 @@ def test_eviction_reuses_the_buffer_when_decoding_and_frees_it_after_prefill():
         assert storage(layer.keys) == room  # evict one, append one: same buffer every step
     layer.end_step("decode")
     kept = [0, 1, *range(294, 300)]
-    assert layer.positions[0, 0].tolist() == kept
-    assert torch.equal(layer.keys, tokens[:, :, kept])
+    order = layer.positions[0, 0].argsort()  # each eviction moved the newest token into the freed slot
+    assert layer.positions[0, 0, order].tolist() == kept
+    assert torch.equal(layer.keys[:, :, order], tokens[:, :, kept])
 
 
 def test_snapshot_is_unaffected_by_later_appends():

@@ -50,11 +50,12 @@ def check_ratio(name, stats, nominal):
 
 
 def check_positions(cache):
-    """Every layer holds distinct, ascending positions of tokens that exist."""
+    """Every layer holds distinct positions of tokens that exist (in any order: decode-time
+    evictions move the newest token into the freed slot)."""
     for layer in cache.layers:
         pos = layer.positions
         assert pos.shape[-1] == layer.get_seq_length()
-        assert (pos.diff(dim=-1) > 0).all() and pos.min() >= 0 and pos.max() < layer.seen
+        assert (pos.sort(dim=-1).values.diff(dim=-1) > 0).all() and pos.min() >= 0 and pos.max() < layer.seen
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -119,7 +119,9 @@ class KVLayer:
 
     Keeps the original (logical) position of every held token in ``positions`` (batch, kv_heads, n),
     so tests and analyses can see exactly which tokens survived. Keys are stored after RoPE, so a kept
-    token keeps its original position in attention whatever is evicted around it.
+    token keeps its original position in attention whatever is evicted around it, and the held order
+    does not matter to attention: tokens are held in position order except after
+    ``EvictionLayer.evict_one``, which moves the newest token into the freed slot.
     """
 
     is_sliding = False
@@ -171,7 +173,8 @@ class KVLayer:
         self.seen += q
 
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep only the tokens at ``idx`` (batch, heads, k), in ascending order of ``idx``."""
+        """Keep only the tokens at ``idx`` (batch, heads, k), in ascending order of ``idx`` (the
+        order they were held in)."""
         idx = idx.sort(dim=-1).values
         for name in self.token_fields:
             self.set_tokens(name, gather_tokens(getattr(self, name), idx))
@@ -293,6 +296,21 @@ class EvictionLayer(KVLayer):
 
     def compress(self, phase: Phase) -> None:
         raise NotImplementedError
+
+    def evict_one(self, slot: torch.Tensor) -> None:
+        """Drop the token at index ``slot`` (batch, heads, 1) of every head: the last (newest) token
+        moves into its place, so a decoding step moves one token instead of rewriting the cache.
+
+        The held tokens' order then stops following their positions: only methods that choose by
+        score or by ``positions``, never by index order, call it (during decoding, when the cache
+        is one token over its capacity)."""
+        n = self.get_seq_length()
+        for name in self.token_fields:
+            held = getattr(self, name)
+            index = slot if held.dim() == 3 else slot[..., None].expand(*slot.shape, held.shape[-1])
+            newest = held[:, :, n - 1:].clone()  # may be the dropped token itself
+            held.scatter_(2, index, newest.expand_as(index) if held.dim() == 3 else newest)
+            self.truncate_tokens(name, n - 1)
 
 
 @dataclass

@@ -40,6 +40,13 @@ class H2OLayer(EvictionLayer):
         if n <= self.capacity:
             return
         recent = int(self.capacity * self.method.params.recent_fraction)
+        if phase == "decode":
+            # one token over: the lowest-scoring token outside the recent window leaves. The window
+            # is told by position (evict_one does not keep the held order): the last `recent`
+            # positions. Of the capacity + 1 tokens held, at least one is older.
+            older = self.positions < self.seen - recent
+            self.evict_one(self.scores.masked_fill(~older, float("inf")).argmin(dim=-1, keepdim=True))
+            return
         self.keep(top_and_recent(self.scores, n, self.capacity, recent))
 
 

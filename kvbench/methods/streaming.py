@@ -22,6 +22,11 @@ class StreamingLayer(EvictionLayer):
         if n <= self.capacity:
             return
         sinks = min(self.method.params.sink_tokens, self.capacity)
+        if phase == "decode":
+            # one token over: the oldest after the sinks leaves (sinks stay in the first slots, since
+            # evict_one only ever moves the newest token)
+            self.evict_one(sinks + self.positions[..., sinks:].argmin(dim=-1, keepdim=True))
+            return
         kept = torch.cat([torch.arange(sinks), torch.arange(n - (self.capacity - sinks), n)])
         self.keep(kept.to(self.keys.device).expand(*self.keys.shape[:2], -1))
 

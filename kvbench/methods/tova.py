@@ -21,8 +21,11 @@ class TOVALayer(EvictionLayer):
         # the current (last) query's attention, averaged over all the layer's heads: TOVA's policy is
         # layer-wise, every KV head keeps the same tokens
         scores = attention_probs(query, self.keys, self.scaling)[:, :, 0].mean(dim=1, keepdim=True)
-        kept = scores.topk(self.capacity, dim=-1).indices
-        self.keep(kept.expand(-1, self.keys.shape[1], -1))
+        heads = self.keys.shape[1]
+        if phase == "decode":  # one token over: the lowest-scoring one leaves
+            self.evict_one(scores.argmin(dim=-1, keepdim=True).expand(-1, heads, -1))
+            return
+        self.keep(scores.topk(self.capacity, dim=-1).indices.expand(-1, heads, -1))
 
 
 @register
