@@ -309,7 +309,7 @@ class EvictionLayer(KVLayer):
             held = getattr(self, name)
             index = slot if held.dim() == 3 else slot[..., None].expand(*slot.shape, held.shape[-1])
             newest = held[:, :, n - 1:].clone()  # may be the dropped token itself
-            held.scatter_(2, index, newest.expand_as(index) if held.dim() == 3 else newest)
+            held.scatter_(2, index, newest)
             self.truncate_tokens(name, n - 1)
 
 

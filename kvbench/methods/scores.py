@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: queries per chunk in :func:`attention_with_received`: bounds its memory, not its result (128 was the
-#: fastest of 32-1024 on a 4k-token CPU prefill: small enough to stay in cache, large enough for BLAS)
+#: queries per chunk in :func:`attention_with_received`: bounds its memory, not its result (64 and 128
+#: were the fastest of 32-1024 on a 4k-token CPU prefill: small enough to stay in cache, large
+#: enough for BLAS)
 QUERY_CHUNK = 128
 
 REDUCTIONS = ("mean", "max")
