@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-ratios", default="2,4,6,8", help="the sweep's ratios (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("results") / BENCH_PAGE.parent, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.new_tokens < 1:
+        parser.error(f"--repeats and --new-tokens must be >= 1, got {args.repeats} and {args.new_tokens}")
 
     methods = sorted(registered()) if args.methods == "all" else args.methods.split(",")
     for name in methods:

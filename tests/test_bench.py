@@ -66,6 +66,8 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path):
         bench.main(["--methods", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="does not share its prefill.*streaming"):
         bench.main(["--sweep-methods", "full", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse's usage error, naming both options
+        bench.main(["--repeats", "0", "--out", str(tmp_path)])
 
 
 def test_a_real_run_writes_tables_and_the_report_links_them(embedded, tmp_path):
