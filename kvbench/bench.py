@@ -94,17 +94,18 @@ def _status_bytes(field: str) -> int:
 
 
 def _generate(model, method_name: str, compression: Compression | None, prompt_ids: torch.Tensor,
-              new_tokens: int, **kwargs) -> Generation:
-    method = build_method(method_name, {}, compression, 0)
+              new_tokens: int, params: dict | None = None, **kwargs) -> Generation:
+    method = build_method(method_name, params or {}, compression, 0)
     cache = KVCache(method, layer_windows(model.config))
     return generate(model, cache, prompt_ids, None, new_tokens, eos_ids=set(), **kwargs)
 
 
-def measure(model, method_name: str, ratio: float | None, prompt_ids: torch.Tensor, new_tokens: int) -> dict:
+def measure(model, method_name: str, ratio: float | None, prompt_ids: torch.Tensor, new_tokens: int,
+            params: dict | None = None) -> dict:
     """One generation of ``new_tokens`` tokens: its timings, KV bytes and peak process memory."""
     compression = Compression(ratio=ratio) if ratio is not None else None
     with PeakMemory(prompt_ids.device) as memory:
-        gen = _generate(model, method_name, compression, prompt_ids, new_tokens)
+        gen = _generate(model, method_name, compression, prompt_ids, new_tokens, params)
     steps = max(1, len(gen.tokens[0]) - 1)  # the first token comes from the prefill's logits
     return {
         "method": method_name,
@@ -121,16 +122,17 @@ def measure(model, method_name: str, ratio: float | None, prompt_ids: torch.Tens
     }
 
 
-def measure_sweep(model, method_name: str, ratios: list[float], prompt_ids: torch.Tensor, new_tokens: int) -> dict:
+def measure_sweep(model, method_name: str, ratios: list[float], prompt_ids: torch.Tensor, new_tokens: int,
+                  params: dict | None = None) -> dict:
     """Seconds for one ratio's generation alone and for all ``ratios`` sharing one prefill."""
     t0 = time.perf_counter()
-    _generate(model, method_name, Compression(ratio=ratios[0]), prompt_ids, new_tokens)
+    _generate(model, method_name, Compression(ratio=ratios[0]), prompt_ids, new_tokens, params)
     one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state = _generate(model, method_name, Compression(ratio=ratios[0]), prompt_ids, new_tokens,
+    state = _generate(model, method_name, Compression(ratio=ratios[0]), prompt_ids, new_tokens, params,
                       keep_prefill=True).prefilled
     for ratio in ratios[1:]:
-        _generate(model, method_name, Compression(ratio=ratio), prompt_ids, new_tokens, prefilled=state)
+        _generate(model, method_name, Compression(ratio=ratio), prompt_ids, new_tokens, params, prefilled=state)
     return {"method": method_name, "ratios": len(ratios), "prompt_tokens": prompt_ids.shape[1],
             "one_ratio_s": one, "sweep_s": time.perf_counter() - t0}
 
@@ -240,6 +242,7 @@ def machine_info(model, args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "model": f"{args.model} ({next(model.parameters()).dtype})",
         "new tokens per sample": args.new_tokens, "repeats": args.repeats,
+        "method parameters": " ".join(args.param) if args.param else "the defaults (conf/method/)",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -261,6 +264,21 @@ def _numbers(text: str, kind=float) -> list:
     return [kind(x) for x in text.split(",") if x]
 
 
+def method_params(settings: list[str]) -> dict[str, dict]:
+    """``--param`` settings (``method.key=value``, the value read as YAML) per method, each checked
+    against the method's parameters."""
+    params: dict[str, dict] = {}
+    for setting in settings:
+        name, dot, rest = setting.partition(".")
+        key, equals, value = rest.partition("=")
+        if not (dot and key and equals):
+            raise SystemExit(f"--param {setting!r}: expected method.key=value, e.g. lagkv.lag_size=128")
+        params.setdefault(name, {})[key] = yaml.safe_load(value)
+    for name, values in params.items():
+        method_class(name).parse_params(values)  # unknown methods and keys fail here, naming the valid ones
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_methods.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model entry (default: %(default)s)")
@@ -273,11 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-methods", default="streaming,snapkv,lagkv",
                         help="prefill-sharing methods whose ratio sweep is timed ('' for none)")
     parser.add_argument("--sweep-ratios", default="2,4,6,8", help="the sweep's ratios (default: %(default)s)")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method parameter other than its default (repeatable), e.g. lagkv.lag_size=128")
     parser.add_argument("--out", type=Path, default=Path("results") / BENCH_PAGE.parent, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 1:
         parser.error(f"--repeats and --new-tokens must be >= 1, got {args.repeats} and {args.new_tokens}")
 
+    params = method_params(args.param)
     methods = sorted(registered()) if args.methods == "all" else args.methods.split(",")
     for name in methods:
         method_class(name)  # unknown names fail here, naming the valid ones
@@ -302,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for length in lengths:
             for method, ratio in cases:
-                row = {"repeat": repeat, "length": length, **measure(model, method, ratio, prompts[length], args.new_tokens)}
+                row = {"repeat": repeat, "length": length,
+                       **measure(model, method, ratio, prompts[length], args.new_tokens, params.get(method))}
                 raw.append(row)
                 print(json.dumps(row), flush=True)
         for method in sweep_methods:
             row = {"repeat": repeat, **measure_sweep(model, method, _numbers(args.sweep_ratios), prompts[max(lengths)],
-                                                      args.new_tokens)}
+                                                      args.new_tokens, params.get(method))}
             sweeps.append(row)
             print(json.dumps(row), flush=True)
         # written after every repeat, so a stopped benchmark keeps what it measured

@@ -226,6 +226,33 @@ def test_quantisation_error_is_within_half_a_step(bits, group):
     assert (error <= p.scale.float()[..., None] / 2 + 1e-6 * x.abs().max()).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_is_codes_times_scale_plus_zero_into_any_output(bits):
+    x = torch.randn(2, 3, 7, 16, generator=torch.Generator().manual_seed(bits))
+    p = quantize(x, bits, 8)
+    by_hand = (unpack(p.data, bits).float().unflatten(-1, (2, 8)) * p.scale.float()[..., None]
+               + p.zero.float()[..., None]).flatten(-2)
+    assert torch.equal(dequantize(p), by_hand)
+    longer = torch.full((2, 3, 9, 16), 7.0)
+    dequantize(p, out=longer[:, :, :7])  # the front of a longer tensor: strided
+    assert torch.equal(longer[:, :, :7], by_hand) and (longer[:, :, 7:] == 7).all()
+    half = torch.empty(2, 3, 7, 16, dtype=torch.float16)
+    assert torch.equal(dequantize(p, out=half), by_hand.half())  # computed in float32, then rounded
+    assert torch.equal(dequantize(p, torch.float16), by_hand.half())
+
+
+def test_packed_append_writes_into_spare_room_without_copying_the_held_tokens():
+    x = torch.randn(1, 2, 20, 8, generator=torch.Generator().manual_seed(0))
+    held = quantize(x[:, :, :10], 4, 8).append(quantize(x[:, :, 10:11], 4, 8))  # now backed by buffers
+    storage = [t.data_ptr() for t in (held.data, held.scale, held.zero)]
+    for i in range(11, 20):
+        held = held.append(quantize(x[:, :, i:i + 1], 4, 8))
+    assert [t.data_ptr() for t in (held.data, held.scale, held.zero)] == storage
+    whole = quantize(x, 4, 8)
+    assert held.tokens == 20 and torch.equal(dequantize(held), dequantize(whole))
+    assert held.nbytes() == whole.nbytes()  # the room is not counted as held
+
+
 @pytest.mark.parametrize("ratio,bits,group_size,bytes_per_token_head", [
     (4, 4, None, 16 * 4 // 8 + 2 + 2),  # 8 packed bytes + fp16 scale + fp16 zero
     (8, 2, 8, 16 * 2 // 8 + 2 * (2 + 2)),  # two groups of 8 channels

@@ -68,6 +68,20 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path):
         bench.main(["--sweep-methods", "full", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse's usage error, naming both options
         bench.main(["--repeats", "0", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="no parameter.*'lag'.*lag_size"):
+        bench.main(["--param", "lagkv.lag=128", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="expected method.key=value"):
+        bench.main(["--param", "lagkv", "--out", str(tmp_path)])
+
+
+def test_method_parameters_reach_the_measured_cache(tiny_llama):
+    assert bench.method_params(["lagkv.lag_size=8", "lagkv.sink_tokens=0"]) == {"lagkv": {"lag_size": 8, "sink_tokens": 0}}
+    prompt = random_prompt(40)
+    # lag 8, no sink, 40 tokens: 5 partitions, the 4 scored ones keep 8 / 4 = 2 tokens, the last 8 stay
+    row = bench.measure(tiny_llama, "lagkv", 4.0, prompt, new_tokens=2, params={"lag_size": 8, "sink_tokens": 0})
+    assert row["measured_ratio"] == pytest.approx(40 / (4 * 2 + 8))
+    default = bench.measure(tiny_llama, "lagkv", 4.0, prompt, new_tokens=2)  # lag 1024: nothing to compress
+    assert default["measured_ratio"] == 1.0
 
 
 def test_a_real_run_writes_tables_and_the_report_links_them(embedded, tmp_path):

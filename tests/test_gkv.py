@@ -79,6 +79,33 @@ def test_redundancy_by_hand():
     assert redundancy(keys)[0, 0, 2] < redundancy(keys)[0, 0, 0]
 
 
+def dense_redundancy(keys, threshold=0.5):
+    """The definition, with the whole n x n cosine matrix."""
+    unit = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = unit @ unit.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).zero_()
+    n = keys.shape[2]
+    for idx in torch.cartesian_prod(*(torch.arange(s) for s in keys.shape[:2])).tolist():
+        rows = sim[tuple(idx)]
+        for i in range(n):
+            dups = (rows[i] > threshold).nonzero().flatten()
+            if len(dups):
+                rows[i, dups[-1]] = 0
+    return (sim.sum(dim=2) / n).softmax(dim=-1)
+
+
+def test_redundancy_blocks_equal_the_dense_definition():
+    # orthogonal-ish random keys in 16 dimensions rarely pass cos > 0.5, so most rows scan every block
+    # (or find none); planted copies put some rows' latest near-duplicate in the first or last block
+    keys = torch.randn(2, 2, 50, 16, generator=torch.Generator().manual_seed(3))
+    keys[:, :, 45] = keys[:, :, 2] * 3  # row 2's latest copy is in the newest block
+    keys[:, :, 1] = keys[:, :, 40] + 0.01  # row 40's latest copy is in the oldest block
+    keys[1, 0, 30:] = keys[1, 0, 29]  # a run of copies: every row finds one at once
+    for chunk in (4, 7, 64):
+        torch.testing.assert_close(redundancy(keys, chunk=chunk), dense_redundancy(keys))
+    torch.testing.assert_close(redundancy(keys, threshold=-0.2, chunk=8), dense_redundancy(keys, -0.2))
+
+
 def test_redundancy_in_row_chunks_equals_one_block():
     keys = torch.randn(2, 3, 37, 8, generator=torch.Generator().manual_seed(1))
     keys[:, :, 20] = keys[:, :, 3] * 2  # some near-duplicates

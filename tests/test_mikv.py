@@ -155,8 +155,9 @@ def test_everything_important_equals_full_on_an_fp16_model(tiny_llama_fp16, fp16
     # the cache is lossless: the first layer (whose inputs are the same tokens' embeddings) holds the
     # full cache's keys and values bit for bit. Deeper layers and the logits differ by rounding only,
     # because MiKV computes attention from the probabilities it scores with rather than with SDPA.
-    assert torch.equal(cache.layers[0]._held(True), full_cache.layers[0].keys)
-    assert torch.equal(cache.layers[0]._held(False), full_cache.layers[0].values)
+    first = cache.layers[0]
+    assert torch.equal(first.positions, full_cache.layers[0].positions)
+    assert torch.equal(first.hi_k, full_cache.layers[0].keys) and torch.equal(first.hi_v, full_cache.layers[0].values)
     torch.testing.assert_close(logits, full_logits, atol=2e-3, rtol=2e-3)
 
 
@@ -175,7 +176,10 @@ def test_demotion_keeps_the_important_set_at_rho_n(tiny_llama):
             assert hi | lo == set(range(n)) and not hi & lo  # nothing evicted, one precision each
             recent = int(round(n / 4) * 0.5)
             assert set(range(n - recent, n)) <= hi  # the recent half is always important
-            assert layer.get_seq_length() == n and (layer.positions.diff(dim=-1) > 0).all()
+            # every token held once, in the stores' order (important first), not re-sorted by position
+            assert layer.get_seq_length() == n
+            assert torch.equal(layer.positions.sort(dim=-1).values, torch.arange(n).expand_as(layer.positions))
+            assert torch.equal(layer.positions, torch.cat([layer.hi_positions, layer.lo_positions], dim=-1))
 
     cache.end_step = recording
     generate(tiny_llama, cache, random_prompt(40, batch=2), random_prompt(3, batch=2, seed=1), 30, eos_ids=set())
@@ -230,8 +234,10 @@ def test_balancer_by_hand_and_stored_keys_are_balanced():
     assert torch.equal(layer.lo_k.data, stored.data) and torch.equal(layer.lo_k.scale, stored.scale)
     expected = dequantize(stored, torch.float32) / b
     k, _ = layer.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
-    torch.testing.assert_close(k[:, :, :1], expected)
-    torch.testing.assert_close(k[:, :, 1:2], keys[:, :, 1:2])  # the important token: fp16 keys, no balancer
+    at = layer.positions[0, 0].tolist().index(0)  # held in the stores' order: important first
+    torch.testing.assert_close(k[:, :, at:at + 1], expected)
+    important = layer.positions[0, 0].tolist().index(1)
+    torch.testing.assert_close(k[:, :, important:important + 1], keys[:, :, 1:2])  # fp16 keys, no balancer
 
 
 def test_balancer_lowers_the_logit_error_of_outlier_channels():
@@ -244,7 +250,9 @@ def test_balancer_lowers_the_logit_error_of_outlier_channels():
         layer = make_layer({"balancer": balancer}, budget=1)
         step(layer, keys, query)
         k, _ = layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+        by_position = layer.positions[:, :, :64].argsort(dim=-1)  # held in the stores' order
+        held = torch.gather(k[:, :, :64], 2, by_position[..., None].expand(-1, -1, -1, 16))
         exact = query @ keys.repeat_interleave(2, 1).transpose(-1, -2)
-        return (query @ k[:, :, :64].repeat_interleave(2, 1).transpose(-1, -2) - exact).abs().mean()
+        return (query @ held.repeat_interleave(2, 1).transpose(-1, -2) - exact).abs().mean()
 
     assert logit_error(True) < 0.8 * logit_error(False)

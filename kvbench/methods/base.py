@@ -104,6 +104,22 @@ def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
             and view.shape[:2] == buffer.shape[:2])
 
 
+def append_along_tokens(held: torch.Tensor, new: torch.Tensor,
+                        buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``held`` followed by ``new`` along the token axis (dim 2), and the buffer behind the result.
+
+    ``new`` is written into the spare room of ``buffer`` when ``held`` is a prefix view of it and
+    ``new`` fits, so appending a token does not copy what is held; otherwise both go into a new
+    buffer with room to grow (:func:`_growth`). The room is allocated but untouched until tokens
+    arrive (not resident on CPU)."""
+    n, q = held.shape[2], new.shape[2]
+    if buffer is None or not _is_prefix(held, buffer) or n + q > buffer.shape[2]:
+        buffer = held.new_empty((*held.shape[:2], n + q + _growth(n + q), *held.shape[3:]))
+        buffer[:, :, :n] = held
+    buffer[:, :, n:n + q] = new
+    return buffer[:, :, :n + q], buffer
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -121,7 +137,8 @@ class KVLayer:
     so tests and analyses can see exactly which tokens survived. Keys are stored after RoPE, so a kept
     token keeps its original position in attention whatever is evicted around it, and the held order
     does not matter to attention: tokens are held in position order except after
-    ``EvictionLayer.evict_one``, which moves the newest token into the freed slot.
+    ``EvictionLayer.evict_one``, which moves the newest token into the freed slot, and in MiKV, which
+    hands attention its important tokens before the others.
     """
 
     is_sliding = False
@@ -179,23 +196,16 @@ class KVLayer:
         for name in self.token_fields:
             self.set_tokens(name, gather_tokens(getattr(self, name), idx))
 
-    # A token field is a prefix view of a larger buffer, so that appending a decoded token writes into
-    # spare room instead of copying the whole cache (``torch.cat``). A method that assigns a field
-    # directly just gets a new buffer at the next append. The spare room is allocated but untouched
-    # until tokens arrive (not resident on CPU); ``bytes_held`` counts the tokens held, which is what
-    # a method controls. A field that shrinks far below its buffer (a prompt compressed to its
-    # capacity) gets a compact tensor, so the prompt-sized storage is freed.
+    # A token field is a prefix view of a larger buffer (``append_along_tokens``), so that appending a
+    # decoded token writes into spare room instead of copying the whole cache (``torch.cat``). A
+    # method that assigns a field directly just gets a new buffer at the next append.
+    # ``bytes_held`` counts the tokens held, which is what a method controls. A field that shrinks far
+    # below its buffer (a prompt compressed to its capacity) gets a compact tensor, so the
+    # prompt-sized storage is freed.
     def append_tokens(self, name: str, new: torch.Tensor) -> None:
         """Append ``new`` along the token axis of field ``name``."""
-        held = getattr(self, name)
-        n, q = held.shape[2], new.shape[2]
-        buffer = self._buffers.get(name)
-        if buffer is None or not _is_prefix(held, buffer) or n + q > buffer.shape[2]:
-            buffer = held.new_empty((*held.shape[:2], n + q + _growth(n + q), *held.shape[3:]))
-            buffer[:, :, :n] = held
-            self._buffers[name] = buffer
-        buffer[:, :, n:n + q] = new
-        setattr(self, name, buffer[:, :, :n + q])
+        held, self._buffers[name] = append_along_tokens(getattr(self, name), new, self._buffers.get(name))
+        setattr(self, name, held)
 
     def set_tokens(self, name: str, tensor: torch.Tensor) -> None:
         """Make ``tensor`` (a new tensor, not a view of the field) the field's content."""

@@ -31,10 +31,11 @@ Choices and differences (documented, all small):
 - The authors compress when the cache holds ``>= budget`` tokens (re-scoring a full cache); the
   methods reference says "longer than the budget": a cache of exactly ``budget`` tokens is left alone.
 - Redundancy follows R-KV's reference implementation (``cal_similarity_raw``: per key, zero the
-  similarity to its *last* near-duplicate, mean over the n rows, softmax), computed in row chunks so
-  the n x n matrix is never held. Two quirks are not copied: a key with no near-duplicate does not
-  zero its similarity to token 0 (R-KV's ``max`` of all-zero indices), and the authors' Triton kernel's
-  per-64-column-block duplicate search is replaced by the per-row one it approximates.
+  similarity to its *last* near-duplicate, mean over the n rows, softmax), computed in blocks so
+  the n x n matrix is never held (:func:`redundancy`). Two quirks are not copied: a key with no
+  near-duplicate does not zero its similarity to token 0 (R-KV's ``max`` of all-zero indices), and
+  the authors' Triton kernel's per-64-column-block duplicate search is replaced by the per-row one
+  it approximates.
 - An appended question (phase ``append``, ``compress: context``) is added uncompressed, as the phase
   promises, and is not a generated token: the cache then holds up to ``budget + question +
   divide_length - 1`` tokens until the first decoding event.
@@ -53,8 +54,8 @@ from kvbench.methods import register
 from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
 from kvbench.methods.scores import attention_probs, last_queries, top_and_recent
 
-#: rows of the key-similarity matrix computed at a time in :func:`redundancy`: bounds memory, not the
-#: result (128 and 256 were fastest of 128-1024 at 4k tokens on CPU: the block stays in cache)
+#: rows and columns of the key-similarity matrix computed at a time in :func:`redundancy`: bounds
+#: memory, not the result (256 was the fastest of 128-512 at 4k tokens on CPU)
 REDUNDANCY_CHUNK = 256
 
 
@@ -98,22 +99,38 @@ def redundancy(keys: torch.Tensor, threshold: float = 0.5, chunk: int = REDUNDAN
     """R-KV's redundancy (batch, kv_heads, n) of every key: softmax over the n keys of
     ``mean_i cos(k_i, k_j)`` with ``cos(k_j, k_j)`` and, for every key ``i``, the similarity to its most
     recent near-duplicate (largest ``j != i`` with cosine above ``threshold``) set to 0 - so the latest
-    copy of a repeated key is penalised least. Rows are processed ``chunk`` at a time."""
+    copy of a repeated key is penalised least.
+
+    The column sums need no similarity matrix: ``sum_i cos(k_i, k_j) = u_j . sum_i u_i`` for unit keys
+    ``u``. Only the near-duplicate search compares keys pairwise: ``chunk`` rows at a time against
+    ``chunk`` columns at a time, newest columns first, until every row of the chunk has found its latest
+    near-duplicate. Keys of real prompts mostly have one among the newest tokens, so this usually
+    scans a few blocks instead of all ``n`` columns; the result is the same either way."""
     unit = keys.float()
     unit = unit / (unit.norm(dim=-1, keepdim=True) + 1e-8)
-    n = keys.shape[2]
+    n = unit.shape[2]
+    total = (unit @ unit.sum(dim=2).unsqueeze(-1)).squeeze(-1) - unit.pow(2).sum(dim=-1)  # diagonal out
     # column j + 1 where key j is a near-duplicate, so that a row's max is its latest one (0: none)
-    numbered = torch.arange(1, n + 1, dtype=torch.int32, device=keys.device)
-    total = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    numbered = torch.arange(1, chunk + 1, dtype=torch.int32, device=keys.device)
     for start in range(0, n, chunk):
         rows = unit[:, :, start:start + chunk]
-        sim = rows @ unit.transpose(-1, -2)  # (b, h, c, n)
-        sim[..., start:start + rows.shape[2]].diagonal(dim1=-2, dim2=-1).zero_()  # cos(k_i, k_i)
-        last = ((sim > threshold) * numbered).amax(dim=-1, keepdim=True).long() - 1  # (b, h, c, 1)
-        # every row's similarities, less the one to its latest near-duplicate (where it has one)
-        escaped = sim.gather(-1, last.clamp_min(0)) * (last >= 0)
-        total += sim.sum(dim=2)
-        total.scatter_add_(-1, last.clamp_min(0).squeeze(-1), -escaped.squeeze(-1))
+        end = start + rows.shape[2]
+        latest = torch.full(rows.shape[:3], -1, dtype=torch.long, device=keys.device)  # -1: none found yet
+        latest_sim = torch.zeros(rows.shape[:3], dtype=torch.float32, device=keys.device)
+        for stop in range(n, 0, -chunk):
+            first = max(0, stop - chunk)
+            sim = rows @ unit[:, :, first:stop].transpose(-1, -2)  # (b, h, c, stop - first)
+            a, z = max(start, first), min(end, stop)
+            if a < z:  # cos(k_i, k_i) is no near-duplicate
+                sim[..., a - start:z - start, a - first:z - first].diagonal(dim1=-2, dim2=-1).zero_()
+            last = ((sim > threshold) * numbered[: stop - first]).amax(dim=-1) - 1  # (b, h, c), -1: none
+            new = (latest < 0) & (last >= 0)
+            latest = torch.where(new, first + last, latest)
+            latest_sim = torch.where(new, sim.gather(-1, last.clamp_min(0).unsqueeze(-1)).squeeze(-1), latest_sim)
+            if bool((latest >= 0).all()):
+                break
+        # every row's similarities, less the one to its latest near-duplicate (0 where it has none)
+        total.scatter_add_(-1, latest.clamp_min(0), -latest_sim)
     return (total / n).softmax(dim=-1)
 
 
@@ -159,7 +176,7 @@ class GKVLayer(KVLayer):
             m = min(self.global_score.shape[-1], n - w)
             score[..., :m] = torch.maximum(params.alpha * self.global_score[..., :m], local[..., :m])
         mixed = score
-        if params.mix_lambda < 1:  # lambda = 1 needs no redundancy (and skips its O(n^2) work)
+        if params.mix_lambda < 1:  # lambda = 1 needs no redundancy (and skips its pairwise work)
             red = redundancy(self.keys, params.similarity_threshold)[..., : n - w]
             red = red / red.amax(dim=-1, keepdim=True)  # softmax values: > 0
             mixed = params.mix_lambda * score - (1 - params.mix_lambda) * red

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from kvbench.methods import register
 from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
-from kvbench.methods.quant import Packed, dequantize, quantize
+from kvbench.methods.quant import Packed, dequantize, followed_by, quantize
 from kvbench.methods.scores import attention_with_received
 
 HIGH_BITS = (16, 8, 4)  # 16 = fp16 storage
@@ -117,7 +117,7 @@ def key_balancer(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _cat(a: Store | None, b: Store) -> Store:
     if a is None:
         return b
-    return a.cat(b) if isinstance(a, Packed) else torch.cat([a, b], dim=2)
+    return a.append(b) if isinstance(a, Packed) else torch.cat([a, b], dim=2)
 
 
 def _take(store: Store, idx: torch.Tensor) -> Store:
@@ -134,12 +134,14 @@ class MiKVLayer(KVLayer):
     """Two stores per layer: the important tokens (``hi_*``, fp16 or packed) and the others (``lo_*``,
     packed), each with its own positions; the step's new tokens wait in float in ``keys``/``values``
     until ``end_step`` (use, then compress: the step that adds them attends over their exact values).
-    ``update`` hands attention every held token in position order (``positions``), then the new ones.
+    ``update`` hands attention the important tokens, then the others, then the new ones, and
+    ``positions`` follows that order: attention does not depend on the order of held keys (they carry
+    RoPE), so nothing is re-sorted by position.
     """
 
     state_fields = KVLayer.state_fields + (
         "new_positions", "new_scores", "balance", "hi_k", "hi_v", "hi_positions", "hi_scores",
-        "lo_k", "lo_v", "lo_positions", "order", "dtype", "head_dim", "group",
+        "lo_k", "lo_v", "lo_positions", "dtype", "head_dim", "group",
     )
 
     def __init__(self, method: "MiKV", layer_idx: int):
@@ -152,7 +154,6 @@ class MiKVLayer(KVLayer):
         self.hi_scores: torch.Tensor | None = None  # accumulated attention of the important tokens
         self.lo_k = self.lo_v = None  # low-precision tokens (Packed); never promoted, so no scores
         self.lo_positions: torch.Tensor | None = None
-        self.order: torch.Tensor | None = None  # argsort of cat(hi, lo) positions: the held order
         self.dtype: torch.dtype | None = None
         self.head_dim = 0
         self.group = 0
@@ -170,22 +171,26 @@ class MiKVLayer(KVLayer):
             x = x * self.balance[:, :, None, :]
         return quantize(x, bits, self.group)
 
-    def _decode(self, store: Store, key: bool, dtype: torch.dtype) -> torch.Tensor:
+    def _decode(self, store: Store, key: bool, dtype: torch.dtype | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """The store's tokens un-balanced, in ``dtype`` or written into ``out``; integer codes are
+        dequantised and un-balanced in float32 before any rounding to the model's dtype."""
         if not isinstance(store, Packed):
-            return store.to(dtype)
-        x = dequantize(store, torch.float32)
-        if key and self.balance is not None:
-            x = x / self.balance[:, :, None, :]
-        return x.to(dtype)
+            return store.to(dtype) if out is None else out.copy_(store)
+        balanced = key and self.balance is not None
+        if out is not None and out.dtype == torch.float32:
+            dequantize(store, out=out)
+            return out.div_(self.balance[:, :, None, :]) if balanced else out
+        x = dequantize(store)
+        if balanced:
+            x = x.div_(self.balance[:, :, None, :])
+        return x.to(dtype) if out is None else out.copy_(x)
 
-    def _held(self, key: bool) -> torch.Tensor:
-        """Every held key (or value) in position order, dequantised and un-balanced, model dtype."""
-        stores = [s for s in ((self.hi_k, self.lo_k) if key else (self.hi_v, self.lo_v)) if s is not None]
-        return gather_tokens(torch.cat([self._decode(s, key, self.dtype) for s in stores], dim=2), self.order)
+    def _stores(self, key: bool) -> list[Store]:
+        return [s for s in ((self.hi_k, self.lo_k) if key else (self.hi_v, self.lo_v)) if s is not None]
 
     def _held_positions(self) -> torch.Tensor:
-        parts = [p for p in (self.hi_positions, self.lo_positions) if p is not None]
-        return torch.cat(parts, dim=-1).gather(-1, self.order)
+        return torch.cat([p for p in (self.hi_positions, self.lo_positions) if p is not None], dim=-1)
 
     # -- cache protocol -----------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -199,27 +204,25 @@ class MiKVLayer(KVLayer):
             self.values = torch.cat([self.values, value_states], dim=2)
             self.new_positions = torch.cat([self.new_positions, pos], dim=-1)
         self.seen += q
-        if self.order is None:
+        if self.hi_positions is None:
             self.positions = self.new_positions
             return self.keys, self.values
         self.positions = torch.cat([self._held_positions(), self.new_positions], dim=-1)
-        return (torch.cat([self._held(True), self.keys], dim=2),
-                torch.cat([self._held(False), self.values], dim=2))
+        return tuple(followed_by(self._stores(key), new, lambda store, out, key=key: self._decode(store, key, out=out))
+                     for key, new in ((True, self.keys), (False, self.values)))
 
     def get_seq_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
 
     def attend(self, query, keys, values, scaling, sliding_window):
-        if self.order is None and self.balance is None and self.method.params.balancer:
+        if self.hi_positions is None and self.balance is None and self.method.params.balancer:
             self.balance = key_balancer(query, keys)  # the prefill: the prompt's queries and keys
         group = query.shape[1] // keys.shape[1]
         out, step = attention_with_received(query, keys, values, scaling)
         step = step * group  # sum over the group
         held = keys.shape[2] - self.keys.shape[2]
-        if held:
-            # back from position order to the stores' order (hi first): scores only matter for hi
-            by_store = torch.empty_like(step[..., :held]).scatter_(-1, self.order, step[..., :held])
-            self.hi_scores = self.hi_scores + by_store[..., : self.hi_positions.shape[-1]]
+        if held:  # the important tokens come first (scores only matter for them)
+            self.hi_scores = self.hi_scores + step[..., : self.hi_positions.shape[-1]]
         new = step[..., held:]
         # two forwards before one end_step (not kvbench's generation, but the protocol allows it): add up
         self.new_scores = new if self.new_scores is None else new + F.pad(
@@ -230,7 +233,7 @@ class MiKVLayer(KVLayer):
         if self.keys is None:
             return
         params = self.method.params
-        if self.order is None:
+        if self.hi_positions is None:
             self.group = self.method.group_for(self.head_dim)
         new_scores = self.new_scores if self.new_scores is not None else torch.zeros(
             self.new_positions.shape, dtype=torch.float32, device=self.keys.device)
@@ -260,8 +263,6 @@ class MiKVLayer(KVLayer):
             cand_pos, cand_scores = cand_pos.gather(-1, keep), cand_scores.gather(-1, keep)
         self.hi_k, self.hi_v, self.hi_positions, self.hi_scores = cand_k, cand_v, cand_pos, cand_scores
         self.keys = self.values = self.new_positions = self.new_scores = None
-        parts = [p for p in (self.hi_positions, self.lo_positions) if p is not None]
-        self.order = torch.cat(parts, dim=-1).argsort(dim=-1)
         self.positions = self._held_positions()
 
     # -- what is held -------------------------------------------------------------------------------

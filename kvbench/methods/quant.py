@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
+from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, append_along_tokens, gather_tokens
 
 #: bit widths the quant baseline offers (8 / bits values per byte) and their nominal ratio 16 / bits
 BITS = (2, 4, 8)
@@ -36,13 +36,23 @@ class Packed:
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
+    #: the storage behind data, scale and zero when they came from :meth:`append`
+    buffers: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[2]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
 
-    def cat(self, other: "Packed") -> "Packed":
-        cat = lambda a, b: torch.cat([a, b], dim=2)  # noqa: E731
-        return Packed(cat(self.data, other.data), cat(self.scale, other.scale), cat(self.zero, other.zero), self.bits)
+    def append(self, other: "Packed") -> "Packed":
+        """These tokens followed by ``other``'s, written into the spare room of this one's storage where
+        it fits (``base.append_along_tokens``): appending a token does not copy the held ones."""
+        buffers = self.buffers or (None, None, None)
+        grown = [append_along_tokens(held, new, buffer) for held, new, buffer in
+                 zip((self.data, self.scale, self.zero), (other.data, other.scale, other.zero), buffers)]
+        return Packed(*(view for view, _ in grown), self.bits, tuple(buffer for _, buffer in grown))
 
     def gather(self, idx: torch.Tensor) -> "Packed":
         """The tokens at ``idx`` (batch, heads, k), in that order."""
@@ -69,9 +79,44 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Packed:
     return Packed(pack(q, bits), scale, zero, bits)
 
 
-def dequantize(p: Packed, dtype: torch.dtype) -> torch.Tensor:
-    g = unpack(p.data, p.bits).float().unflatten(-1, (p.scale.shape[-1], -1))
-    return (g * p.scale.float()[..., None] + p.zero.float()[..., None]).flatten(-2).to(dtype)
+def dequantize(p: Packed, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``codes * scale + zero`` (batch, heads, n, d), computed in float32 and returned in ``dtype``
+    (default float32), or written into ``out`` (any strides: the front of a longer tensor, say).
+
+    Widths dividing 8 unpack one code slot of every byte at a time, straight into the result: a
+    decoding step dequantises the whole cache, and this is 3-4x faster than :func:`unpack`'s
+    broadcast over uint8."""
+    d = p.data.shape[-1] * 8 // p.bits
+    exact = out is not None and out.dtype == torch.float32
+    work = out if exact else torch.empty((*p.data.shape[:3], d), dtype=torch.float32, device=p.data.device)
+    if 8 % p.bits == 0:
+        per_byte = 8 // p.bits
+        slots = work.unflatten(-1, (-1, per_byte))
+        for i in range(per_byte):
+            codes = p.data >> (p.bits * i)
+            slots[..., i] = codes & (2 ** p.bits - 1) if i < per_byte - 1 else codes
+    else:
+        work.copy_(unpack(p.data, p.bits))
+    work.unflatten(-1, (p.scale.shape[-1], -1)).mul_(p.scale.float()[..., None]).add_(p.zero.float()[..., None])
+    if out is None:
+        return work if dtype in (None, torch.float32) else work.to(dtype)
+    if not exact:
+        out.copy_(work)
+    return out
+
+
+def followed_by(held: list, new: torch.Tensor, decode=dequantize) -> torch.Tensor:
+    """One tensor of every held store, decoded in turn by ``decode(store, out=...)``, followed by
+    ``new``: what a step attends over. Each part is written once into the result (no concatenation of
+    copies)."""
+    sizes = [store.tokens if isinstance(store, Packed) else store.shape[2] for store in held]
+    out = new.new_empty((*new.shape[:2], sum(sizes) + new.shape[2], new.shape[-1]))
+    at = 0
+    for store, size in zip(held, sizes):
+        decode(store, out=out[:, :, at:at + size])
+        at += size
+    out[:, :, at:] = new
+    return out
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,7 +149,8 @@ def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
 
 class QuantLayer(KVLayer):
     """Holds every token, packed. The step's new tokens wait in float in ``keys``/``values`` until
-    ``end_step`` (use, then compress: the step that adds them attends over their exact values)."""
+    ``end_step`` (use, then compress: the step that adds them attends over their exact values).
+    ``positions`` covers every token, packed ones first."""
 
     state_fields = KVLayer.state_fields + ("packed", "dtype", "head_dim")
 
@@ -119,14 +165,19 @@ class QuantLayer(KVLayer):
         return self.packed is not None or self.keys is not None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        held = self.positions
-        self.append(key_states, value_states)  # keys/values (None after end_step) now hold the step's
-        self.dtype, self.head_dim = key_states.dtype, key_states.shape[-1]
         if self.packed is None:
+            self.append(key_states, value_states)
+            self.dtype, self.head_dim = key_states.dtype, key_states.shape[-1]
             return self.keys, self.values
-        self.positions = torch.cat([held, self.positions], dim=-1)
-        old_k, old_v = (dequantize(p, self.dtype) for p in self.packed)
-        return torch.cat([old_k, self.keys], dim=2), torch.cat([old_v, self.values], dim=2)
+        b, h, q, _ = key_states.shape
+        self.append_tokens("positions", torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q))
+        self.seen += q
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:  # two forwards before an end_step: both wait
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+        return followed_by([self.packed[0]], self.keys), followed_by([self.packed[1]], self.values)
 
     def end_step(self, phase: Phase) -> None:
         if self.keys is None:
@@ -136,7 +187,7 @@ class QuantLayer(KVLayer):
             raise ConfigError(f"quant: head_dim {self.head_dim} must be a multiple of group_size {group} "
                               f"and of {8 // bits} (values per byte at {bits} bits)")
         new = tuple(quantize(x, bits, group) for x in (self.keys, self.values))
-        self.packed = new if self.packed is None else tuple(p.cat(q) for p, q in zip(self.packed, new))
+        self.packed = new if self.packed is None else tuple(p.append(q) for p, q in zip(self.packed, new))
         self.keys = self.values = None
 
     def get_seq_length(self) -> int:
