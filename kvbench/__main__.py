@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.config import register_schema
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.runner import run
 
 log = logging.getLogger("kvbench")

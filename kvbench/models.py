@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from kvbench.cache import ATTN_IMPLEMENTATION
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

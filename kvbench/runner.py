@@ -29,7 +29,8 @@ import kvbench
 from kvbench.cache import KVCache, layer_windows
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
-from kvbench.methods.base import Compression, ConfigError, Method
+from kvbench.methods.base import Compression, Method
+from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig, load_model, model_info, parse_model_config
 from kvbench.results import RunDir
 from kvbench.tasks import Sample, Task, build_task

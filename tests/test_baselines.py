@@ -7,7 +7,8 @@ import torch
 from conftest import random_prompt
 from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.generation import generate
-from kvbench.methods import Compression, ConfigError, build_method
+from kvbench.methods import Compression, build_method
+from kvbench.errors import ConfigError
 from kvbench.methods.pyramidkv import layer_budgets
 from kvbench.methods.quant import dequantize, pack, quantize, unpack
 from kvbench.methods.scores import attention_probs, attention_with_received, top_and_recent, window_scores

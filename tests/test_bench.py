@@ -8,7 +8,7 @@ import pytest
 
 from conftest import random_prompt
 from kvbench import bench
-from kvbench.methods import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.report import write_report
 
 

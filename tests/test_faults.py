@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kvbench.runner as runner
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec
 

@@ -10,7 +10,8 @@ import torch
 from conftest import random_prompt
 from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.generation import generate
-from kvbench.methods import Compression, ConfigError, build_method
+from kvbench.methods import Compression, build_method
+from kvbench.errors import ConfigError
 from kvbench.methods.gkv import local_scores, redundancy
 
 

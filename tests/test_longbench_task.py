@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.results import RunDir
 from kvbench.scoring.longbench import E_TASKS, TASKS

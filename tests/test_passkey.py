@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.scoring.passkey import exact_match, partial_match
 from kvbench.tasks import build_task
 from kvbench.tasks.passkey import load_texts
@@ -63,5 +63,5 @@ def test_bad_task_parameters_are_named():
         build_task({**BASE, "depths": [1.5]})
     with pytest.raises(ConfigError, match="no parameter.*'lenghts'.*valid"):
         build_task({**BASE, "lenghts": [1]})
-    with pytest.raises(ConfigError, match="unknown task kind 'nope'; registered kinds: .*passkey"):
+    with pytest.raises(ConfigError, match="unknown task kind 'nope'; valid: .*passkey"):
         build_task({"name": "x", "kind": "nope"})

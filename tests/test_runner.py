@@ -7,7 +7,7 @@ import pytest
 import kvbench.generation as generation
 import kvbench.runner as runner
 from conftest import EMBEDDED
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec, encode
 from kvbench.tasks import Sample
@@ -28,7 +28,7 @@ def config(tmp_path, **over):
     ({"ratio": None}, "give exactly one of ratio .* or budget"),
     ({"budget": 64}, "give exactly one of ratio .* or budget"),
     ({"ratio": None, "budget": 0}, "budget must be >= 1"),
-    ({"method": {"name": "nope"}}, "unknown method 'nope'; registered methods: .*full.*streaming"),
+    ({"method": {"name": "nope"}}, "unknown method 'nope'; valid: .*full.*streaming"),
     ({"method": {"name": "streaming", "sinks": 2}}, r"no parameter\(s\) \['sinks'\]; valid: \['sink_tokens'\]"),
     ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
     ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),

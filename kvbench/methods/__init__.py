@@ -3,39 +3,23 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from kvbench.methods.base import Compression, ConfigError, KVLayer, Method
+from kvbench.errors import ConfigError
+from kvbench.methods.base import Compression, KVLayer, Method
+from kvbench.registry import Registry
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` selectable as ``method=<cls.name>``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+METHODS: Registry[type[Method]] = Registry("method", __name__, lambda cls: cls.name)
+#: class decorator: make ``cls`` selectable as ``method=<cls.name>``
+register = METHODS.register
 
 
 def registered() -> dict[str, type[Method]]:
-    _load_all()
-    return dict(sorted(_REGISTRY.items()))
+    return METHODS.all()
 
 
 def method_class(name: str) -> type[Method]:
-    methods = registered()
-    if name not in methods:
-        raise ConfigError(f"unknown method '{name}'; registered methods: {', '.join(methods)}")
-    return methods[name]
+    return METHODS.get(name)
 
 
 def build_method(name: str, params: dict[str, Any], compression: Compression | None, seed: int = 0) -> Method:

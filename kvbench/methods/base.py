@@ -32,11 +32,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from kvbench.errors import ConfigError
+
 Phase = Literal["prefill", "append", "decode"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any model is loaded."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.errors import ConfigError
 
 #: outgoing tokens compared with the slots at a time (bounds the similarity matrix, not the result)
 MERGE_CHUNK = 1024

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
+from kvbench.methods.base import KVLayer, Method, Phase, gather_tokens
+from kvbench.errors import ConfigError
 from kvbench.methods.scores import attention_probs, last_queries, top_and_recent
 
 #: rows and columns of the key-similarity matrix computed at a time in :func:`redundancy`: bounds

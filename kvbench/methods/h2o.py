@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.errors import ConfigError
 from kvbench.methods.scores import attention_with_received, top_and_recent
 
 

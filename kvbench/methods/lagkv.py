@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase
+from kvbench.methods.base import KVLayer, Method, Phase
+from kvbench.errors import ConfigError
 
 
 @dataclass

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.errors import ConfigError
 from kvbench.methods.lagkv import lag_relative_scores
 
 

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, gather_tokens
+from kvbench.methods.base import KVLayer, Method, Phase, gather_tokens
+from kvbench.errors import ConfigError
 from kvbench.methods.quant import Packed, dequantize, followed_by, quantize
 from kvbench.methods.scores import attention_with_received
 

@@ -2,7 +2,8 @@ import math
 from dataclasses import dataclass
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, Method
+from kvbench.methods.base import Method
+from kvbench.errors import ConfigError
 from kvbench.methods.snapkv import SnapKVLayer, SnapKVParams
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, KVLayer, Method, Phase, append_along_tokens, gather_tokens
+from kvbench.methods.base import KVLayer, Method, Phase, append_along_tokens, gather_tokens
+from kvbench.errors import ConfigError
 
 #: bit widths the quant baseline offers (8 / bits values per byte) and their nominal ratio 16 / bits
 BITS = (2, 4, 8)

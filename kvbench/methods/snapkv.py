@@ -1,7 +1,8 @@
 from dataclasses import dataclass
 
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.errors import ConfigError
 from kvbench.methods.scores import last_queries, top_and_recent, window_scores
 
 

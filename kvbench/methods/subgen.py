@@ -52,7 +52,8 @@ import torch
 
 from kvbench.cache import _causal_mask
 from kvbench.methods import register
-from kvbench.methods.base import ConfigError, EvictionLayer, Method, Phase
+from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.errors import ConfigError
 
 
 @dataclass

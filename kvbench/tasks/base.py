@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 
 #: the repository's top-level ``tasks/`` folder, where task texts and tables live
 TASK_DATA = Path(__file__).resolve().parents[2] / "tasks"

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.results import read_jsonl_strict
 from kvbench.scoring.longbench import E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register

@@ -8,7 +8,7 @@ from statistics import mean
 
 import yaml
 
-from kvbench.methods.base import ConfigError
+from kvbench.errors import ConfigError
 from kvbench.scoring.passkey import exact_match, partial_match
 from kvbench.tasks import register
 from kvbench.tasks.base import TASK_DATA, Sample, Task
