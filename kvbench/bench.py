@@ -96,6 +96,7 @@ def _status_bytes(field: str) -> int:
 def _generate(model, method_name: str, compression: Compression | None, prompt_ids: torch.Tensor,
               new_tokens: int, params: dict | None = None, **kwargs) -> Generation:
     method = build_method(method_name, params or {}, compression, 0)
+    method.setup(model)
     cache = KVCache(method, layer_windows(model.config))
     return generate(model, cache, prompt_ids, None, new_tokens, eos_ids=set(), **kwargs)
 
@@ -242,7 +243,7 @@ def machine_info(model, args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "model": f"{args.model} ({next(model.parameters()).dtype})",
         "new tokens per sample": args.new_tokens, "repeats": args.repeats,
-        "method parameters": " ".join(args.param) if args.param else "the defaults (conf/method/)",
+        "method parameters": " ".join(args.param) if args.param else "the defaults",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,6 +1,7 @@
 """The structured config schema Hydra validates at start-up (types of the top-level keys and of the
-model entry). Method and task parameters are validated by their classes (``parse_params``), which
-name unknown keys and list the valid ones."""
+model entry), and the configs generated from classes (``method/<name>``, ``task=longbench/<task>``).
+Method and task parameters are validated by their classes (``parse_params``), which name unknown
+keys and list the valid ones."""
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,6 +41,10 @@ class KVBenchConfig:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
+    # method=<name>: generated from the method classes' parameter defaults
+    from kvbench.methods import store_configs as store_method_configs
+
+    store_method_configs(ConfigStore.instance())
     # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
     from kvbench.tasks.longbench import store_configs
 

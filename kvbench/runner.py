@@ -233,6 +233,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in sample.stop_strings)
     method = spec.new_method()
+    method.setup(model)
     reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
     prefilled = _prefills.get(spec, task, sample.id) if reuse else None
     cache = KVCache(method, layer_windows(model.config))
@@ -409,5 +410,6 @@ def run(cfg: dict) -> list[dict]:
     """Run every task of a configuration; return their scores (one dict per results directory)."""
     spec = RunSpec.from_config(cfg)
     model, tokenizer = load_model(spec.model)
+    spec.new_method().setup(model)  # what the model makes impossible fails before the first sample
     torch.manual_seed(spec.seed)
     return [run_task(model, tokenizer, spec, task, cfg) for task in spec.task.subtasks()]

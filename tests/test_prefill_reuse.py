@@ -11,6 +11,7 @@ from conftest import EMBEDDED, random_prompt
 from kvbench.cache import KVCache, layer_windows
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import Compression, build_method, registered
+from kvbench.methods.base import LayerState
 from kvbench.runner import PrefillStore, RunSpec
 from kvbench.tasks import build_task
 
@@ -29,7 +30,9 @@ def test_reused_prefill_equals_separate_prefill(name, fixture, request):
     windows = layer_windows(model.config)
 
     def cache(ratio):
-        return KVCache(build_method(name, {}, Compression(ratio=ratio), seed=3), windows)
+        method = build_method(name, {}, Compression(ratio=ratio), seed=3)
+        method.setup(model)
+        return KVCache(method, windows)
 
     first = generate(model, cache(2), prompt, None, 6, set(), keep_prefill=True)
     assert first.prefilled is not None
@@ -49,7 +52,8 @@ def spec(method="streaming", gb=1.0):
 
 
 def state(mib):
-    return Prefilled(layers=[{"keys": torch.zeros(mib * 2**18)}], logits=torch.zeros(1), in_step=0, prefill_s=0.0)
+    layer = LayerState(stores={}, fields={"keys": torch.zeros(mib * 2**18)})
+    return Prefilled(layers=[layer], logits=torch.zeros(1), in_step=0, prefill_s=0.0)
 
 
 def test_the_store_serves_any_sweep_order_within_its_memory():
