@@ -37,7 +37,7 @@ import torch
 
 from kvbench.errors import ConfigError
 from kvbench.methods.params import parse_params
-from kvbench.storage import DenseStore, Store
+from kvbench.storage import DenseStore, Store, read_followed_by
 
 Phase = Literal["prefill", "append", "decode"]
 
@@ -155,8 +155,10 @@ class KVLayer(CacheLayerProtocol):
     slot, and in MiKV, which hands attention its important tokens before the others.
     """
 
-    #: stores holding keys: their tokens are what the layer holds and what the next step attends over
+    #: the stores holding keys and values, in the order the step attends over them; the last one
+    #: receives the step's new tokens. Their tokens are what the layer holds.
     key_stores: ClassVar[tuple[str, ...]] = ("keys",)
+    value_stores: ClassVar[tuple[str, ...]] = ("values",)
     #: attributes besides the stores that hold the sequence's state (not configuration): what a
     #: prefill snapshot copies. Layers that record more before compressing (queries) extend it.
     state_fields: ClassVar[tuple[str, ...]] = ("seen", "kv_shape")
@@ -187,8 +189,11 @@ class KVLayer(CacheLayerProtocol):
 
     # -- the step's new tokens ----------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the step's tokens; return every held key and value, the new ones last."""
         self.append(key_states, value_states)
-        return self.keys, self.values
+        return tuple(read_followed_by([self.stores[n] for n in names[:-1] if n in self.stores],
+                                      self.stores[names[-1]].tensor)
+                     for names in (self.key_stores, self.value_stores))
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Store the step's new keys and values with their positions."""

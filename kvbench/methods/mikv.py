@@ -66,7 +66,7 @@ from kvbench.methods.base import KVLayer, Method, Phase, head_dim
 from kvbench.methods.params import param
 from kvbench.methods.scores import attention_with_received
 from kvbench.packing import codes_per_unit
-from kvbench.storage import DenseStore, PackedStore, gather_tokens, read_followed_by
+from kvbench.storage import DenseStore, PackedStore, gather_tokens
 
 HIGH_BITS = (16, 8, 4)  # 16 = fp16 storage
 LOW_BITS = (2, 3, 4)
@@ -117,23 +117,26 @@ class MiKVLayer(KVLayer):
     """
 
     key_stores = ("hi_k", "lo_k", "keys")
+    value_stores = ("hi_v", "lo_v", "values")
     state_fields = KVLayer.state_fields + (
-        "new_positions", "new_scores", "balance", "hi_positions", "hi_scores", "lo_positions", "group")
+        "new_scores", "balance", "hi_positions", "hi_scores", "lo_positions", "group")
 
     def __init__(self, method: "MiKV", layer_idx: int):
         super().__init__(method, layer_idx)
-        self.new_positions: torch.Tensor | None = None  # positions of the pending keys/values
-        self.new_scores: torch.Tensor | None = None  # their attention received in this step
+        self.new_scores: torch.Tensor | None = None  # attention the pending tokens received in this step
         self.balance: torch.Tensor | None = None  # (b, h, d) fp32 key balancer, from the prompt
         self.hi_positions: torch.Tensor | None = None
         self.hi_scores: torch.Tensor | None = None  # accumulated attention of the important tokens
         self.lo_positions: torch.Tensor | None = None  # low-precision tokens: never promoted, no scores
         self.group = 0
 
-    def make_stores(self):
-        # the pending new tokens; the important and low-precision stores open at the first end_step,
-        # once the head size and the balancer are known
-        return {"keys": DenseStore(), "values": DenseStore()}
+    # the base stores (keys, values, positions) hold the step's new tokens until end_step; the
+    # important and low-precision stores open at the first end_step, once the head size and the
+    # balancer are known
+
+    @property
+    def new_positions(self) -> torch.Tensor | None:
+        return self.stores["positions"].tensor
 
     @property
     def positions(self) -> torch.Tensor | None:
@@ -149,20 +152,7 @@ class MiKVLayer(KVLayer):
                                         else PackedStore(params.high_bits, self.group, scale))
             self.stores[f"lo_{key}"] = PackedStore(params.low_bits, self.group, scale)
 
-    # -- cache protocol -----------------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
-        b, h, q, d = key_states.shape
-        self.kv_shape = (b, h, d, key_states.dtype)
-        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
-        self.stores["keys"].append(key_states)
-        self.stores["values"].append(value_states)
-        self.new_positions = _cat(self.new_positions, pos)
-        self.seen += q
-        held = [self.stores[name] for name in ("hi_k", "lo_k", "hi_v", "lo_v") if name in self.stores]
-        if not held:
-            return self.keys, self.values
-        return read_followed_by(held[:2], self.keys), read_followed_by(held[2:], self.values)
-
+    # -- method hooks -------------------------------------------------------------------------------
     def attend(self, query, keys, values, scaling, sliding_window):
         if self.hi_positions is None and self.balance is None and self.method.params.balancer:
             self.balance = key_balancer(query, keys)  # the prefill: the prompt's queries and keys
@@ -208,9 +198,10 @@ class MiKVLayer(KVLayer):
             self.stores[f"hi_{key}"].append(self.stores[pending].tensor)
             if keep is not None:
                 self.stores[f"hi_{key}"].keep(keep)
+        for pending in ("keys", "values", "positions"):
             self.stores[pending].clear()
         self.hi_positions, self.hi_scores = cand_pos, cand_scores
-        self.new_positions = self.new_scores = None
+        self.new_scores = None
 
     # -- what is held -------------------------------------------------------------------------------
     def important_held(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase, head_dim
 from kvbench.methods.params import param
 from kvbench.packing import codes_per_unit
-from kvbench.storage import PackedStore, read_followed_by
+from kvbench.storage import PackedStore
 
 #: bit widths the quant baseline offers (8 / bits values per byte) and their nominal ratio 16 / bits
 BITS = (2, 4, 8)
@@ -28,13 +28,7 @@ class QuantLayer(KVLayer):
     attends over their exact values). ``positions`` covers every token, packed ones first."""
 
     key_stores = ("packed_keys", "keys")
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.append(key_states, value_states)
-        if "packed_keys" not in self.stores:  # the prefill: nothing packed yet
-            return self.keys, self.values
-        return (read_followed_by([self.stores["packed_keys"]], self.keys),
-                read_followed_by([self.stores["packed_values"]], self.values))
+    value_stores = ("packed_values", "values")
 
     def compress(self, phase: Phase) -> None:
         if "packed_keys" not in self.stores:
