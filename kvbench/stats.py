@@ -284,7 +284,7 @@ def _check_alpha_power(alpha: float, power: float) -> None:
         raise ConfigError(f"alpha and power must lie in (0, 1) (got {alpha}, {power})")
 
 
-def _z_sum(alpha: float, power: float) -> tuple[float, float]:
+def _z_quantiles(alpha: float, power: float) -> tuple[float, float]:
     """The normal quantiles z_(1 - alpha/2) (two-sided test) and z_power."""
     _check_alpha_power(alpha, power)
     normal = NormalDist()
@@ -298,20 +298,20 @@ def detectable_effect(n: int, sd: float, *, alpha: float = ALPHA, power: float =
     per-sample differences; for continuous metrics it can be estimated from a pilot run."""
     if n < 1 or sd < 0:
         raise ConfigError(f"detectable_effect: need n >= 1 and sd >= 0 (got n={n}, sd={sd})")
-    z_alpha, z_power = _z_sum(alpha, power)
+    z_alpha, z_power = _z_quantiles(alpha, power)
     return (z_alpha + z_power) * sd / math.sqrt(n)
 
 
 def _paired_n(drop: float, discordance: float, alpha: float, power: float) -> float:
     # McNemar's normal approximation (Connor 1987): the per-sample difference has variance
     # discordance under the null and discordance - drop^2 under the alternative
-    z_alpha, z_power = _z_sum(alpha, power)
+    z_alpha, z_power = _z_quantiles(alpha, power)
     return (z_alpha * math.sqrt(discordance) + z_power * math.sqrt(discordance - drop**2)) ** 2 / drop**2
 
 
 def _unpaired_n(drop: float, score: float, alpha: float, power: float) -> float:
     # two independent proportions score and score - drop (Fleiss, without continuity correction)
-    z_alpha, z_power = _z_sum(alpha, power)
+    z_alpha, z_power = _z_quantiles(alpha, power)
     other = score - drop
     pooled = (score + other) / 2
     spread = z_alpha * math.sqrt(2 * pooled * (1 - pooled)) + z_power * math.sqrt(
@@ -380,20 +380,18 @@ def samples_needed_paired(
     the smallest n at which the exact McNemar test reaches ``power`` (:func:`mcnemar_power`).
 
     The normal approximation (Connor 1987) asks for up to 8% fewer samples, at which the exact
-    test, being conservative, has only about 75% power.
+    test, being conservative, has 76-79% power instead.
     """
     _check_paired(drop, discordance)
     lost_share = (discordance + drop) / (2 * discordance)
-    n_max = math.ceil(_paired_n(drop, discordance, alpha, power))
+    # the exact test needs somewhat more than the normal approximation; search up to twice that
+    n_max = 2 * math.ceil(_paired_n(drop, discordance, alpha, power))
     while True:
+        reject = _mcnemar_rejection(n_max, lost_share, alpha)
+        for n in range(1, n_max + 1):
+            if _binomial_pmf(np.array(n), np.arange(n + 1), discordance) @ reject[: n + 1] >= power:
+                return n
         n_max *= 2
-        sizes = np.arange(n_max + 1)
-        powers = _binomial_pmf(sizes[:, None], sizes[None, :], discordance) @ _mcnemar_rejection(
-            n_max, lost_share, alpha
-        )
-        reached = np.flatnonzero(powers >= power)
-        if reached.size:
-            return int(reached[0])
 
 
 def samples_needed_unpaired(drop: float, score: float, *, alpha: float = ALPHA, power: float = POWER) -> int:
