@@ -8,7 +8,8 @@ Resampling is seeded (``SEED``), so the same scores always give the same interva
 - :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered.
 - :func:`paired_comparison`: one run against a reference, sample by sample (mean difference with a
   paired-bootstrap CI, McNemar or sign-flip p-value, samples lost and gained).
-- :func:`mcnemar_p`, :func:`sign_flip_p`, :func:`holm`: the tests and the family-wise correction.
+- :func:`mcnemar_p`, :func:`sign_flip_p`, :func:`holm`: the tests and the family-wise correction;
+  :func:`indistinguishable_from_best`: the runs a table may mark as best.
 - :func:`samples_needed_paired`, :func:`detectable_drop_paired`, :func:`samples_needed_unpaired`,
   :func:`detectable_drop_unpaired`, :func:`mcnemar_power`, :func:`detectable_effect`: power (80%)
   at alpha 0.05.
@@ -277,6 +278,27 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     adjusted = np.empty(m)
     adjusted[order] = stepped
     return adjusted.tolist()
+
+
+def indistinguishable_from_best(
+    runs: Mapping[str, Mapping[str, float]],
+    clusters: Mapping[str, Hashable] | None = None,
+    *,
+    alpha: float = ALPHA,
+) -> list[str]:
+    """The runs a table marks as best: ``runs`` maps a name to its per-sample scores (sample id ->
+    score). The best is the highest mean score (the first in ``runs`` on a tie). Every other run is
+    compared with it by :func:`paired_comparison`, and the p-values are Holm-adjusted as one family.
+    The result is the best and every run it does not beat at ``alpha``, in ``runs``' order: only the
+    best when it beats the runner-up (and so every run) significantly."""
+    if not runs:
+        raise ConfigError("indistinguishable_from_best: no runs to compare")
+    means = {name: float(_scores_array(list(scores.values()), name).mean()) for name, scores in runs.items()}
+    best = max(means, key=means.__getitem__)
+    others = [name for name in runs if name != best]
+    adjusted = holm([paired_comparison(runs[best], runs[name], clusters).p for name in others])
+    tied = {name for name, p in zip(others, adjusted) if p > alpha}
+    return [name for name in runs if name == best or name in tied]
 
 
 def _check_alpha_power(alpha: float, power: float) -> None:

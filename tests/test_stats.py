@@ -14,6 +14,7 @@ from kvbench.stats import (
     detectable_drop_unpaired,
     detectable_effect,
     holm,
+    indistinguishable_from_best,
     mcnemar_p,
     mcnemar_power,
     paired_comparison,
@@ -198,6 +199,21 @@ def test_holm_on_hand_computed_cases():
     assert holm([]) == []
     with pytest.raises(ConfigError):
         holm([0.5, 1.5])
+
+
+def test_best_is_marked_alone_only_when_it_beats_every_run_significantly():
+    ids = [f"s{i}" for i in range(20)]
+    perfect = dict.fromkeys(ids, 1.0)
+    one_miss = {**perfect, "s0": 0.0}  # McNemar b=1, c=0: p = 1
+    # b=6, c=0: p = 2 / 2^6 = 0.031 < 0.05, but Holm doubles it (the second smallest of three)
+    six_miss = {**perfect, **dict.fromkeys(ids[:6], 0.0)}
+    none = dict.fromkeys(ids, 0.0)  # p = 2 / 2^20, Holm x3
+    runs = {"none": none, "six": six_miss, "one": one_miss, "perfect": perfect}
+    assert indistinguishable_from_best(runs) == ["six", "one", "perfect"]
+    assert indistinguishable_from_best({"six": six_miss, "perfect": perfect}) == ["perfect"]
+    assert indistinguishable_from_best({"none": none, "perfect": perfect}) == ["perfect"]
+    # equal means: the first is the best, and the other is indistinguishable from it
+    assert indistinguishable_from_best({"a": one_miss, "b": {**perfect, "s1": 0.0}}) == ["a", "b"]
 
 
 # --- power
