@@ -54,8 +54,8 @@ def test_unknown_parameters_and_cross_parameter_checks():
 
 
 def test_hydra_method_configs_are_the_declared_defaults():
-    store = ConfigStore()  # a private store: the app's own is filled once at start-up
-    store_configs(store)
+    store = ConfigStore.instance()
+    store_configs(store)  # what the app does at start-up (storing again replaces, it does not add)
     stored = store.repo["method"]
     assert sorted(stored) == sorted(f"{name}.yaml" for name in registered())
     for name, cls in registered().items():

@@ -133,7 +133,7 @@ class CacheLayerProtocol:
         return self.seen > 0
 
     def get_seq_length(self) -> int:
-        """Tokens the next step attends over besides its own."""
+        """Tokens held per head: between steps, what the next step attends over besides its own."""
         return sum(self.stores[name].tokens for name in self.key_stores if name in self.stores)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

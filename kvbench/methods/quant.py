@@ -58,7 +58,8 @@ class Quant(Method):
     Ratio: quantisation compresses by its bit width, not by dropping tokens, so the ratio selects the
     bit width as ``bits = 16 / ratio`` - ratio 2, 4, 8 = int8, int4, int2 - the usual convention of
     counting against a 16-bit cache. Other ratios, a ratio that contradicts an explicit ``bits``,
-    and a token budget are configuration errors raised when the method is built.
+    and a token budget are configuration errors raised when the method is built; a head size that
+    ``group_size`` or the packing does not divide is one raised by ``setup``, once the model is loaded.
     """
 
     name = "quant"
