@@ -352,13 +352,13 @@ def test_classification_reads_all_classes_from_meta():
 
 
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from kvbench.config import register_schema
 
     register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -385,7 +385,7 @@ def test_hydra_suite_configs():
 def test_suite_yaml_matches_the_parameter_defaults(name, variant):
     from dataclasses import asdict
 
-    values = yaml.safe_load((ROOT / "conf" / "task" / f"{name}.yaml").read_text())
+    values = yaml.safe_load((ROOT / "kvbench" / "conf" / "task" / f"{name}.yaml").read_text())
     expected = {"name": name, "kind": "longbench", **asdict(lbt.LongBenchParams()),
                 "variant": variant, "data_dir": "${data_dir}"}
     assert values == expected
