@@ -40,7 +40,7 @@ class KVBenchConfig:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
-    # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
+    # task=longbench/<task>: generated from task_data/longbench/tasks.yaml instead of 34 yaml files
     from kvbench.tasks.longbench import store_configs
 
     store_configs(ConfigStore.instance())
