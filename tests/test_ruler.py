@@ -161,6 +161,21 @@ def test_prompt_length_fits_the_target(name):
         assert s.max_new_tokens == gen
 
 
+def test_haystack_search_finds_the_largest_fitting_size():
+    calls = []
+
+    def tokens(n):
+        calls.append(n)
+        return 100 + 7 * n
+
+    assert rt.size_haystack(tokens, 1000, 1, 5) == 128  # 100 + 7 * 128 = 996
+    assert rt.size_haystack(tokens, 1000, 1, 5, cap=50) == 50
+    assert rt.size_haystack(tokens, 50, 1, 5) is None
+    # a large fixed part makes the first estimate (3 x 2000 / 183 per unit at 5 units) too low: the bound doubles
+    assert rt.size_haystack(lambda n: 900 + 3 * n, 2000, 1, 5) == 366
+    assert rt.largest_fitting(lambda n: n * n <= 50, 3, 100) == 7 and rt.largest_fitting(lambda n: False, 1, 9) is None
+
+
 def test_niah_single_noise_template_needle_and_answer():
     (s, _) = samples("niah_single_1")
     (needle,) = s.meta["needles"]
@@ -241,8 +256,10 @@ def test_vt_chain_example_and_answers():
     value = re.search(r"the value (\d{5}) in the text above", s.question).group(1)
     assert s.question.endswith(f"5 variables are assgined the value {value}, they are: ")
     example, task_text = s.context.split("\n\n" + template)[0], s.context.split("\n" + template)[-1]
-    # the one-shot example: a full task with 3-letter names and its answer
+    # the one-shot example: a full task with 3-letter names and its answer, sized to 500 tokens
     assert example.startswith(template) and re.search(r"they are:  ([A-Z]{3} ){4}[A-Z]{3}$", example)
+    assert 450 < rt.prompt_tokens(TOK, example.rsplit(" ", 5)[0], "") <= 500
+    assert "12345" not in example
     lines = task_text.rstrip("\n").split("\n")
     assignments = {m.group(1): m.group(2) for line in lines if (m := re.fullmatch(r"VAR (\w+) = (?:VAR )?(\w+) ?", line))}
     assert [line for line in lines if not line.startswith("VAR ")] == [NOISE] * s.meta["units"]
@@ -277,6 +294,13 @@ def test_fwe_zipf_counts_and_answers():
     assert all(re.fullmatch(r"[a-z]{6}", w) for w in s.answers)
     n = s.meta["units"]
     assert Counter(words)["..."] == int(n / (3.141592653589793**2 / 6))  # k=1 of Zipf(2): n / zeta(2)
+
+
+def test_zeta_is_exact_to_double_precision():
+    import math
+
+    assert rt.zeta(2.0) == math.pi**2 / 6
+    assert abs(rt.zeta(4.0) - math.pi**4 / 90) < 1e-15 and abs(rt.zeta(3.0) - 1.2020569031595942) < 1e-15
 
 
 def test_qa_documents_and_answers():
@@ -412,7 +436,9 @@ def test_lengths_in_the_embedded_tokenizer(embedded_tokenizer):
             for s in samples(name, tokenizer=tok, template=template, samples_per_length=1):
                 gen = 0 if name == "fwe" else s.max_new_tokens
                 tokens = rt.prompt_tokens(tok, s.context, s.question)
-                assert 0.97 * (1024 - gen) <= tokens <= 1024 - gen, (name, template, tokens)
+                # the haystack grows by whole units: a line of two uuids is ~70 tokens here
+                slack = 0.1 if name == "niah_multikey_3" else 0.03
+                assert (1 - slack) * (1024 - gen) <= tokens <= 1024 - gen, (name, template, tokens)
     (s,) = samples("niah_single_1", tokenizer=tok, template="chat", samples_per_length=1)
     assert s.context.startswith("<|im_start|>system") and s.question.endswith(
         "<|im_end|>\n<|im_start|>assistant\n The special magic number for "

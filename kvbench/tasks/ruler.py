@@ -62,12 +62,14 @@ question + the template's closing + answer prefix.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import string
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -293,10 +295,11 @@ def qa_set(kind: str, data_dir: str | None) -> tuple[list[QA], list[str]]:
 
 @lru_cache(maxsize=1)
 def word_lists() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """wonderwords' noun, adjective and verb lists, which RULER draws its words from."""
-    from wonderwords.random_word import _get_words_from_text_file
-
-    return tuple(tuple(_get_words_from_text_file(f"{kind}list.txt")) for kind in ("noun", "adjective", "verb"))
+    """wonderwords' noun, adjective and verb lists (its asset files, one word a line), which RULER
+    draws its words from."""
+    assets = resources.files("wonderwords.assets")
+    return tuple(tuple(line.rstrip() for line in assets.joinpath(f"{kind}list.txt").read_text().splitlines())
+                 for kind in ("noun", "adjective", "verb"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,10 +556,9 @@ class FrequentWords(Generator):
         super().__init__(task, params, length, count)
         self.vocab_size = length // 50
         self.probe_units = max(1, length // self.args["coded_wordlen"])
+        self.zeta = zeta(self.args["alpha"])
 
     def build(self, n, rng, index):
-        import mpmath
-
         size, letters, alpha = self.vocab_size, self.args["coded_wordlen"], self.args["alpha"]
         vocab: set[str] = set()
         while len(vocab) < size:
@@ -564,11 +566,18 @@ class FrequentWords(Generator):
         ranked = sorted(vocab)
         rng.shuffle(ranked)
         ranked[0] = "..."  # the most frequent word is noise
-        zeta = float(mpmath.zeta(alpha))
-        words = [w for k, w in enumerate(ranked, start=1) for _ in range(int(n * k**-alpha / zeta))]
+        words = [w for k, w in enumerate(ranked, start=1) for _ in range(int(n * k**-alpha / self.zeta))]
         rng.shuffle(words)
         return Prompt(self.prompt["template"], self.prompt["answer_prefix"], {"context": " ".join(words)},
                       ranked[1:4], {})
+
+
+def zeta(alpha: float, terms: int = 1000) -> float:
+    """Riemann zeta(alpha), alpha > 1 (RULER: scipy.special.zeta): the first terms summed, the tail
+    by Euler-Maclaurin, exact to double precision."""
+    head = math.fsum(k**-alpha for k in range(1, terms))
+    n = float(terms)
+    return head + n ** (1 - alpha) / (alpha - 1) + n**-alpha / 2 + alpha * n ** (-alpha - 1) / 12
 
 
 class QuestionAnswering(Generator):
@@ -766,8 +775,10 @@ class Ruler(Task):
         out = []
         for index in range(p.samples_per_length):
             lo = gen.min_units(index)
-            n = most if most is not None and most >= lo and tokens(most, index) <= budget else \
-                largest_fitting(lambda n: tokens(n, index) <= budget, lo, (most or lo) - 1)
+            if most is not None and most >= lo and tokens(most, index) <= budget:
+                n = most
+            else:  # this sample's draw (or question) is longer: search below the first sample's size
+                n = largest_fitting(lambda n: tokens(n, index) <= budget, lo, max(lo, (most or lo) - 1))
             if n is None:
                 raise ConfigError(f"RULER {self.task}: a prompt of {lo} haystack unit(s) already exceeds "
                                   f"{budget} tokens; choose a longer length than {length}")
