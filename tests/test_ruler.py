@@ -316,6 +316,24 @@ def test_qa_documents_and_answers():
     assert docs == [str(i + 1) for i in range(hotpot.meta["units"])]
 
 
+def test_hub_rows_read_as_the_official_files():
+    """The hub copies (one row per question, HotpotQA's context as title/sentences columns) give
+    the same questions and documents as RULER's files."""
+    squad = json.loads((DATA / "squad.json").read_text())
+    rows = [{"title": a["title"], "context": p["context"], "question": q["question"],
+             "answers": {"text": [x["text"] for x in q["answers"]], "answer_start": [0] * len(q["answers"])}}
+            for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
+    from_rows = rt.read_squad(rt._squad_from_hub(rows))
+    # paragraphs without questions are not in the hub rows
+    kept = {"data": [{**a, "paragraphs": [p for p in a["paragraphs"] if p["qas"]]} for a in squad["data"]]}
+    assert from_rows == rt.read_squad(kept)
+    hotpot = json.loads((DATA / "hotpotqa.json").read_text())
+    rows = [{"question": d["question"], "answer": d["answer"],
+             "context": {"title": [t for t, _ in d["context"]], "sentences": [s for _, s in d["context"]]}}
+            for d in hotpot]
+    assert rt.read_hotpotqa(rt._hotpotqa_from_hub(rows)) == rt.read_hotpotqa(hotpot)
+
+
 def test_chat_template_places_the_answer_prefix_after_the_generation_prompt():
     chat = ChatTokenizer()
     (s, _) = samples("niah_single_1", tokenizer=chat, template="chat")
@@ -388,6 +406,12 @@ def test_kvpress_layout_adds_the_bos_text_the_tokenizer_does_not():
 
     (s, _) = task("niah_single_1", source="kvpress", kvpress_dir=str(KVPRESS), lengths=[4096]).samples(NoBos(), None)
     assert s.context.startswith("<s>A special magic number")
+    # with a chat template, kvpress's pipeline: question, the template's closing, the answer prefix
+    (s, _) = task("niah_single_1", source="kvpress", kvpress_dir=str(KVPRESS), lengths=[4096],
+                  template="chat").samples(ChatTokenizer(), None)
+    assert s.context.startswith("<user>A special magic number") and s.question == (
+        "What is the special magic number for tame-falcon mentioned in the provided text?</user><assistant>"
+        " The special magic number for tame-falcon mentioned in the provided text is")
 
 
 def _compose(overrides):

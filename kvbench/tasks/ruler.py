@@ -246,7 +246,8 @@ def read_hotpotqa(data: Any) -> tuple[list[QA], list[str]]:
 
 
 def _squad_from_hub(rows) -> dict:
-    """Hub rows (one per question) back into the SQuAD file's article/paragraph nesting."""
+    """Hub rows (one per question) back into the SQuAD file's article/paragraph nesting (a paragraph
+    without questions has no row, so it is absent)."""
     articles: list[dict] = []
     for row in rows:
         if not articles or articles[-1]["title"] != row["title"]:
