@@ -44,7 +44,7 @@ def register_schema() -> None:
     from kvbench.tasks.longbench import store_configs
 
     store_configs(ConfigStore.instance())
-    # task=ruler and task=ruler/<name>: generated from tasks/ruler/tasks.yaml
+    # task=ruler and task=ruler/<name>: generated from task_data/ruler/tasks.yaml
     from kvbench.tasks import ruler
 
     ruler.store_configs(ConfigStore.instance())

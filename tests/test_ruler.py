@@ -414,23 +414,12 @@ def test_kvpress_layout_adds_the_bos_text_the_tokenizer_does_not():
         " The special magic number for tame-falcon mentioned in the provided text is")
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from kvbench.config import register_schema
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
-
-
-def test_hydra_configs():
-    cfg = _compose(["task=ruler/vt", "task.lengths=[512]"])
+def test_hydra_configs(compose):
+    cfg = compose(["task=ruler/vt", "task.lengths=[512]"])
     assert cfg["task"]["name"] == "ruler/vt" and cfg["task"]["tasks"] == ["vt"] and cfg["task"]["lengths"] == [512]
     (sub,) = build_task(cfg["task"]).subtasks()
     assert sub.name == "ruler/vt"
-    cfg = _compose(["task=ruler", f"data_dir={DATA}"])
+    cfg = compose(["task=ruler", f"data_dir={DATA}"])
     assert cfg["task"]["data_dir"] == str(DATA) and cfg["task"]["lengths"] == [1024, 2048]
     assert [t.name for t in build_task(cfg["task"]).subtasks()] == [rs.PREFIX + n for n in rs.TASK_NAMES]
 

@@ -4,7 +4,7 @@ tokenizer at each target length, or kvpress's pre-generated set (``simonjegou/ru
 One configured ``ruler`` task is a suite: :meth:`Ruler.subtasks` returns one task per RULER task,
 named ``ruler/<name>`` (``ruler/niah_single_1``, ..., ``ruler/qa_2``), each with its own results
 directory. Prompts, answer prefixes, tokens to generate and the tasks' arguments are RULER's
-(``tasks/ruler/tasks.yaml``); scoring is :mod:`kvbench.scoring.ruler`.
+(``kvbench/task_data/ruler/tasks.yaml``); scoring is :mod:`kvbench.scoring.ruler`.
 
 Generation (``source: generate``) follows RULER's ``scripts/data/synthetic/*.py``:
 
