@@ -45,7 +45,11 @@ def register_schema() -> None:
     from kvbench.methods import store_configs as store_method_configs
 
     store_method_configs(ConfigStore.instance())
-    # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
+    # task=longbench/<task>: generated from task_data/longbench/tasks.yaml instead of 34 yaml files
     from kvbench.tasks.longbench import store_configs
 
     store_configs(ConfigStore.instance())
+    # task=ruler and task=ruler/<name>: generated from task_data/ruler/tasks.yaml
+    from kvbench.tasks import ruler
+
+    ruler.store_configs(ConfigStore.instance())
