@@ -2,18 +2,24 @@
 model entry). Method and task parameters are validated by their classes (``parse_params``), which
 name unknown keys and list the valid ones."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 
 
 @dataclass
 class KVBenchConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="???", source="???", path="???"))
+    #: a ``method/`` config: ``name`` and the method's parameters (checked by its class)
     method: Any = None
+    #: a ``task/`` config: ``name`` (results directory), ``kind`` and the task's parameters
     task: Any = None
     #: uncompressed KV bytes / KV bytes held, >= 1 (exclusive with budget)
     ratio: Optional[float] = None
@@ -39,8 +45,20 @@ class KVBenchConfig:
 
 
 def register_schema() -> None:
-    ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
-    # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
-    from kvbench.tasks.longbench import store_configs
+    """The schema and the configs task kinds generate (``Task.store_configs``)."""
+    from kvbench.tasks import registered
 
-    store_configs(ConfigStore.instance())
+    store = ConfigStore.instance()
+    store.store(name="kvbench_schema", node=KVBenchConfig)
+    for task_cls in registered().values():
+        task_cls.store_configs(store)
+
+
+def load_config(values: Mapping[str, Any]) -> KVBenchConfig:
+    """A run's config from a plain mapping (a Python caller's, or run.json's ``config``), checked
+    against the schema and completed with its defaults, as Hydra does for the command line."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KVBenchConfig), dict(values)))
+    except OmegaConfBaseException as err:  # a key the schema does not have, a value of the wrong type
+        problem = str(err.msg).splitlines()[0]  # OmegaConf's further lines repeat the key and the types
+        raise ConfigError(f"config does not fit the schema at '{err.full_key}': {problem}") from None
