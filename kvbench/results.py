@@ -302,7 +302,7 @@ class RunIdentity:
         if version == 0:
             values["method"] = cls.method_of(values["method"])
             task = dict(values["task"])
-            task["params"] = {k: v for k, v in task.get("params", {}).items() if k != "data_dir"}
+            task["params"] = {k: v for k, v in task["params"].items() if k != "data_dir"}
             values["task"] = task
         return _build(cls, {**values, "schema_version": version}, f"{where}: identity")
 
