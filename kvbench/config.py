@@ -21,11 +21,13 @@ class KVBenchConfig:
     method: Any = None
     #: a ``task/`` config: ``name`` (results directory), ``kind`` and the task's parameters
     task: Any = None
-    #: uncompressed KV bytes / KV bytes held, >= 1 (exclusive with budget)
+    #: uncompressed KV bytes / KV bytes held, >= 1 (exclusive with budget); `full` takes neither
+    #: (a ratio given to it is ignored and recorded as 1)
     ratio: Optional[float] = None
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = None
     seed: int = 0
+    #: where results directories, the leaderboards and Hydra's job folders go
     results_dir: str = "results"
     #: run only the first N samples of each task (smoke tests)
     limit: Optional[int] = None
@@ -35,8 +37,8 @@ class KVBenchConfig:
     #: GiB of uncompressed prefill states kept so the next ratio of a sweep reuses them (methods whose
     #: prefill does not depend on the ratio); 0 = prefill in every run
     prefill_reuse_gb: float = 2.0
-    #: local folder of benchmark data files for tasks that read a dataset (LongBench: the unzipped
-    #: data.zip); a task's own `task.data_dir` takes precedence; null = download from the hub
+    #: local folder of data files for the tasks that read a dataset (their configs take it as
+    #: `task.data_dir`, which may also be set on its own); null = download from the hub
     data_dir: Optional[str] = None
     #: print the summary table when the run or sweep ends
     summary: bool = True
