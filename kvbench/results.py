@@ -50,6 +50,9 @@ CLAIMS = ".claims"
 
 #: the layout of samples.jsonl records, run.json and scores.json written by this code
 SCHEMA_VERSION = 1
+#: the task parameters naming local folders that schema 0 kept in the identity (LongBench's and
+#: RULER's data folders): a fixed fact of that schema, whatever tasks exist now
+V0_LOCATIONS = ("data_dir", "kvpress_dir")
 
 # errnos of filesystems that do not implement flock (e.g. Lustre mounted without -o flock)
 _NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
@@ -294,15 +297,15 @@ class RunIdentity:
     def from_json(cls, obj: Any, version: int, where: str = RUN) -> "RunIdentity":
         """An identity of run.json ``version``. Version 0 is brought to version 1's meaning: it
         held the whole method description (with a sentence on sliding-window layers) and the
-        task's ``data_dir`` (prose and a local path, which determine nothing), and no data
-        fingerprint."""
+        task's data folders (:data:`V0_LOCATIONS`): prose and local paths, which determine nothing;
+        and no data fingerprint."""
         if not isinstance(obj, dict):
             raise SchemaError(f"{where}: identity must be a JSON object")
         values = dict(obj)
         if version == 0:
             values["method"] = cls.method_of(values["method"])
             task = dict(values["task"])
-            task["params"] = {k: v for k, v in task["params"].items() if k != "data_dir"}
+            task["params"] = {k: v for k, v in task["params"].items() if k not in V0_LOCATIONS}
             values["task"] = task
         return _build(cls, {**values, "schema_version": version}, f"{where}: identity")
 

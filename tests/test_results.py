@@ -19,6 +19,7 @@ from kvbench.results import (SCHEMA_VERSION, RunDir, RunIdentity, RunScores, Sam
 from kvbench.runner import RunSpec
 from kvbench.score import main as score_main
 from kvbench.summary import row_from_disk
+from kvbench.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 V0 = ROOT / "tests" / "fixtures" / "results_v0"
@@ -94,11 +95,28 @@ def test_identity_holds_the_datas_content_not_its_folder(tmp_path):
     identity = here.identity(task)
     assert identity == there.identity(there.task.subtasks()[0])
     assert "data_dir" not in identity.task["params"] and str(LONGBENCH_DATA) not in json.dumps(identity.to_json())
-    assert identity.data == {"sha256": hashlib.sha256((LONGBENCH_DATA / "trec.jsonl").read_bytes()).hexdigest()}
+    assert identity.data == {"sha256": {"trec.jsonl": hashlib.sha256((LONGBENCH_DATA / "trec.jsonl").read_bytes()).hexdigest()}}
     # other data in the same place is another configuration
     with open(moved / "trec.jsonl", "a") as f:
         f.write("\n")
     assert there.identity(there.task.subtasks()[0]).differences(identity) == ["data"]
+
+
+def test_ruler_identity_holds_the_files_it_reads_not_their_folders(tmp_path):
+    data = ROOT / "tests" / "fixtures" / "ruler" / "data"
+    moved = Path(shutil.copytree(data, tmp_path / "moved"))
+
+    def subtask(name, **params):
+        (sub,) = build_task({"name": "ruler", "kind": "ruler", "tasks": [name], **params}).subtasks()
+        return sub
+
+    here, there = subtask("niah_single_2", data_dir=str(data)), subtask("niah_single_2", data_dir=str(moved))
+    assert here.describe() == there.describe() and "data_dir" not in here.describe()["params"]
+    essays = hashlib.sha256((data / "PaulGrahamEssays.json").read_bytes()).hexdigest()
+    assert here.data_fingerprint() == there.data_fingerprint() == {"sha256": {"PaulGrahamEssays.json": essays}}
+    assert subtask("vt", data_dir=str(data)).data_fingerprint() is None  # generated from nothing read
+    kvpress = subtask("vt", source="kvpress", lengths=[4096], kvpress_dir=str(data.parent / "kvpress"))
+    assert list(kvpress.data_fingerprint()["sha256"]) == ["4096/test-00000-of-00001.parquet"]
 
 
 def test_identity_holds_no_prose():
@@ -183,7 +201,7 @@ def test_old_directories_resume(tmp_path, embedded, monkeypatch):
     trec = v0_run(results, "trec", "streaming", "ratio-4")
     rows = runner.run(config(trec))
     assert [(r["task"], r["n"], r["complete"]) for r in rows] == [("trec", 1, True), ("samsum", 1, True)]
-    assert trec.read_run().identity.data["sha256"]
+    assert list(trec.read_run().identity.data["sha256"]) == ["trec.jsonl"]
     assert "sliding_window_layers" not in json.loads((trec.path / "run.json").read_text())["identity"]["method"]
 
     # and what determines results is still checked

@@ -1,14 +1,17 @@
 """The task interface: a task yields samples (prompt parts + gold answers) and scores predictions.
 
-Tasks are declared as data (texts and tables under ``tasks/``, run parameters in ``conf/task/``) plus
-a small class here and scorer functions in ``kvbench.scoring``. Generation never scores: results store
-predictions, and scoring reads them, so scores can be recomputed without a model.
+Tasks are declared as data (texts and tables under ``kvbench/task_data/``, run parameters in
+``kvbench/conf/task/``) plus a small class here and scorer functions in ``kvbench.scoring``. Generation
+never scores: results store predictions, and scoring reads them, so scores can be recomputed without a
+model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,8 +21,8 @@ from kvbench.results import SampleRecord
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: the repository's top-level ``tasks/`` folder, where task texts and tables live
-TASK_DATA = Path(__file__).resolve().parents[2] / "tasks"
+#: task texts and tables, shipped as package data (``kvbench/task_data/``)
+TASK_DATA = resources.files("kvbench") / "task_data"
 
 COMPRESS_MODES = ("whole", "context")
 
@@ -28,6 +31,11 @@ def location(default: Any = None) -> Any:
     """A parameter field that says where the task's data is, not what it is: left out of the run
     identity (``Task.describe``), where the data is identified by ``Task.data_fingerprint``."""
     return field(default=default, metadata={"location": True})
+
+
+def files_fingerprint(folder: str | Path, names: list[str]) -> dict[str, Any]:
+    """``Task.data_fingerprint`` of data files: the SHA-256 of each, by its name in its folder."""
+    return {"sha256": {name: hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest() for name in names}}
 
 
 @dataclass(frozen=True)

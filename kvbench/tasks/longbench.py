@@ -3,7 +3,7 @@
 One configured ``longbench`` task is a suite: :meth:`LongBench.subtasks` returns one task per
 LongBench task (``narrativeqa``, ..., or ``hotpotqa_e`` for LongBench-E), so each gets its own
 results directory. Prompt templates, max_new_tokens, the chat-template rule and the metrics come
-from ``tasks/longbench/tasks.yaml`` through :mod:`kvbench.scoring.longbench`, which also scores.
+from ``task_data/longbench/tasks.yaml`` through :mod:`kvbench.scoring.longbench`, which also scores.
 
 Prompt building, per example (pred.py):
 
@@ -37,7 +37,6 @@ Compression modes (``compress``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +47,7 @@ from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord, read_jsonl_strict
 from kvbench.scoring.longbench import CATEGORIES, E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, TaskGroup, location
+from kvbench.tasks.base import Sample, Task, TaskGroup, files_fingerprint, location
 
 log = logging.getLogger(__name__)
 
@@ -327,12 +326,11 @@ class LongBench(Task):
         return summary
 
     def data_fingerprint(self) -> dict[str, Any] | None:
-        """The SHA-256 of the local data file a subtask reads; None for hub data, which the
-        ``revision`` parameter identifies."""
+        """The local data file a subtask reads; None for hub data, which the ``revision`` parameter
+        identifies."""
         if self.params.data_dir is None:
             return None
-        path = data_file(self.params.data_dir, self.dataset)
-        return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return files_fingerprint(self.params.data_dir, [data_file(self.params.data_dir, self.dataset).name])
 
     def groups(self) -> list[TaskGroup]:
         category = TASKS[self.task]["category"]
