@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -104,6 +105,9 @@ class RunSpec:
 
     @classmethod
     def from_config(cls, cfg: KVBenchConfig) -> "RunSpec":
+        for group in ("method", "task"):
+            if not isinstance(getattr(cfg, group), Mapping):
+                raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
         cfg.model.validate()
         method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
         if cfg.limit is not None and cfg.limit < 1:

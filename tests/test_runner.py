@@ -35,6 +35,7 @@ def config(tmp_path, **over):
     ({"model": {**MODEL, "sorce": "hub"}}, "does not fit the schema.*sorce"),
     ({"seed": "zero"}, "does not fit the schema.*seed"),
     ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),
+    ({"method": None}, "the config has no method: choose one with method=<name>"),
     ({"limit": 0}, "limit must be >= 1"),
     ({"method": {"name": "quant"}, "ratio": 3}, "quant cannot reach ratio 3: its achievable ratios are"),
 ])
