@@ -8,7 +8,8 @@ Layout (see docs/architecture.md)::
         scores.json     task-level scores, recomputed from samples.jsonl at the end of every job (RunScores)
 
 Every file carries ``schema_version`` (:data:`SCHEMA_VERSION`). Files without one were written before
-versions existed (version 0); they are read as well, see :meth:`RunIdentity.from_json`.
+versions existed (version 0); they are read as well and brought to the current schema in memory
+(records and scores have the same fields in both; for identities see :meth:`RunIdentity.from_json`).
 
 A record is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsync'd, so a killed
 run loses at most the sample in flight, and a torn last line (killed mid-write) is skipped on reading
@@ -148,7 +149,7 @@ def _version(obj: Any, what: str) -> int:
     version = obj.get("schema_version", 0)
     if not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
         raise SchemaError(f"{what}: schema_version {version!r} is not one this kvbench reads "
-                          f"(0 to {SCHEMA_VERSION}); a newer kvbench wrote it")
+                          f"(0 to {SCHEMA_VERSION}; a newer kvbench writes higher ones)")
     return version
 
 

@@ -65,7 +65,7 @@ def test_scores_and_run_files_carry_the_schema_version(tmp_path):
 
 def test_files_of_a_newer_schema_or_of_another_shape_are_refused_by_name(tmp_path):
     newer = {**sample_record("a").to_json(), "schema_version": SCHEMA_VERSION + 1}
-    with pytest.raises(SchemaError, match="schema_version 2 is not one this kvbench reads.*newer kvbench"):
+    with pytest.raises(SchemaError, match="schema_version 2 is not one this kvbench reads.*newer kvbench writes"):
         SampleRecord.from_json(newer)
     partial = sample_record("a").to_json()
     del partial["pred"]
