@@ -2,13 +2,14 @@
 stored prefill state gives exactly what a separate prefill gives, at every ratio; the runner's store
 of those states."""
 
-from pathlib import Path
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from conftest import EMBEDDED, random_prompt
 from kvbench.cache import KVCache, layer_windows
+from kvbench.config import load_config
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import Compression, build_method, registered
 from kvbench.methods.base import LayerState
@@ -47,8 +48,9 @@ def test_reused_prefill_equals_separate_prefill(name, fixture, request):
 
 
 def spec(method="streaming", gb=1.0):
-    return RunSpec(model=EMBEDDED, method_name=method, method_params={}, compression=Compression(ratio=2),
-                   task=None, results_dir=Path("unused"), prefill_reuse_gb=gb)
+    return RunSpec.from_config(load_config({"model": asdict(EMBEDDED), "method": {"name": method}, "ratio": 2,
+                                            "task": {"name": "passkey", "kind": "passkey"},
+                                            "prefill_reuse_gb": gb}))
 
 
 def state(mib):
