@@ -44,3 +44,6 @@ def register_schema() -> None:
     from kvbench.tasks.longbench import store_configs
 
     store_configs(ConfigStore.instance())
+    from kvbench.tasks.math import store_configs as store_math_configs  # task=math500|aime25|gsm8k
+
+    store_math_configs(ConfigStore.instance())
