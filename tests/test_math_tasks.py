@@ -7,6 +7,7 @@ Fixtures: tests/fixtures/math/<task>/ (self-written problems in each dataset's p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,7 +174,7 @@ def test_gsm8k_loader_takes_the_gold_after_the_marker():
 @pytest.mark.parametrize("kind,missing", [("math500", "test.jsonl"), ("aime25", "aime2025-I.jsonl"),
                                           ("gsm8k", "test.jsonl")])
 def test_missing_local_file_is_named_with_the_task(tmp_path, kind, missing):
-    with pytest.raises(ConfigError, match=rf"task {kind}: data file {tmp_path / missing} not found"):
+    with pytest.raises(ConfigError, match=f"task {kind}: data file {re.escape(str(tmp_path / missing))} not found"):
         task(kind, tmp_path)
 
 
@@ -200,17 +201,26 @@ def test_hub_unreachable_names_the_task_dataset_and_files(monkeypatch):
         t.samples(None, MODEL)
 
 
-def test_hub_rows_are_read_like_local_ones(monkeypatch):
-    calls = []
+@pytest.mark.parametrize("kind,row,calls,expected", [
+    ("gsm8k", {"question": "q", "answer": "#### 4"}, [("openai/gsm8k", "main", "test")], [("test-0", "4")]),
+    ("aime25", {"question": "q", "answer": 7},
+     [("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")],
+     [("AIME2025-I-1", "7"), ("AIME2025-II-1", "7")]),
+    ("math500", {"problem": "p", "solution": "s", "answer": "1", "subject": "Algebra", "level": 3,
+                 "unique_id": "test/algebra/9.json"},
+     [("HuggingFaceH4/MATH-500", None, "test")], [("test/algebra/9.json", "1")]),
+])
+def test_hub_rows_are_read_like_local_ones(monkeypatch, kind, row, calls, expected):
+    seen = []
 
     def hub(name, config, split):
-        calls.append((name, config, split))
-        return [{"question": "q", "answer": "#### 4", "extra": 1}]
+        seen.append((name, config, split))
+        return [row]
 
     monkeypatch.setattr("datasets.load_dataset", hub)
-    samples = build_task({"name": "gsm8k", "kind": "gsm8k"}).samples(None, MODEL)
-    assert calls == [("openai/gsm8k", "main", "test")]
-    assert [(s.id, s.answers) for s in samples] == [("test-0", ["4"])]
+    samples = build_task({"name": kind, "kind": kind}).samples(None, MODEL)
+    assert seen == calls
+    assert [(s.id, s.answers[0]) for s in samples] == expected
 
 
 def test_malformed_rows_are_named_with_file_and_line(tmp_path):
