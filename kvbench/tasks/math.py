@@ -13,7 +13,8 @@ also records ``new_tokens`` and ``stopped_by``; the summary adds ``truncated``, 
 samples cut off by ``max_new_tokens``, and ``mean_new_tokens``.
 
 Data: the hub (needs network access), or a local folder, ``task.data_dir``, holding the dataset's
-files as published:
+files as published (the top-level ``data_dir`` does not apply: MATH-500's and GSM8K's files have
+the same name):
 
 =========  ==========================================  ==========================================
 task       hub dataset (config, split)                 files in data_dir, one JSON object a line
