@@ -1,4 +1,4 @@
-"""``python -m kvbench``: the Hydra app. See ``conf/config.yaml`` for the default sweep."""
+"""``python -m kvbench`` (or ``kvbench``): the Hydra app. See ``kvbench/conf/config.yaml`` for the default sweep."""
 
 import logging
 import sys
@@ -15,7 +15,8 @@ log = logging.getLogger("kvbench")
 register_schema()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# configs ship inside the package, so an installed kvbench finds them (pkg://kvbench/conf)
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> list[dict]:
     config = OmegaConf.to_container(cfg, resolve=True)
     try:

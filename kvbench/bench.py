@@ -20,22 +20,27 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from kvbench.cache import KVCache, layer_windows
+from kvbench.config import register_schema
+from kvbench.errors import ConfigError
 from kvbench.generation import Generation, generate
 from kvbench.methods import build_method, method_class, registered
 from kvbench.methods.base import Compression
 from kvbench.models import ModelConfig, load_model, parse_model_config
+from kvbench.registry import unknown_name
 from kvbench.report import BENCH_PAGE, markdown_table
 from kvbench.runner import encode
 from kvbench.tasks import build_task
 
-CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
 BASELINE = "full"
 #: the issue's targets: extra time per sample against the full cache at the longest prompt
 TARGETS = {
@@ -242,46 +247,64 @@ def machine_info(model, args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "model": f"{args.model} ({next(model.parameters()).dtype})",
         "new tokens per sample": args.new_tokens, "repeats": args.repeats,
-        "method parameters": " ".join(args.param) if args.param else "the defaults (conf/method/)",
+        "method parameters": " ".join(args.param) if args.param else "the defaults",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
+def compose_config(overrides: list[str]) -> dict:
+    """The config ``python -m kvbench <overrides>`` runs with: the same files, schema and checks."""
+    register_schema()
+    try:
+        with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    except ConfigCompositionException as e:
+        raise ConfigError(f"{' '.join(overrides)}: {e}") from e
+
+
 def _model_config(name: str, device: str | None) -> ModelConfig:
-    path = CONF_MODELS / f"{name}.yaml"
-    if not path.exists():
-        choices = sorted(p.stem for p in CONF_MODELS.glob("*.yaml"))
-        raise SystemExit(f"unknown model '{name}'; choose one of {choices}")
-    values = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
-    if device:
-        values["device"] = device
-    return parse_model_config(values)
+    overrides = [f"model={name}"] + ([f"model.device={device}"] if device else [])
+    return parse_model_config(compose_config(overrides)["model"])
 
 
 def _numbers(text: str, kind=float) -> list:
     return [kind(x) for x in text.split(",") if x]
 
 
-def method_params(settings: list[str]) -> dict[str, dict]:
-    """``--param`` settings (``method.key=value``, the value read as YAML) per method, each checked
-    against the method's parameters."""
-    params: dict[str, dict] = {}
+def _method_config(name: str, overrides: Iterable[str] = ()) -> dict:
+    values = compose_config([f"method={name}", *overrides])["method"]
+    values.pop("name", None)
+    return values
+
+
+def method_params(settings: list[str], names: Iterable[str] = ()) -> dict[str, dict]:
+    """The parameters of every method in ``names`` or in ``settings``, composed as the main CLI
+    composes them: ``--param lagkv.lag_size=128`` is ``method=lagkv method.lag_size=128``."""
+    overrides: dict[str, list[str]] = {name: [] for name in names}
     for setting in settings:
         name, dot, rest = setting.partition(".")
-        key, equals, value = rest.partition("=")
+        key, equals, _ = rest.partition("=")
         if not (dot and key and equals):
             raise SystemExit(f"--param {setting!r}: expected method.key=value, e.g. lagkv.lag_size=128")
-        params.setdefault(name, {})[key] = yaml.safe_load(value)
-    for name, values in params.items():
-        method_class(name).parse_params(values)  # unknown methods and keys fail here, naming the valid ones
+        overrides.setdefault(name, []).append(f"method.{rest}")
+    params = {}
+    for name, extra in overrides.items():
+        cls = method_class(name)  # unknown methods fail here, naming the valid ones
+        defaults = _method_config(name)
+        for override in extra:  # Hydra's own error would not name the valid keys
+            key = override.removeprefix("method.").partition("=")[0]
+            if key not in defaults:
+                raise unknown_name(f"{name} parameter", key, defaults)
+        params[name] = _method_config(name, extra) if extra else defaults
+        cls.parse_params(params[name])  # the checks the runner makes before loading a model
     return params
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_methods.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a conf/model entry (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m", help="a model= choice of kvbench (default: %(default)s)")
     parser.add_argument("--device", default=None, help="override the model's device (cpu, cuda)")
     parser.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all'")
     parser.add_argument("--ratios", default="2,8", help="ratios of every compressing method (default: %(default)s)")
@@ -298,12 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.new_tokens < 1:
         parser.error(f"--repeats and --new-tokens must be >= 1, got {args.repeats} and {args.new_tokens}")
 
-    params = method_params(args.param)
     methods = sorted(registered()) if args.methods == "all" else args.methods.split(",")
-    for name in methods:
-        method_class(name)  # unknown names fail here, naming the valid ones
     methods = [BASELINE] + [m for m in methods if m != BASELINE]
     sweep_methods = [m for m in args.sweep_methods.split(",") if m]
+    params = method_params(args.param, methods + sweep_methods)  # unknown methods and parameters fail here
     for name in sweep_methods:
         if not method_class(name).shares_prefill:
             raise SystemExit(f"--sweep-methods: '{name}' does not share its prefill; sharing methods: "
@@ -324,12 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         for length in lengths:
             for method, ratio in cases:
                 row = {"repeat": repeat, "length": length,
-                       **measure(model, method, ratio, prompts[length], args.new_tokens, params.get(method))}
+                       **measure(model, method, ratio, prompts[length], args.new_tokens, params[method])}
                 raw.append(row)
                 print(json.dumps(row), flush=True)
         for method in sweep_methods:
             row = {"repeat": repeat, **measure_sweep(model, method, _numbers(args.sweep_ratios), prompts[max(lengths)],
-                                                      args.new_tokens, params.get(method))}
+                                                      args.new_tokens, params[method])}
             sweeps.append(row)
             print(json.dumps(row), flush=True)
         # written after every repeat, so a stopped benchmark keeps what it measured

@@ -40,10 +40,15 @@ class KVBenchConfig:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
-    # task=longbench/<task>: generated from tasks/longbench/tasks.yaml instead of 34 yaml files
+    # task=longbench/<task>: generated from task_data/longbench/tasks.yaml instead of 34 yaml files
     from kvbench.tasks.longbench import store_configs
 
     store_configs(ConfigStore.instance())
-    from kvbench.tasks.math import store_configs as store_math_configs  # task=math500|aime25|gsm8k
+    # task=ruler and task=ruler/<name>: generated from task_data/ruler/tasks.yaml
+    from kvbench.tasks import ruler
 
-    store_math_configs(ConfigStore.instance())
+    ruler.store_configs(ConfigStore.instance())
+    # task=math500, task=aime25, task=gsm8k
+    from kvbench.tasks import math as math_tasks
+
+    math_tasks.store_configs(ConfigStore.instance())

@@ -1,4 +1,6 @@
 """Score LongBench predictions with the official metrics: ``python -m kvbench.score FILE_OR_DIR``.
+Records of RULER tasks (``task`` ``ruler/<name>``) are scored with RULER's metrics
+(:func:`kvbench.scoring.ruler.summarize`) and printed with the LongBench ones.
 
 Input is a JSONL file, or a directory searched recursively: if the directory holds any
 ``samples.jsonl`` (a kvbench results directory) only those files are read, otherwise every
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.results import SAMPLES, RunDir, find_runs, read_jsonl_strict, record_line, write_atomic
+from kvbench.scoring import ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
 RESULTS_FILE = SAMPLES
@@ -79,6 +82,12 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
     length = record.get("length")
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))):
         raise InputError(f"{where}: field 'length' must be a number")
+    if record["task"].startswith(ruler.PREFIX):
+        try:
+            ruler.base_task(record["task"])
+        except KeyError as err:
+            raise InputError(f"{where}: {err.args[0]}") from None
+        return record
     try:
         task = base_task(record["task"])
     except KeyError as err:
@@ -118,7 +127,9 @@ def score_path(path: Path) -> dict[str, dict[str, Any]]:
     records = [record for file in find_jsonl_files(path) for record in read_records(file)]
     if not records:
         raise InputError(f"{path}: no records")
-    return summarize(records)
+    is_ruler = [r["task"].startswith(ruler.PREFIX) for r in records]
+    return {**summarize([r for r, x in zip(records, is_ruler) if not x]),
+            **ruler.summarize([r for r, x in zip(records, is_ruler) if x])}
 
 
 # ---------------------------------------------------------------------------------------------

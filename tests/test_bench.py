@@ -68,14 +68,22 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path):
         bench.main(["--sweep-methods", "full", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse's usage error, naming both options
         bench.main(["--repeats", "0", "--out", str(tmp_path)])
-    with pytest.raises(ConfigError, match="no parameter.*'lag'.*lag_size"):
-        bench.main(["--param", "lagkv.lag=128", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="unknown lagkv parameter 'lagsize' .did you mean 'lag_size'.*sink_tokens"):
+        bench.main(["--param", "lagkv.lagsize=128", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="lag_size"):  # the method's own bounds, as in the main CLI
+        bench.main(["--param", "lagkv.lag_size=0", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="unknown method 'lagk' .did you mean 'lagkv'"):
+        bench.main(["--param", "lagk.lag_size=128", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="(?s)Could not find 'model/nope'.*smollm2-135m"):
+        bench.main(["--model", "nope", "--methods", "streaming", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="expected method.key=value"):
         bench.main(["--param", "lagkv", "--out", str(tmp_path)])
 
 
 def test_method_parameters_reach_the_measured_cache(tiny_llama):
-    assert bench.method_params(["lagkv.lag_size=8", "lagkv.sink_tokens=0"]) == {"lagkv": {"lag_size": 8, "sink_tokens": 0}}
+    # the config's defaults, with --param applied as the main CLI's method.<key>=<value>
+    assert bench.method_params(["lagkv.lag_size=8", "lagkv.sink_tokens=0"], ["full"]) == {
+        "full": {}, "lagkv": {"lag_size": 8, "sink_tokens": 0, "score_v_ratio": 1.0}}
     prompt = random_prompt(40)
     # lag 8, no sink, 40 tokens: 5 partitions, the 4 scored ones keep 8 / 4 = 2 tokens, the last 8 stay
     row = bench.measure(tiny_llama, "lagkv", 4.0, prompt, new_tokens=2, params={"lag_size": 8, "sink_tokens": 0})

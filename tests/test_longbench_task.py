@@ -351,33 +351,23 @@ def test_classification_reads_all_classes_from_meta():
 # ---------------------------------------------------------------------------------------------
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from kvbench.config import register_schema
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def test_hydra_per_task_config():
-    cfg = _compose(["task=longbench/narrativeqa", "data_dir=tests/data/longbench"])
+def test_hydra_per_task_config(compose):
+    cfg = compose(["task=longbench/narrativeqa", "data_dir=tests/data/longbench"])
     assert cfg["task"]["tasks"] == ["narrativeqa"] and cfg["task"]["variant"] == "v1"
     assert cfg["task"]["data_dir"] == "tests/data/longbench"
     (sub,) = build_task(cfg["task"]).subtasks()
     assert sub.name == "narrativeqa"
-    cfg = _compose(["task=longbench/hotpotqa_e", "task.compress=context", "task.data_dir=/elsewhere"])
+    cfg = compose(["task=longbench/hotpotqa_e", "task.compress=context", "task.data_dir=/elsewhere"])
     assert (cfg["task"]["tasks"], cfg["task"]["variant"], cfg["task"]["compress"]) == (["hotpotqa"], "e", "context")
     assert cfg["task"]["data_dir"] == "/elsewhere" and cfg["data_dir"] is None
 
 
-def test_hydra_suite_configs():
-    cfg = _compose(["task=longbench", "task.tasks=[hotpotqa,trec]"])
+def test_hydra_suite_configs(compose):
+    cfg = compose(["task=longbench", "task.tasks=[hotpotqa,trec]"])
     assert cfg["task"]["tasks"] == ["hotpotqa", "trec"] and cfg["task"]["data_dir"] is None
-    cfg = _compose(["task=longbench_e", f"data_dir={DATA}"])
+    cfg = compose(["task=longbench_e", f"data_dir={DATA}"])
     assert [t.name for t in build_task(cfg["task"]).subtasks()] == [f"{t}_e" for t in TASKS if t in E_TASKS]
 
 
@@ -385,7 +375,7 @@ def test_hydra_suite_configs():
 def test_suite_yaml_matches_the_parameter_defaults(name, variant):
     from dataclasses import asdict
 
-    values = yaml.safe_load((ROOT / "conf" / "task" / f"{name}.yaml").read_text())
+    values = yaml.safe_load((ROOT / "kvbench" / "conf" / "task" / f"{name}.yaml").read_text())
     expected = {"name": name, "kind": "longbench", **asdict(lbt.LongBenchParams()),
                 "variant": variant, "data_dir": "${data_dir}"}
     assert values == expected

@@ -294,23 +294,11 @@ def test_max_new_tokens_must_be_positive():
         task("gsm8k", max_new_tokens=0)
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from kvbench.config import register_schema
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 @pytest.mark.parametrize("kind", ["math500", "aime25", "gsm8k"])
-def test_hydra_configs(kind):
-    cfg = _compose([f"task={kind}", "task.max_new_tokens=8192", f"task.data_dir={FIXTURES / kind}"])
+def test_hydra_configs(compose, kind):
+    cfg = compose([f"task={kind}", "task.max_new_tokens=8192", f"task.data_dir={FIXTURES / kind}"])
     assert cfg["task"] == {"name": kind, "kind": kind, "data_dir": str(FIXTURES / kind),
                            "max_new_tokens": 8192, "compress": "whole"}
     t = build_task(cfg["task"])
     assert (t.name, t.kind, t.params.max_new_tokens) == (kind, kind, 8192)
-    assert _compose([f"task={kind}"])["task"]["data_dir"] is None  # the hub by default
+    assert compose([f"task={kind}"])["task"]["data_dir"] is None  # the hub by default

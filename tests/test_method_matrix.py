@@ -19,7 +19,7 @@ from kvbench.methods.base import EvictionLayer
 
 METHODS = registered()
 NAMES = list(METHODS)
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = Path(__file__).resolve().parents[1] / "kvbench" / "conf" / "method"
 
 
 def make_cache(model, name, seed=0, **comp):
@@ -61,7 +61,7 @@ def check_positions(cache):
 @pytest.mark.parametrize("name", NAMES)
 def test_config_file_equals_param_defaults(name):
     path = CONF / f"{name}.yaml"
-    assert path.exists(), f"conf/method/{name}.yaml is missing"
+    assert path.exists(), f"kvbench/conf/method/{name}.yaml is missing"
     values = yaml.safe_load(path.read_text())
     assert values.pop("name") == name
     assert values == dataclasses.asdict(METHODS[name].Params())

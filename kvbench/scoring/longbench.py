@@ -35,6 +35,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +285,10 @@ def rouge_score_l(pred: str, gold: str, *, use_stemmer: bool = False) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Task table (tasks/longbench/tasks.yaml)
+# Task table (kvbench/task_data/longbench/tasks.yaml)
 # ---------------------------------------------------------------------------------------------
 
-TASKS_YAML = Path(__file__).resolve().parents[2] / "tasks" / "longbench" / "tasks.yaml"
+TASKS_YAML = resources.files("kvbench") / "task_data" / "longbench" / "tasks.yaml"
 _REQUIRED_FIELDS = {
     "metric": str,
     "language": str,

@@ -1,21 +1,22 @@
 """The task interface: a task yields samples (prompt parts + gold answers) and scores predictions.
 
-Tasks are declared as data (texts and tables under ``tasks/``, run parameters in ``conf/task/``) plus
-a small class here and scorer functions in ``kvbench.scoring``. Generation never scores: results store
-predictions, and scoring reads them, so scores can be recomputed without a model.
+Tasks are declared as data (texts and tables under ``kvbench/task_data/``, run parameters in
+``kvbench/conf/task/``) plus a small class here and scorer functions in ``kvbench.scoring``. Generation
+never scores: results store predictions, and scoring reads them, so scores can be recomputed without a
+model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Any, ClassVar
 
 from kvbench.errors import ConfigError
 
-#: the repository's top-level ``tasks/`` folder, where task texts and tables live
-TASK_DATA = Path(__file__).resolve().parents[2] / "tasks"
+#: task texts and tables, shipped as package data (``kvbench/task_data/``)
+TASK_DATA = resources.files("kvbench") / "task_data"
 
 COMPRESS_MODES = ("whole", "context")
 

@@ -3,7 +3,7 @@
 One configured ``longbench`` task is a suite: :meth:`LongBench.subtasks` returns one task per
 LongBench task (``narrativeqa``, ..., or ``hotpotqa_e`` for LongBench-E), so each gets its own
 results directory. Prompt templates, max_new_tokens, the chat-template rule and the metrics come
-from ``tasks/longbench/tasks.yaml`` through :mod:`kvbench.scoring.longbench`, which also scores.
+from ``task_data/longbench/tasks.yaml`` through :mod:`kvbench.scoring.longbench`, which also scores.
 
 Prompt building, per example (pred.py):
 
