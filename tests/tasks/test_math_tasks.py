@@ -21,7 +21,7 @@ from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed, la
 from kvbench.tasks import build_task
 from kvbench.tasks import math as mt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "math"
 MODEL = ModelConfig(name="m", source="path", path="m")
 
