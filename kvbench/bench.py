@@ -25,13 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_module
-from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from kvbench.cache import KVCache, layer_windows
-from kvbench.config import register_schema
-from kvbench.errors import ConfigError
+from kvbench.config import compose_config
 from kvbench.generation import Generation, generate
 from kvbench.methods import build_method, method_class, registered
 from kvbench.methods.base import Compression
@@ -253,16 +249,6 @@ def machine_info(model, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def compose_config(overrides: list[str]) -> dict:
-    """The config ``python -m kvbench <overrides>`` runs with: the same files, schema and checks."""
-    register_schema()
-    try:
-        with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
-            return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
-    except ConfigCompositionException as e:
-        raise ConfigError(f"{' '.join(overrides)}: {e}") from e
 
 
 def _model_config(name: str, device: str | None) -> ModelConfig:

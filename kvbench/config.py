@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -67,3 +69,13 @@ def load_config(values: Mapping[str, Any]) -> KVBenchConfig:
     except OmegaConfBaseException as err:  # a key the schema does not have, a value of the wrong type
         problem = str(err.msg).splitlines()[0]  # OmegaConf's further lines repeat the key and the types
         raise ConfigError(f"config does not fit the schema at '{err.full_key}': {problem}") from None
+
+
+def compose_config(overrides: list[str]) -> dict:
+    """The config ``python -m kvbench <overrides>`` runs with: the same files, schema and checks."""
+    register_schema()
+    try:
+        with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    except ConfigCompositionException as e:
+        raise ConfigError(f"{' '.join(overrides)}: {e}") from e

@@ -52,19 +52,9 @@ def random_prompt(n: int, batch: int = 1, seed: int = 0, vocab: int = 101) -> to
 @pytest.fixture(scope="session")
 def compose():
     """Compose the packaged Hydra config with overrides, as ``python -m kvbench`` would (a dict)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from omegaconf import OmegaConf
+    from kvbench.config import compose_config
 
-    from kvbench.config import register_schema
-
-    register_schema()
-
-    def composed(overrides: list[str]) -> dict:
-        with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
-            return OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
-
-    return composed
+    return compose_config
 
 
 def sample_record(id: str, **fields):

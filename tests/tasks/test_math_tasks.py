@@ -19,7 +19,6 @@ from kvbench.models import ModelConfig
 from kvbench.runner import encode
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed, last_number, normalize
 from kvbench.tasks import build_task
-from kvbench.tasks import math as mt
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "math"
