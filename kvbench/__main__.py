@@ -18,9 +18,8 @@ register_schema()
 # configs ship inside the package, so an installed kvbench finds them (pkg://kvbench/conf)
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> list[dict]:
-    config = OmegaConf.to_container(cfg, resolve=True)
     try:
-        return run(config)
+        return run(OmegaConf.to_object(cfg))  # a KVBenchConfig, interpolations resolved
     except ConfigError as e:
         overrides = " ".join(HydraConfig.get().overrides.task)
         print(f"kvbench: configuration error ({overrides}): {e}", file=sys.stderr, flush=True)

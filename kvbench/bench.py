@@ -101,6 +101,7 @@ def _status_bytes(field: str) -> int:
 def _generate(model, method_name: str, compression: Compression | None, prompt_ids: torch.Tensor,
               new_tokens: int, params: dict | None = None, **kwargs) -> Generation:
     method = build_method(method_name, params or {}, compression, 0)
+    method.setup(model)
     cache = KVCache(method, layer_windows(model.config))
     return generate(model, cache, prompt_ids, None, new_tokens, eos_ids=set(), **kwargs)
 

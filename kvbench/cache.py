@@ -1,10 +1,10 @@
 """kvbench's KV cache and attention path.
 
 :class:`KVCache` is a transformers ``Cache`` whose layers are the method's :class:`KVLayer` objects
-(sliding-window layers get :class:`SlidingWindowLayer`). Models run with the attention implementation
-``"kvbench"`` (registered here): it hands the step's queries to the layer (``observe``), lets the
-layer compute the output itself (``attend``), and otherwise runs exact SDPA with a mask built from the
-layer's own length. Building the mask per layer is what lets layers hold different numbers of tokens
+(sliding-window layers get :class:`SlidingWindowLayer`, whatever the method). Models run with the
+attention implementation ``"kvbench"`` (registered here): it hands the step's queries to the layer
+(``observe``), lets the layer compute the output itself (``attend``), and otherwise runs exact SDPA
+with a mask built from the layer's own length. Building the mask per layer is what lets layers hold different numbers of tokens
 (PyramidKV, sliding layers) after compression.
 """
 
@@ -18,27 +18,49 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from kvbench.methods.base import KVLayer, Method, Phase, SlidingWindowLayer
+from kvbench.methods.base import KVLayer, Method, Phase, layer_windows
 
 ATTN_IMPLEMENTATION = "kvbench"
 
+#: how kvbench treats sliding-window layers (Gemma 3's local layers), whatever the method: recorded
+#: with runs as a policy of the harness, not as part of a method's identity
+SLIDING_WINDOW_POLICY = "not compressed (window-bounded cache kept as the full cache does)"
+
 _active: contextvars.ContextVar["KVCache | None"] = contextvars.ContextVar("kvbench_cache", default=None)
 
+__all__ = ["ATTN_IMPLEMENTATION", "SLIDING_WINDOW_POLICY", "KVCache", "SlidingWindowLayer", "kvbench_attention",
+           "layer_attention", "layer_windows"]
 
-def layer_windows(config) -> list[int | None]:
-    """Sliding window (tokens) of every attention layer of a model config, None for global layers."""
-    config = getattr(config, "text_config", config)
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None) or ["full_attention"] * n
-    window = getattr(config, "sliding_window", None)
-    return [window if t == "sliding_attention" else None for t in types[:n]]
+
+class SlidingWindowLayer(KVLayer):
+    """A sliding-window attention layer (Gemma 3's local layers): its cache is bounded already.
+
+    kvbench's policy (:data:`SLIDING_WINDOW_POLICY`): methods do not compress these layers (as
+    kvpress does for Gemma 3); the layer keeps the last ``window - 1`` tokens after each step, exactly
+    as transformers' own sliding-window cache, and the full-cache baseline holds the same, so bytes
+    stay comparable.
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int, layer_idx: int = 0):
+        super().__init__(None, layer_idx)
+        self.window = window
+
+    def end_step(self, phase: Phase) -> None:
+        n = self.get_seq_length()
+        if n >= self.window:
+            for store in self.stores.values():
+                store.keep_last(self.window - 1)
+
+    def full_tokens(self) -> int:
+        return min(self.seen, self.window - 1)
 
 
 class KVCache(Cache):
     """One sample's cache: a method layer per global-attention layer, a window layer per local one."""
 
     def __init__(self, method: Method, windows: list[int | None]):
-        method.compressed_layers = [i for i, w in enumerate(windows) if not w]
         layers: list[KVLayer] = [
             SlidingWindowLayer(w, i) if w else method.make_layer(i) for i, w in enumerate(windows)
         ]

@@ -1,25 +1,34 @@
 """The structured config schema Hydra validates at start-up (types of the top-level keys and of the
-model entry). Method and task parameters are validated by their classes (``parse_params``), which
-name unknown keys and list the valid ones."""
+model entry), and the configs generated from classes (``method/<name>``, ``task=longbench/<task>``, ...).
+Method and task parameters are validated by their classes (``parse_params``), which name unknown
+keys and list the valid ones."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 
 
 @dataclass
 class KVBenchConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="???", source="???", path="???"))
+    #: a ``method/`` config: ``name`` and the method's parameters (checked by its class)
     method: Any = None
+    #: a ``task/`` config: ``name`` (results directory), ``kind`` and the task's parameters
     task: Any = None
-    #: uncompressed KV bytes / KV bytes held, >= 1 (exclusive with budget)
+    #: uncompressed KV bytes / KV bytes held, >= 1 (exclusive with budget); `full` takes neither
+    #: (a ratio given to it is ignored and recorded as 1)
     ratio: Optional[float] = None
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = None
     seed: int = 0
+    #: where results directories, the leaderboards and Hydra's job folders go
     results_dir: str = "results"
     #: run only the first N samples of each task (smoke tests)
     limit: Optional[int] = None
@@ -29,8 +38,8 @@ class KVBenchConfig:
     #: GiB of uncompressed prefill states kept so the next ratio of a sweep reuses them (methods whose
     #: prefill does not depend on the ratio); 0 = prefill in every run
     prefill_reuse_gb: float = 2.0
-    #: local folder of benchmark data files for tasks that read a dataset (LongBench: the unzipped
-    #: data.zip); a task's own `task.data_dir` takes precedence; null = download from the hub
+    #: local folder of data files for the tasks that read a dataset (their configs take it as
+    #: `task.data_dir`, which may also be set on its own); null = download from the hub
     data_dir: Optional[str] = None
     #: print the summary table when the run or sweep ends
     summary: bool = True
@@ -39,16 +48,22 @@ class KVBenchConfig:
 
 
 def register_schema() -> None:
-    ConfigStore.instance().store(name="kvbench_schema", node=KVBenchConfig)
-    # task=longbench/<task>: generated from task_data/longbench/tasks.yaml instead of 34 yaml files
-    from kvbench.tasks.longbench import store_configs
+    """The schema and the configs task kinds generate (``Task.store_configs``)."""
+    from kvbench.methods import store_configs as store_method_configs
+    from kvbench.tasks import registered
 
-    store_configs(ConfigStore.instance())
-    # task=ruler and task=ruler/<name>: generated from task_data/ruler/tasks.yaml
-    from kvbench.tasks import ruler
+    store = ConfigStore.instance()
+    store.store(name="kvbench_schema", node=KVBenchConfig)
+    store_method_configs(store)  # method=<name>: generated from the method classes' parameter defaults
+    for task_cls in registered().values():
+        task_cls.store_configs(store)
 
-    ruler.store_configs(ConfigStore.instance())
-    # task=math500, task=aime25, task=gsm8k
-    from kvbench.tasks import math as math_tasks
 
-    math_tasks.store_configs(ConfigStore.instance())
+def load_config(values: Mapping[str, Any]) -> KVBenchConfig:
+    """A run's config from a plain mapping (a Python caller's, or run.json's ``config``), checked
+    against the schema and completed with its defaults, as Hydra does for the command line."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KVBenchConfig), dict(values)))
+    except OmegaConfBaseException as err:  # a key the schema does not have, a value of the wrong type
+        problem = str(err.msg).splitlines()[0]  # OmegaConf's further lines repeat the key and the types
+        raise ConfigError(f"config does not fit the schema at '{err.full_key}': {problem}") from None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.cache import KVCache
+from kvbench.methods.base import LayerState
 
 
 @dataclass
@@ -49,15 +50,14 @@ class Prefilled:
     exactly what a separate prefill would have given.
     """
 
-    layers: list[dict]
+    layers: list[LayerState]
     logits: torch.Tensor
     in_step: int
     #: seconds the original prefill forward took
     prefill_s: float
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for state in self.layers for v in state.values()
-                   if isinstance(v, torch.Tensor))
+        return sum(state.nbytes() for state in self.layers)
 
 
 def _forward(model, cache: KVCache, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:

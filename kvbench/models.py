@@ -138,7 +138,7 @@ def load_model(cfg: ModelConfig):
 def model_info(model) -> dict:
     """Architecture facts recorded with every run."""
     config = getattr(model.config, "text_config", model.config)
-    from kvbench.cache import layer_windows
+    from kvbench.cache import SLIDING_WINDOW_POLICY, layer_windows
 
     windows = layer_windows(model.config)
     return {
@@ -149,6 +149,7 @@ def model_info(model) -> dict:
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         "sliding_window_layers": sum(w is not None for w in windows),
         "sliding_window": next((w for w in windows if w), None),
+        "sliding_window_policy": SLIDING_WINDOW_POLICY,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
     }

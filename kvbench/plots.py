@@ -67,25 +67,22 @@ def score_vs_bytes(points: pd.DataFrame, title: str, metric: str) -> Figure:
     return fig
 
 
-def passkey_heatmap(cells: dict[str, dict[str, float]], metric: str, title: str) -> Figure:
-    """Depth x length grid of ``metric`` from passkey's ``metrics["cells"]`` (keys ``"<length>/<depth>"``)."""
-    values = {tuple(float(x) for x in key.split("/")): cell[metric] for key, cell in cells.items()}
-    lengths = sorted({length for length, _ in values})
-    depths = sorted({depth for _, depth in values})
-    grid = [[values.get((length, depth), math.nan) for length in lengths] for depth in depths]
-    fig = _figure(width=1.2 + 0.9 * len(lengths), height=1.4 + 0.5 * len(depths))
+def heatmap(grid: list[list[float]], columns: list[float], rows: list[float], xlabel: str, ylabel: str,
+            metric: str, title: str) -> Figure:
+    """A 0-100 score grid (``grid[row][column]``, NaN where missing), each cell written in it."""
+    fig = _figure(width=1.2 + 0.9 * len(columns), height=1.4 + 0.5 * len(rows))
     ax = fig.add_subplot()
     image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-    for row, depth_values in enumerate(grid):
-        for col, value in enumerate(depth_values):
+    for row, row_values in enumerate(grid):
+        for col, value in enumerate(row_values):
             if not math.isnan(value):
                 # white on the dark ends of the colour map, black on its light middle
                 color = "white" if value < 20 or value > 85 else "black"
                 ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize="small", color=color)
-    ax.set_xticks(range(len(lengths)), [f"{v:g}" for v in lengths])
-    ax.set_yticks(range(len(depths)), [f"{v:g}" for v in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("passkey depth (fraction of context)")
+    ax.set_xticks(range(len(columns)), [f"{v:g}" for v in columns])
+    ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="small")
     fig.colorbar(image, ax=ax, label=metric)
     return fig

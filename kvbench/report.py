@@ -9,7 +9,7 @@
                                               (to results_dir/bench/bench_methods.md too, when
                                               scripts/bench_methods.py wrote one)
     DIR/leaderboards/<model>.md               a model's leaderboard (average, efficiency, per
-                                              LongBench category, per task)
+                                              task group (``Task.groups``), per task)
     DIR/leaderboards/results.csv, .parquet    the run table of :func:`collect`, one row per run
     DIR/leaderboards/plots/<model>/...        PNG and SVG figures (plots/ is rebuilt every time)
 
@@ -26,13 +26,18 @@ How numbers are compared:
   every task), where at least two compete.
 * order: ``full`` first, then methods alphabetically, a method's default parameters before its
   variants (the setting's suffix, e.g. ``ratio-4_lag-128``); nominal ratios ascending, then token
-  budgets ascending. Tasks by suite, then LongBench category order, then name.
+  budgets ascending. Tasks by suite, then group order (``Task.groups``), then name.
+
+What is task-specific comes from the task classes, rebuilt from each run's identity: the groups of
+tasks averaged in tables of their own (``Task.groups``) and a run's own figures (``Task.figures``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,7 +51,9 @@ import pandas as pd
 
 from kvbench import plots
 from kvbench.results import RunDir, find_runs
-from kvbench.scoring import longbench
+from kvbench.tasks import Task, TaskGroup, task_from_identity
+
+log = logging.getLogger(__name__)
 
 #: the method every other one is compared with: it keeps the whole cache
 BASELINE_METHOD = "full"
@@ -59,7 +66,7 @@ MIB = 2**20
 
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
-    "measured_ratio", "task", "suite", "category", "task_params", "metric", "score", "baseline_score",
+    "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "baseline_score",
     "retention", "n", "n_expected", "complete", "state", "status", "tokens_held", "bytes_held",
     "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
     "metrics", "run_dir",
@@ -89,46 +96,59 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
 
 
 def _run_row(run: RunDir) -> dict:
-    meta = run.read_run()
+    info = run.read_run()
     scores = run.read_scores()
-    identity = meta["identity"]
-    compression, task = identity["compression"], identity["task"]
+    identity = info.identity
+    compression, task = identity.compression, identity.task
     records = run.records()
-    state = "failed" if scores is None else "complete" if scores["complete"] else "partial"
-    scores = scores or {}
+    state = "failed" if scores is None else "complete" if scores.complete else "partial"
     setting = compression["label"]
     variant = setting.partition("_")[2]  # non-default method parameters, e.g. "lag-128"
+    task_params = json.dumps(task["params"], sort_keys=True)
+    task_obj = _task(task["kind"], task["name"], task_params)
     return {
-        "model": identity["model"]["name"],
-        "method": identity["method"]["name"],
+        "model": identity.model["name"],
+        "method": identity.method["name"],
         "variant": variant,
-        "method_params": json.dumps(identity["method"]["params"], sort_keys=True),
+        "method_params": json.dumps(identity.method["params"], sort_keys=True),
         "setting": setting,
-        "row": f"{identity['method']['name']} {variant}".strip(),
+        "row": f"{identity.method['name']} {variant}".strip(),
         "column": _column_label(compression["ratio"], compression["budget"]),
         "nominal_ratio": compression["ratio"],
         "budget": compression["budget"],
-        "measured_ratio": scores.get("measured_ratio"),
+        "measured_ratio": scores.measured_ratio if scores else None,
         "task": task["name"],
         "suite": task["kind"],
-        "category": _longbench_category(task["name"]),
-        "task_params": json.dumps(task["params"], sort_keys=True),
-        "metric": scores.get("metric"),
-        "score": scores.get("score"),
-        "n": scores.get("n", len(records)),
-        "n_expected": scores.get("n_expected", meta.get("n_expected")),
+        "task_groups": tuple(task_obj.groups()) if task_obj else (),
+        "task_params": task_params,
+        "metric": scores.metric if scores else None,
+        "score": scores.score if scores else None,
+        "n": scores.n if scores else len(records),
+        "n_expected": scores.n_expected if scores else info.n_expected,
         "complete": state == "complete",
         "state": state,
-        "status": meta.get("status"),
-        "tokens_held": scores.get("tokens_held"),
-        "bytes_held": scores.get("bytes_held"),
-        "peak_bytes_held": scores.get("peak_bytes_held"),
-        "decode_tokens_per_s": scores.get("decode_tokens_per_s"),
-        "prefill_s_mean": _mean(r.get("prefill_s") for r in records),
-        "decode_s_mean": _mean(r.get("decode_s") for r in records),
-        "metrics": scores.get("metrics"),
+        "status": info.status,
+        "tokens_held": scores.tokens_held if scores else None,
+        "bytes_held": scores.bytes_held if scores else None,
+        "peak_bytes_held": scores.peak_bytes_held if scores else None,
+        "decode_tokens_per_s": scores.decode_tokens_per_s if scores else None,
+        "prefill_s_mean": _mean(r.prefill_s for r in records),
+        "decode_s_mean": _mean(r.decode_s for r in records),
+        "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
     }
+
+
+@functools.cache
+def _task(kind: str, name: str, params: str) -> Task | None:
+    """The task of a run's identity (``params`` as JSON), or None where this kvbench cannot build it
+    (a task kind it does not have): the run is then reported without groups and task figures."""
+    try:
+        return task_from_identity({"name": name, "kind": kind, "params": json.loads(params)})
+    except (TypeError, ValueError) as err:
+        log.warning("task '%s' (kind '%s') of the results cannot be rebuilt (%s): reported without its "
+                    "groups and figures", name, kind, err)
+        return None
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -138,13 +158,6 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 def _column_label(ratio: float | None, budget: int | None) -> str:
     return f"budget {budget}" if budget is not None else f"{ratio:g}x"
-
-
-def _longbench_category(task: str) -> str | None:
-    try:
-        return longbench.TASKS[longbench.base_task(task)]["category"]
-    except KeyError:  # not a LongBench task
-        return None
 
 
 def _baseline_key(row: dict) -> tuple:
@@ -176,9 +189,7 @@ def _column_key(row: Mapping) -> tuple:
 
 
 def _task_key(row: Mapping) -> tuple:
-    category = row["category"]
-    rank = longbench.CATEGORIES.index(category) if isinstance(category, str) else -1
-    return row["suite"], rank, row["task"]
+    return row["suite"], min((g.rank for g in row["task_groups"]), default=-1), row["task"]
 
 
 def _ordered(df: pd.DataFrame, label: str, key: Callable[[Mapping], tuple]) -> list[str]:
@@ -356,10 +367,11 @@ def _images(paths: Iterable[str]) -> str:
 
 
 def _task_about(task_runs: pd.DataFrame) -> str:
-    """Suite, LongBench category (if any) and metric of a task, as one line."""
-    facts = {"suite": task_runs.suite.iloc[0], "category": task_runs.category.iloc[0],
-             "metric": next(iter(task_runs.metric.dropna()), None)}
-    return ", ".join(f"{name} `{value}`" for name, value in facts.items() if isinstance(value, str))
+    """Suite, groups (if any) and metric of a task, as one line."""
+    facts = [("suite", task_runs.suite.iloc[0]),
+             *((g.kind, g.name) for g in task_runs.task_groups.iloc[0]),
+             ("metric", next(iter(task_runs.metric.dropna()), None))]
+    return ", ".join(f"{name} `{value}`" for name, value in facts if isinstance(value, str))
 
 
 def average_table(df: pd.DataFrame, model: str) -> str:
@@ -382,12 +394,12 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
         "## Efficiency\n\nMeans over complete runs (\"tasks\": how many). KV held: bytes after prefill, "
         f"per sample.\n\n{_efficiency_table(runs, tasks)}",
     ]
-    categories = [c for c in longbench.CATEGORIES if c in set(runs.category.dropna())]
-    for category in categories:
-        in_category = runs[runs.category == category]
-        category_tasks = _tasks(in_category)
-        parts.append(f"## LongBench category: {category}\n\nMean over {', '.join(category_tasks)}.\n\n"
-                     + _score_table(in_category, partial(_average_cell, tasks=category_tasks)))
+    groups: set[TaskGroup] = {g for task_groups in runs.task_groups for g in task_groups}
+    for group in sorted(groups, key=lambda g: (g.kind, g.rank, g.name)):
+        in_group = runs[runs.task_groups.map(lambda task_groups: group in task_groups)]
+        group_tasks = _tasks(in_group)
+        parts.append(f"## {group.title}\n\nMean over {', '.join(group_tasks)}.\n\n"
+                     + _score_table(in_group, partial(_average_cell, tasks=group_tasks)))
     parts.append("## Per task")
     for task in tasks:
         task_runs = runs[runs.task == task]
@@ -409,7 +421,7 @@ def index_markdown(df: pd.DataFrame, results_dir: Path, pages: Mapping[str, str]
     if df.empty:
         parts.append(f"No runs found under `{results_dir}`.")
     for model in sorted(df.model.unique()):
-        page = f"[Full leaderboard: per task, per category, efficiency]({pages[model]})" if model in pages else ""
+        page = f"[Full leaderboard: per task, per task group, efficiency]({pages[model]})" if model in pages else ""
         parts += [f"## {model}", f"Average over tasks. {page}\n\n{average_table(df, model)}",
                   _images(images.get(model, []))]
     if exports:
@@ -476,11 +488,13 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
                 draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
                      plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric))
             for run in task_runs.itertuples():
-                if isinstance(run.metrics, dict) and run.metrics.get("cells"):
-                    flag = f" (partial: {run.n} of {run.n_expected})" if run.state == "partial" else ""
-                    draw(model, task, plot_dir / model / task / f"passkey_{run.method}_{run.setting}",
-                         plots.passkey_heatmap(run.metrics["cells"], run.metric,
-                                               f"{model} · {task} · {run.row} {run.column}{flag}"))
+                task_obj = _task(run.suite, run.task, run.task_params)
+                if task_obj is None or not isinstance(run.metrics, dict):
+                    continue
+                flag = f" (partial: {run.n} of {run.n_expected})" if run.state == "partial" else ""
+                title = f"{model} · {task} · {run.row} {run.column}{flag}"
+                for name, fig in task_obj.figures(run.metrics, title).items():
+                    draw(model, task, plot_dir / model / task / f"{name}_{run.method}_{run.setting}", fig)
     return stems, written
 
 
@@ -490,8 +504,10 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
 
 
 def _export_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The run table with ``metrics`` (nested, varying keys) as a JSON string, for CSV and Parquet."""
-    return df.assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None))
+    """The run table for CSV and Parquet: ``metrics`` (nested, varying keys) as a JSON string, the
+    task groups as a JSON list of their titles."""
+    return df.assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
+                     task_groups=df.task_groups.map(lambda groups: json.dumps([g.title for g in groups])))
 
 
 def _write_text(path: Path, text: str) -> Path:

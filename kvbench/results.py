@@ -3,9 +3,13 @@
 Layout (see docs/architecture.md)::
 
     <results_dir>/<model>/<task>/<method>/<setting>/
-        samples.jsonl   one JSON object per finished sample, appended as it finishes
-        run.json        resolved config, versions, device, method and task description, progress
-        scores.json     task-level scores, recomputed from samples.jsonl at the end of every job
+        samples.jsonl   one JSON object per finished sample, appended as it finishes (SampleRecord)
+        run.json        identity, resolved config, versions, device, progress (RunInfo)
+        scores.json     task-level scores, recomputed from samples.jsonl at the end of every job (RunScores)
+
+Every file carries ``schema_version`` (:data:`SCHEMA_VERSION`). Files without one were written before
+versions existed (version 0); they are read as well and brought to the current schema in memory
+(records and scores have the same fields in both; for identities see :meth:`RunIdentity.from_json`).
 
 A record is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsync'd, so a killed
 run loses at most the sample in flight, and a torn last line (killed mid-write) is skipped on reading
@@ -23,6 +27,7 @@ leaves nothing to clean up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -32,6 +37,7 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +48,12 @@ RUN = "run.json"
 SCORES = "scores.json"
 LOCK = ".lock"
 CLAIMS = ".claims"
+
+#: the layout of samples.jsonl records, run.json and scores.json written by this code
+SCHEMA_VERSION = 1
+#: the task parameters naming local folders that schema 0 kept in the identity (LongBench's and
+#: RULER's data folders): a fixed fact of that schema, whatever tasks exist now
+V0_LOCATIONS = ("data_dir", "kvpress_dir")
 
 # errnos of filesystems that do not implement flock (e.g. Lustre mounted without -o flock)
 _NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
@@ -121,6 +133,221 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield number, obj
 
 
+# ---------------------------------------------------------------------------------------------
+# The files' contents
+# ---------------------------------------------------------------------------------------------
+
+
+class SchemaError(ValueError):
+    """A results file this code cannot read (written by a newer kvbench, or not a kvbench file)."""
+
+
+def _version(obj: Any, what: str) -> int:
+    """The schema version of a parsed file (0: written before versions existed)."""
+    if not isinstance(obj, dict):
+        raise SchemaError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("schema_version", 0)
+    if not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
+        raise SchemaError(f"{what}: schema_version {version!r} is not one this kvbench reads "
+                          f"(0 to {SCHEMA_VERSION}; a newer kvbench writes higher ones)")
+    return version
+
+
+def _build(cls: type, values: dict, what: str):
+    """``cls(**values)``, naming the missing or unexpected keys instead of a TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    unknown, missing = sorted(set(values) - names), sorted(required - set(values))
+    if unknown or missing:
+        raise SchemaError(f"{what}: not a {cls.__name__} (missing {missing}, unexpected {unknown})")
+    return cls(**values)
+
+
+@dataclass
+class KVStats:
+    """The cache after one step (``KVCache.stats()``): what it holds and what the full cache would."""
+
+    bytes_full: int
+    bytes_held: int
+    #: bytes_full / bytes_held
+    ratio: float
+    #: mean over layers and KV heads
+    tokens_held: float
+    tokens_per_layer: list[float]
+
+
+@dataclass
+class KVUsage:
+    after_prefill: KVStats
+    at_end: KVStats
+    #: most bytes held between steps (after each step's compression)
+    peak_bytes_held: int
+    #: most bytes held inside a step (before its compression)
+    peak_bytes_in_step: int
+
+
+@dataclass
+class SampleRecord:
+    """One line of samples.jsonl: a finished sample's prediction, gold answers, scores and costs."""
+
+    id: str
+    #: the task's results name (a LongBench subtask's dataset, e.g. ``trec_e``)
+    task: str
+    pred: str
+    answers: list[str]
+    #: task-specific facts used by scoring (length, depth, classes...)
+    meta: dict[str, Any]
+    prompt_tokens: int
+    #: tokens of the question appended uncompressed (compress mode ``context``), else 0
+    appended_tokens: int
+    new_tokens: int
+    stopped_by: str
+    prefill_s: float
+    #: the prefill forward ran for another ratio of the sweep; prefill_s is its restore and compression
+    prefill_reused: bool
+    decode_s: float
+    compress_s: float
+    decode_compress_s: float
+    kv: KVUsage
+    finished_at: str
+    #: metric -> 0..1, by the task's scorer (``Task.score``)
+    scores: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "record") -> "SampleRecord":
+        _version(obj, where)  # versions 0 and 1 hold the same fields
+        values = dict(obj)
+        kv = dict(values.get("kv") or {})
+        for step in ("after_prefill", "at_end"):
+            if isinstance(kv.get(step), dict):
+                kv[step] = _build(KVStats, kv[step], f"{where}: kv.{step}")
+        values["kv"] = _build(KVUsage, kv, f"{where}: kv")
+        return _build(cls, values, where)
+
+
+@dataclass
+class RunScores:
+    """scores.json: the task's scores over the directory's records, completeness and measured costs."""
+
+    task: str
+    #: the metric reported as the task's score (``Task.main_metric``)
+    metric: str
+    score: float | None
+    #: ``Task.summarize`` of the records: every metric, plus task-specific breakdowns
+    metrics: dict[str, Any]
+    n: int
+    n_expected: int
+    complete: bool
+    #: means over records of the cache after prefill (None without records)
+    measured_ratio: float | None
+    tokens_held: float | None
+    bytes_held: float | None
+    peak_bytes_held: float | None
+    decode_tokens_per_s: float | None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = SCORES) -> "RunScores":
+        _version(obj, where)  # versions 0 and 1 hold the same fields
+        return _build(cls, obj, where)
+
+
+@dataclass
+class RunIdentity:
+    """What determines a directory's results, so what must match for a run to resume it.
+
+    No prose and no local paths: tasks leave their data location out of ``task.params``, and data
+    read from files is identified by ``data`` (the task's content fingerprint) instead.
+    """
+
+    #: ``ModelConfig`` fields
+    model: dict[str, Any]
+    #: the method's name, params and phases (:attr:`METHOD_KEYS` of ``Method.describe()``)
+    method: dict[str, Any]
+    #: ``Task.describe()``: name, kind, params
+    task: dict[str, Any]
+    #: ratio (1 for ``full``), budget, label (the setting's directory name)
+    compression: dict[str, Any]
+    #: ``Task.data_fingerprint()``: a content hash of the data files read; None: no such files
+    data: dict[str, Any] | None = None
+    #: 0: read from a file written before versions existed, whose data was not fingerprinted
+    schema_version: int = dataclasses.field(default=SCHEMA_VERSION, compare=False)
+
+    #: what of a method's description determines results; anything else a method describes (e.g.
+    #: quant's bits in use) follows from these and the compression, or is prose
+    METHOD_KEYS = ("name", "params", "phases")
+
+    @classmethod
+    def method_of(cls, description: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in description.items() if k in cls.METHOD_KEYS}
+
+    def to_json(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        del values["schema_version"]  # run.json's own version says it
+        return values
+
+    @classmethod
+    def from_json(cls, obj: Any, version: int, where: str = RUN) -> "RunIdentity":
+        """An identity of run.json ``version``. Version 0 is brought to version 1's meaning: it
+        held the whole method description (with a sentence on sliding-window layers) and the
+        task's data folders (:data:`V0_LOCATIONS`): prose and local paths, which determine nothing;
+        and no data fingerprint."""
+        if not isinstance(obj, dict):
+            raise SchemaError(f"{where}: identity must be a JSON object")
+        values = dict(obj)
+        if version == 0:
+            values["method"] = cls.method_of(values["method"])
+            task = dict(values["task"])
+            task["params"] = {k: v for k, v in task["params"].items() if k not in V0_LOCATIONS}
+            values["task"] = task
+        return _build(cls, {**values, "schema_version": version}, f"{where}: identity")
+
+    def differences(self, previous: "RunIdentity") -> list[str]:
+        """The keys in which ``previous`` (a directory's identity) differs from this one. A
+        version-0 identity recorded no data fingerprint, so its data cannot be compared."""
+        names = [f.name for f in dataclasses.fields(self) if f.compare]
+        if previous.schema_version == 0:
+            names.remove("data")
+        return [name for name in names if getattr(self, name) != getattr(previous, name)]
+
+
+@dataclass
+class RunInfo:
+    """run.json: the identity, the resolved config and where and how the run ran."""
+
+    identity: RunIdentity
+    #: the resolved ``KVBenchConfig`` the job ran
+    config: dict[str, Any]
+    model_info: dict[str, Any]
+    versions: dict[str, str]
+    git_commit: str | None
+    host: str
+    n_expected: int
+    #: running, complete, partial (this job ended, others owe samples) or interrupted (stopped by a signal)
+    status: str
+    started: str | None = None
+    finished: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "identity": self.identity.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = RUN) -> "RunInfo":
+        version = _version(obj, where)
+        values = dict(obj)
+        values["identity"] = RunIdentity.from_json(values.get("identity"), version, where)
+        return _build(cls, values, where)
+
+
 class RunDir:
     """The results directory of one configuration."""
 
@@ -128,15 +355,16 @@ class RunDir:
         self.path = Path(path)
         self.samples_path = self.path / SAMPLES
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[SampleRecord]:
         """Finished samples, de-duplicated by id, in the order they were first written. Reads without
         the lock (a record being appended right now may be missing); take :meth:`lock` for a snapshot
         that must hold every record written so far."""
         if not self.samples_path.exists():
             return []
-        seen: dict[str, dict] = {}
-        for _, obj in iter_jsonl(self.samples_path):
-            seen.setdefault(obj["id"], obj)
+        seen: dict[str, SampleRecord] = {}
+        for number, obj in iter_jsonl(self.samples_path):
+            record = SampleRecord.from_json(obj, f"{self.samples_path}:{number}")
+            seen.setdefault(record.id, record)
         return list(seen.values())
 
     @contextmanager
@@ -176,8 +404,8 @@ class RunDir:
         finally:
             os.close(fd)
 
-    def append(self, record: dict) -> None:
-        line = record_line(record).encode()
+    def append(self, record: SampleRecord) -> None:
+        line = record_line(record.to_json()).encode()
         with self.lock():
             fd = os.open(self.samples_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -190,19 +418,19 @@ class RunDir:
             finally:
                 os.close(fd)
 
-    def read_run(self) -> dict | None:
+    def read_run(self) -> RunInfo | None:
         path = self.path / RUN
-        return read_json(path) if path.exists() else None
+        return RunInfo.from_json(read_json(path), str(path)) if path.exists() else None
 
-    def write_run(self, meta: dict) -> None:
-        write_json_atomic(self.path / RUN, meta)
+    def write_run(self, info: RunInfo) -> None:
+        write_json_atomic(self.path / RUN, info.to_json())
 
-    def read_scores(self) -> dict | None:
+    def read_scores(self) -> RunScores | None:
         path = self.path / SCORES
-        return read_json(path) if path.exists() else None
+        return RunScores.from_json(read_json(path), str(path)) if path.exists() else None
 
-    def write_scores(self, scores: dict) -> None:
-        write_json_atomic(self.path / SCORES, scores)
+    def write_scores(self, scores: RunScores) -> None:
+        write_json_atomic(self.path / SCORES, scores.to_json())
 
 
 def find_runs(results_dir: Path) -> list[RunDir]:

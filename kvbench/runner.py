@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,41 +28,35 @@ import torch
 
 import kvbench
 from kvbench.cache import KVCache, layer_windows
+from kvbench.config import KVBenchConfig
+from kvbench.errors import ConfigError
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
-from kvbench.errors import ConfigError
-from kvbench.models import ModelConfig, load_model, model_info, parse_model_config
-from kvbench.results import RunDir
+from kvbench.models import ModelConfig, load_model, model_info
+from kvbench.results import KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord
 from kvbench.tasks import Sample, Task, build_task
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunSpec:
-    """A validated configuration: what to run, before anything heavy is loaded."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """The configured method, checked once: its class's parsed ``Params`` and the compression.
+    Each sample gets a fresh ``Method`` from it (:meth:`new`), because methods hold state."""
 
-    model: ModelConfig
-    method_name: str
-    method_params: dict[str, Any]
+    name: str
+    params: Any
     compression: Compression | None
-    task: Task
-    results_dir: Path
-    seed: int = 0
-    limit: int | None = None
-    #: (i, n): this job runs the i-th of n disjoint slices of the samples (None: all of them)
-    shard: tuple[int, int] | None = None
-    #: memory for prefill states shared between the ratios of a sweep (0: prefill every run)
-    prefill_reuse_gb: float = 2.0
+    seed: int
+    #: the run identity's method, from the method built to check the config
+    description: dict[str, Any]
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "RunSpec":
-        model = parse_model_config(dict(cfg["model"]))
-        method_cfg = dict(cfg["method"])
-        name = method_cfg.pop("name", None)
+    def from_config(cls, values: dict[str, Any], ratio: float | None, budget: int | None, seed: int) -> "MethodSpec":
+        values = dict(values)
+        name = values.pop("name", None)
         method_cls = method_class(name)
-        ratio, budget = cfg.get("ratio"), cfg.get("budget")
         if method_cls.uses_compression:
             compression = Compression(ratio=ratio, budget=budget)
         else:
@@ -71,53 +66,78 @@ class RunSpec:
                 log.warning("method '%s' does not compress: ratio=%s budget=%s ignored, recorded as ratio 1",
                             name, ratio, budget)
             compression = None
+        params = method_cls.parse_params(values)
         # building the method checks what its class can only check against the compression (e.g.
         # quant's achievable ratios), still before any model is loaded
-        build_method(name, method_cfg, compression, int(cfg.get("seed", 0)))
-        limit = cfg.get("limit")
-        if limit is not None and limit < 1:
-            raise ConfigError(f"limit must be >= 1 sample (or null for all), got {limit}")
-        return cls(
-            model=model,
-            method_name=name,
-            method_params=method_cfg,
-            compression=compression,
-            task=build_task(dict(cfg["task"])),
-            results_dir=Path(cfg.get("results_dir", "results")),
-            seed=int(cfg.get("seed", 0)),
-            limit=limit,
-            shard=parse_shard(cfg.get("shard")),
-            prefill_reuse_gb=float(cfg.get("prefill_reuse_gb", 2.0)),
-        )
+        method = build_method(name, dataclasses.asdict(params), compression, seed)
+        return cls(name, params, compression, seed, RunIdentity.method_of(method.describe()))
 
-    def new_method(self) -> Method:
-        return build_method(self.method_name, self.method_params, self.compression, self.seed)
+    def new(self) -> Method:
+        return build_method(self.name, dataclasses.asdict(self.params), self.compression, self.seed)
 
     def setting(self) -> str:
         """``ratio-4`` / ``budget-256`` / ``ratio-1`` (full), plus method parameters that differ from
         the method's defaults, so parameter sweeps (e.g. LagKV's lag) get separate directories."""
         label = self.compression.label if self.compression else "ratio-1"
-        cls = method_class(self.method_name)
-        params = dataclasses.asdict(cls.parse_params(self.method_params))
-        defaults = dataclasses.asdict(cls.Params())
-        changed = [f"{k}-{v}" for k, v in sorted(params.items()) if defaults.get(k) != v]
+        defaults = dataclasses.asdict(method_class(self.name).Params())
+        changed = [f"{k}-{v}" for k, v in sorted(dataclasses.asdict(self.params).items()) if defaults.get(k) != v]
         return "_".join([label, *changed])
 
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated configuration: what to run, before anything heavy is loaded."""
+
+    model: ModelConfig
+    method: MethodSpec
+    task: Task
+    #: the results directory's setting name (:meth:`MethodSpec.setting`)
+    setting: str
+    results_dir: Path
+    seed: int
+    limit: int | None
+    #: (i, n): this job runs the i-th of n disjoint slices of the samples (None: all of them)
+    shard: tuple[int, int] | None
+    #: memory for prefill states shared between the ratios of a sweep (0: prefill every run)
+    prefill_reuse_gb: float
+    #: the resolved config, recorded in run.json
+    config: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: KVBenchConfig) -> "RunSpec":
+        for group in ("method", "task"):
+            if not isinstance(getattr(cfg, group), Mapping):
+                raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
+        cfg.model.validate()
+        method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
+        if cfg.limit is not None and cfg.limit < 1:
+            raise ConfigError(f"limit must be >= 1 sample (or null for all), got {cfg.limit}")
+        return cls(
+            model=cfg.model,
+            method=method,
+            task=build_task(cfg.task),
+            setting=method.setting(),
+            results_dir=Path(cfg.results_dir),
+            seed=cfg.seed,
+            limit=cfg.limit,
+            shard=parse_shard(cfg.shard),
+            prefill_reuse_gb=cfg.prefill_reuse_gb,
+            config=dataclasses.asdict(cfg),
+        )
+
     def run_dir(self, task: Task) -> RunDir:
-        return RunDir(self.results_dir / self.model.name / task.name / self.method_name / self.setting())
+        return RunDir(self.results_dir / self.model.name / task.name / self.method.name / self.setting)
 
-    def identity(self, task: Task) -> dict:
+    def identity(self, task: Task) -> RunIdentity:
         """What must match for a results directory to be resumed instead of rejected."""
-        return {
-            "model": dataclasses.asdict(self.model),
-            "method": self.new_method().describe(),
-            "task": task.describe(),
-            "compression": self.compression_record(),
-        }
-
-    def compression_record(self) -> dict:
-        c = self.compression
-        return {"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting()}
+        c = self.method.compression
+        return RunIdentity(
+            model=dataclasses.asdict(self.model),
+            method=self.method.description,
+            task=task.describe(),
+            compression={"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting},
+            data=task.data_fingerprint(),
+        )
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -205,8 +225,9 @@ class PrefillStore:
 
     @staticmethod
     def _key(spec: "RunSpec", task: Task, sample_id: str) -> tuple:
-        return (repr(spec.model), spec.method_name, repr(sorted(spec.method_params.items())),
-                repr(task.describe()), spec.seed, sample_id)
+        # task.params, not task.describe(): the data's location tells apart two data folders
+        return (repr(spec.model), spec.method.name, repr(spec.method.params), task.name, repr(task.params),
+                spec.seed, sample_id)
 
     def get(self, spec: "RunSpec", task: Task, sample_id: str) -> Prefilled | None:
         return self.states.get(self._key(spec, task, sample_id))
@@ -223,7 +244,7 @@ class PrefillStore:
 _prefills = PrefillStore()
 
 
-def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> dict:
+def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> SampleRecord:
     """Generate for one sample and return its result record (scored)."""
     device = next(model.parameters()).device
     prompt_ids, question_ids = encode(sample, tokenizer, spec.model, task.params.compress)
@@ -232,7 +253,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
     def stop_check(tokens):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in sample.stop_strings)
-    method = spec.new_method()
+    method = spec.method.new()
+    method.setup(model)
     reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
     prefilled = _prefills.get(spec, task, sample.id) if reuse else None
     cache = KVCache(method, layer_windows(model.config))
@@ -242,54 +264,54 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> d
                    prefilled=prefilled, keep_prefill=reuse and prefilled is None)
     if reuse and prefilled is None:
         _prefills.put(spec, task, sample.id, gen.prefilled)
-    record = {
-        "id": sample.id,
-        "task": task.name,
-        "pred": tokenizer.decode(gen.tokens[0], skip_special_tokens=True),
-        "answers": sample.answers,
-        "meta": sample.meta,
-        "prompt_tokens": prompt_ids.shape[1] + (question_ids.shape[1] if question_ids is not None else 0),
-        "appended_tokens": question_ids.shape[1] if question_ids is not None else 0,
-        "new_tokens": len(gen.tokens[0]),
-        "stopped_by": gen.stopped_by[0],
-        "prefill_s": round(gen.prefill_s, 4),
+    appended = question_ids.shape[1] if question_ids is not None else 0
+    record = SampleRecord(
+        id=sample.id,
+        task=task.name,
+        pred=tokenizer.decode(gen.tokens[0], skip_special_tokens=True),
+        answers=sample.answers,
+        meta=sample.meta,
+        prompt_tokens=prompt_ids.shape[1] + appended,
+        appended_tokens=appended,
+        new_tokens=len(gen.tokens[0]),
+        stopped_by=gen.stopped_by[0],
+        prefill_s=round(gen.prefill_s, 4),
         # a reused prefill's time is its restore and compression only: the forward ran for another ratio
-        "prefill_reused": prefilled is not None,
-        "decode_s": round(gen.decode_s, 4),
-        "compress_s": round(gen.compress_s, 4),
-        "decode_compress_s": round(gen.decode_compress_s, 4),
-        "kv": {"after_prefill": gen.after_prefill, "at_end": gen.at_end, "peak_bytes_held": gen.peak_bytes_held,
-               "peak_bytes_in_step": gen.peak_bytes_in_step},
-        "finished_at": _now(),
-    }
-    record["scores"] = task.score(record)
+        prefill_reused=prefilled is not None,
+        decode_s=round(gen.decode_s, 4),
+        compress_s=round(gen.compress_s, 4),
+        decode_compress_s=round(gen.decode_compress_s, 4),
+        kv=KVUsage(after_prefill=KVStats(**gen.after_prefill), at_end=KVStats(**gen.at_end),
+                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step),
+        finished_at=_now(),
+    )
+    record.scores = task.score(record)
     return record
 
 
-def summarize_run(task: Task, records: list[dict], n_expected: int) -> dict:
+def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> RunScores:
     """scores.json: the task's scores plus completeness and measured compression."""
     summary = task.summarize(records)
-    n = len(records)
 
-    def mean_of(path):
-        vals = [r for r in (path(rec) for rec in records) if r is not None]
-        return sum(vals) / len(vals) if vals else None
+    def mean_of(values):
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present) if present else None
 
-    return {
-        "task": task.name,
-        "metric": task.main_metric,
-        "score": summary.get(task.main_metric),
-        "metrics": summary,
-        "n": n,
-        "n_expected": n_expected,
-        "complete": n == n_expected,
-        "measured_ratio": mean_of(lambda r: r["kv"]["after_prefill"]["ratio"]),
-        "tokens_held": mean_of(lambda r: r["kv"]["after_prefill"]["tokens_held"]),
-        "bytes_held": mean_of(lambda r: r["kv"]["after_prefill"]["bytes_held"]),
-        "peak_bytes_held": mean_of(lambda r: r["kv"]["peak_bytes_held"]),
-        "decode_tokens_per_s": (sum(r["new_tokens"] for r in records) / s
-                                if (s := sum(r["decode_s"] for r in records)) else None),
-    }
+    decode_s = sum(r.decode_s for r in records)
+    return RunScores(
+        task=task.name,
+        metric=task.main_metric,
+        score=summary.get(task.main_metric),
+        metrics=summary,
+        n=len(records),
+        n_expected=n_expected,
+        complete=len(records) == n_expected,
+        measured_ratio=mean_of(r.kv.after_prefill.ratio for r in records),
+        tokens_held=mean_of(r.kv.after_prefill.tokens_held for r in records),
+        bytes_held=mean_of(r.kv.after_prefill.bytes_held for r in records),
+        peak_bytes_held=mean_of(r.kv.peak_bytes_held for r in records),
+        decode_tokens_per_s=sum(r.new_tokens for r in records) / decode_s if decode_s else None,
+    )
 
 
 @contextlib.contextmanager
@@ -322,7 +344,7 @@ def _sigterm_exits():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _finish(run_dir: RunDir, task: Task, ids: list[str], meta: dict, stopped: bool = False) -> dict:
+def _finish(run_dir: RunDir, task: Task, ids: list[str], info: RunInfo, stopped: bool = False) -> RunScores:
     """Recompute scores.json and run.json from every record in the directory (all shards and jobs)
     and return the scores. Under the directory lock: records only accumulate, so whichever job
     writes last also saw the most records.
@@ -332,15 +354,15 @@ def _finish(run_dir: RunDir, task: Task, ids: list[str], meta: dict, stopped: bo
     """
     wanted = set(ids)
     with run_dir.lock():
-        records = [r for r in run_dir.records() if r["id"] in wanted]
+        records = [r for r in run_dir.records() if r.id in wanted]
         scores = summarize_run(task, records, len(ids))
         run_dir.write_scores(scores)
-        status = "complete" if scores["complete"] else "interrupted" if stopped else "partial"
-        run_dir.write_run({**meta, "status": status, "finished": _now()})
+        status = "complete" if scores.complete else "interrupted" if stopped else "partial"
+        run_dir.write_run(dataclasses.replace(info, status=status, finished=_now()))
     return scores
 
 
-def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
+def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
     """Run (or resume) this job's share of one task into its results directory; return the scores.json
     content of the whole directory.
 
@@ -358,29 +380,30 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
         raise RuntimeError(f"task {task.name} produced duplicate sample ids")
     # a stride, not a block: tasks list samples by length, so every shard gets a similar amount of work
     mine = samples if spec.shard is None else samples[spec.shard[0] :: spec.shard[1]]
-    meta = {
-        "identity": identity,
-        "config": config,
-        "model_info": model_info(model),
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "host": platform.node(),
-        "n_expected": len(samples),
-        "status": "running",
-    }
+    info = RunInfo(
+        identity=identity,
+        config=spec.config,
+        model_info=model_info(model),
+        versions=_versions(),
+        git_commit=_git_commit(),
+        host=platform.node(),
+        n_expected=len(samples),
+        status="running",
+    )
     with run_dir.lock():
         previous = run_dir.read_run()
-        if previous is not None and previous.get("identity") != identity:
-            differing = sorted(k for k in identity if previous.get("identity", {}).get(k) != identity[k])
+        differing = identity.differences(previous.identity) if previous is not None else []
+        if differing:
             raise ConfigError(
                 f"{run_dir.path} holds results of a different configuration (differs in: {', '.join(differing)}); "
                 "choose another results_dir or remove that directory"
             )
-        meta["started"] = previous.get("started") if previous else _now()
-        run_dir.write_run(meta)
-    done = {r["id"] for r in run_dir.records()}
+        # a directory written by an older kvbench is taken over: run.json is rewritten in this schema
+        info = dataclasses.replace(info, started=previous.started if previous else _now())
+        run_dir.write_run(info)
+    done = {r.id for r in run_dir.records()}
     todo = [s for s in mine if s.id not in done]
-    label = f"[{spec.model.name} | {task.name} | {spec.method_name} {spec.setting()}]"
+    label = f"[{spec.model.name} | {task.name} | {spec.method.name} {spec.setting}]"
     share = f" (shard {spec.shard[0]}/{spec.shard[1]} of {len(samples)})" if spec.shard else ""
     print(f"{label} {len(mine)} samples{share}, {len(mine) - len(todo)} already done -> {run_dir.path}", flush=True)
     try:
@@ -389,25 +412,26 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task, config: dict) -> dict:
                 t0 = time.perf_counter()
                 with run_dir.claim(sample.id) as claimed:
                     # another live job runs this sample, or finished it after `done` was read
-                    if not claimed or sample.id in {r["id"] for r in run_dir.records()}:
+                    if not claimed or sample.id in {r.id for r in run_dir.records()}:
                         print(f"{label} {i}/{len(mine)} {sample.id}: left to another job", flush=True)
                         continue
                     record = run_sample(model, tokenizer, spec, task, sample)
                     run_dir.append(record)
-                scores = " ".join(f"{k}={v:.2f}" for k, v in record["scores"].items())
-                print(f"{label} {i}/{len(mine)} {sample.id}: {scores} | {record['prompt_tokens']} tok, "
-                      f"held {record['kv']['after_prefill']['ratio']:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
+                scores = " ".join(f"{k}={v:.2f}" for k, v in record.scores.items())
+                print(f"{label} {i}/{len(mine)} {sample.id}: {scores} | {record.prompt_tokens} tok, "
+                      f"held {record.kv.after_prefill.ratio:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
     except SystemExit:  # a signal stopped the job (SIGTERM, or submitit's USR2): say so in run.json
-        _finish(run_dir, task, ids, meta, stopped=True)
+        _finish(run_dir, task, ids, info, stopped=True)
         raise
-    scores = _finish(run_dir, task, ids, meta)
-    return {"dir": str(run_dir.path), "model": spec.model.name, "method": spec.method_name,
-            "setting": spec.setting(), **scores}
+    scores = _finish(run_dir, task, ids, info)
+    return {"dir": str(run_dir.path), "model": spec.model.name, "method": spec.method.name,
+            "setting": spec.setting, **scores.to_json()}
 
 
-def run(cfg: dict) -> list[dict]:
+def run(cfg: KVBenchConfig) -> list[dict]:
     """Run every task of a configuration; return their scores (one dict per results directory)."""
     spec = RunSpec.from_config(cfg)
     model, tokenizer = load_model(spec.model)
+    spec.method.new().setup(model)  # what the model makes impossible fails before the first sample
     torch.manual_seed(spec.seed)
-    return [run_task(model, tokenizer, spec, task, cfg) for task in spec.task.subtasks()]
+    return [run_task(model, tokenizer, spec, task) for task in spec.task.subtasks()]

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbench.results import SAMPLES, RunDir, find_runs, read_jsonl_strict, record_line, write_atomic
+from kvbench.results import SAMPLES, RunDir, SampleRecord, find_runs, read_jsonl_strict, record_line, write_atomic
 from kvbench.scoring import ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
@@ -138,20 +138,18 @@ def score_path(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _task_of(run_dir: RunDir):
-    """The run's task, rebuilt from the identity recorded in run.json.
+    """The run's task, rebuilt from the identity recorded in run.json, and its n_expected.
 
     The stored parameters were validated when the run started; they are not validated again, so
     a run can be re-scored where its data (e.g. a LongBench data_dir) is not available.
     """
-    from kvbench.tasks import registered
+    from kvbench.tasks import task_from_identity
 
-    run = run_dir.read_run()
     try:
-        desc = run["identity"]["task"]
-        cls = registered()[desc["kind"]]
-        return cls(desc["name"], cls.Params(**desc["params"])), run.get("n_expected")
-    except (KeyError, TypeError) as err:
-        raise InputError(f"{run_dir.path / 'run.json'}: no usable task identity ({err!r})") from None
+        info = run_dir.read_run()
+        return task_from_identity(info.identity.task), info.n_expected
+    except (KeyError, TypeError, ValueError) as err:  # ValueError: SchemaError, an unknown task kind
+        raise InputError(f"{run_dir.path / 'run.json'}: no usable task identity ({err})") from None
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:
@@ -162,9 +160,9 @@ def _file_state(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+def _write_jsonl_atomic(path: Path, records: list[SampleRecord]) -> None:
     """Rewrite a samples.jsonl atomically, in the line format RunDir.append uses."""
-    write_atomic(path, "".join(record_line(r) for r in records))
+    write_atomic(path, "".join(record_line(r.to_json()) for r in records))
 
 
 def rescore(path: Path) -> dict[str, dict[str, Any]]:
@@ -183,9 +181,8 @@ def rescore(path: Path) -> dict[str, dict[str, Any]]:
         state = _file_state(run_dir.samples_path)
         records = run_dir.records()  # de-duplicated by id, torn lines skipped
         for record in records:
-            record["scores"] = task.score(record)
-        n = n_expected if n_expected is not None else len(records)
-        planned.append((run_dir, state, records, summarize_run(task, records, n)))
+            record.scores = task.score(record)
+        planned.append((run_dir, state, records, summarize_run(task, records, n_expected)))
     written = {}
     for run_dir, state, records, scores in planned:
         if _file_state(run_dir.samples_path) != state:  # a run appended meanwhile: don't lose it
@@ -194,7 +191,7 @@ def rescore(path: Path) -> dict[str, dict[str, Any]]:
         if state is not None:
             _write_jsonl_atomic(run_dir.samples_path, records)
         run_dir.write_scores(scores)
-        written[str(run_dir.path)] = scores
+        written[str(run_dir.path)] = scores.to_json()
     return written
 
 

@@ -34,9 +34,9 @@ def format_table(rows: list[dict]) -> str:
 
 def row_from_disk(run: RunDir) -> dict:
     """A table row (the shape ``runner.run_task`` returns) from a results directory's files."""
-    identity = run.read_run()["identity"]
-    return {"dir": str(run.path), "model": identity["model"]["name"], "method": identity["method"]["name"],
-            "setting": identity["compression"]["label"], **run.read_scores()}
+    identity = run.read_run().identity
+    return {"dir": str(run.path), "model": identity.model["name"], "method": identity.method["name"],
+            "setting": identity.compression["label"], **run.read_scores().to_json()}
 
 
 class SweepSummary(Callback):
@@ -56,16 +56,16 @@ class SweepSummary(Callback):
         ``on_job_end`` in their own process, so their rows are read back from the results tree."""
         if self.rows:
             return list(self.rows.values())
-        return [row_from_disk(run) for run in find_runs(Path(config.results_dir)) if run.read_scores()]
+        return [row_from_disk(run) for run in find_runs(Path(config.results_dir)) if run.read_scores() is not None]
 
     def _print(self, rows: list[dict], config) -> None:
-        if rows and config.get("summary", True):
+        if rows and config.summary:
             print("\n" + format_table(rows), flush=True)
 
     def _report(self, rows: list[dict], config) -> None:
         """Regenerate the leaderboards of the results directory. The results are already on disk, so a
         reporting error is only a warning: it must never turn a finished sweep into a failed one."""
-        if not rows or not config.get("report", True):  # no job finished: nothing new to report
+        if not rows or not config.report:  # no job finished: nothing new to report
             return
         try:
             from kvbench.report import INDEX, write_report  # pandas and matplotlib only when reporting

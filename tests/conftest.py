@@ -64,3 +64,28 @@ def compose():
             return OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
 
     return composed
+
+
+def sample_record(id: str, **fields):
+    """A results record (``kvbench.results.SampleRecord``) with the given fields, others plausible."""
+    from kvbench.results import KVStats, KVUsage, SampleRecord
+
+    stats = KVStats(bytes_full=4000, bytes_held=1000, ratio=4.0, tokens_held=25.0, tokens_per_layer=[25.0, 25.0])
+    values = dict(id=id, task="passkey", pred="12345", answers=["12345"], meta={}, prompt_tokens=100,
+                  appended_tokens=0, new_tokens=4, stopped_by="eos", prefill_s=0.5, prefill_reused=False,
+                  decode_s=0.25, compress_s=0.01, decode_compress_s=0.0,
+                  kv=KVUsage(after_prefill=stats, at_end=stats, peak_bytes_held=1000, peak_bytes_in_step=4000),
+                  finished_at="2026-01-01T00:00:00+00:00", scores={"exact_match": 1.0})
+    return SampleRecord(**{**values, **fields})
+
+
+def run_info(task: dict, model="m", method="full", params=None, ratio=1, budget=None, label="ratio-1", **fields):
+    """A run.json (``kvbench.results.RunInfo``) of the given task description and method, others plausible."""
+    from kvbench.results import RunIdentity, RunInfo
+
+    identity = RunIdentity(model={"name": model, "source": "hub", "path": model},
+                           method={"name": method, "params": params or {}, "phases": []}, task=task,
+                           compression={"ratio": ratio, "budget": budget, "label": label})
+    values = dict(identity=identity, config={}, model_info={}, versions={}, git_commit=None, host="test",
+                  n_expected=1, status="complete")
+    return RunInfo(**{**values, **fields})

@@ -10,7 +10,7 @@ from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.errors import ConfigError
 from kvbench.methods.pyramidkv import layer_budgets
-from kvbench.methods.quant import dequantize, pack, quantize, unpack
+from kvbench.packing import dequantize, pack, quantize, unpack
 from kvbench.methods.scores import attention_probs, attention_with_received, top_and_recent, window_scores
 
 
@@ -134,7 +134,9 @@ def test_pyramid_budgets_sum_to_the_total(n_layers, capacity, window, n_tokens):
 
 
 def test_pyramidkv_layers_keep_their_budgets(tiny_llama):
-    cache = KVCache(build_method("pyramidkv", {}, Compression(ratio=4)), layer_windows(tiny_llama.config))
+    method = build_method("pyramidkv", {}, Compression(ratio=4))
+    method.setup(tiny_llama)
+    cache = KVCache(method, layer_windows(tiny_llama.config))
     gen = generate(tiny_llama, cache, random_prompt(1024), None, 1, eos_ids=set())
     # mean share 256 - 64 = 192: lo = 9.6, hi = 374.4, rounded so that the total stays 2 x 256
     assert gen.after_prefill["tokens_per_layer"] == layer_budgets(2, 256, 64, 20, 1024) == [64 + 374, 64 + 10]
@@ -143,8 +145,11 @@ def test_pyramidkv_layers_keep_their_budgets(tiny_llama):
 
 def test_pyramid_depth_counts_only_compressed_layers(tiny_gemma):
     method = build_method("pyramidkv", {}, Compression(ratio=4))
-    KVCache(method, layer_windows(tiny_gemma.config))
-    assert method.compressed_layers == [1]  # layer 0 is a sliding-window layer
+    method.setup(tiny_gemma)
+    cache = KVCache(method, layer_windows(tiny_gemma.config))
+    gen = generate(tiny_gemma, cache, random_prompt(400), None, 1, eos_ids=set())
+    # one compressed layer (layer 0 is a sliding-window layer): it keeps the whole capacity, 400 / 4
+    assert gen.after_prefill["tokens_per_layer"] == [7, 100]
 
 
 # -- TOVA -----------------------------------------------------------------------------------------------
@@ -242,18 +247,6 @@ def test_dequantize_is_codes_times_scale_plus_zero_into_any_output(bits):
     assert torch.equal(dequantize(p, torch.float16), by_hand.half())
 
 
-def test_packed_append_writes_into_spare_room_without_copying_the_held_tokens():
-    x = torch.randn(1, 2, 20, 8, generator=torch.Generator().manual_seed(0))
-    held = quantize(x[:, :, :10], 4, 8).append(quantize(x[:, :, 10:11], 4, 8))  # now backed by buffers
-    storage = [t.data_ptr() for t in (held.data, held.scale, held.zero)]
-    for i in range(11, 20):
-        held = held.append(quantize(x[:, :, i:i + 1], 4, 8))
-    assert [t.data_ptr() for t in (held.data, held.scale, held.zero)] == storage
-    whole = quantize(x, 4, 8)
-    assert held.tokens == 20 and torch.equal(dequantize(held), dequantize(whole))
-    assert held.nbytes() == whole.nbytes()  # the room is not counted as held
-
-
 @pytest.mark.parametrize("ratio,bits,group_size,bytes_per_token_head", [
     (4, 4, None, 16 * 4 // 8 + 2 + 2),  # 8 packed bytes + fp16 scale + fp16 zero
     (8, 2, 8, 16 * 2 // 8 + 2 * (2 + 2)),  # two groups of 8 channels
@@ -261,7 +254,7 @@ def test_packed_append_writes_into_spare_room_without_copying_the_held_tokens():
 ])
 def test_quant_layer_holds_packed_bytes(ratio, bits, group_size, bytes_per_token_head):
     method = build_method("quant", {"group_size": group_size}, Compression(ratio=ratio))
-    assert method.bits == bits and method.describe()["bits_in_use"] == bits
+    assert method.bits == bits
     layer = method.make_layer(0)
     x = torch.randn(2, 3, 10, 16)
     keys, _ = step(layer, x, values=-x)
@@ -272,7 +265,7 @@ def test_quant_layer_holds_packed_bytes(ratio, bits, group_size, bytes_per_token
     new = torch.randn(2, 3, 1, 16)
     keys, values = layer.update(new, new)
     assert keys.shape == (2, 3, 11, 16) and torch.equal(keys[:, :, -1:], new)
-    assert torch.equal(keys[:, :, :10], dequantize(layer.packed[0], x.dtype))
+    assert torch.equal(keys[:, :, :10], dequantize(layer.stores["packed_keys"].packed(), x.dtype))
     assert layer.bytes_held() == 2 * 2 * 3 * 10 * bytes_per_token_head + 2 * new.numel() * 4  # new: float
     layer.end_step("decode")
     assert layer.bytes_held() == 2 * 2 * 3 * 11 * bytes_per_token_head
@@ -290,6 +283,6 @@ def test_quant_rejects_unreachable_settings(params, comp, message):
 
 
 def test_quant_bits_must_be_packable():
-    with pytest.raises(ConfigError, match="bits must be one of"):
+    with pytest.raises(ConfigError, match="quant.bits=3: expected one of 2, 4, 8, or null"):
         build_method("quant", {"bits": 3}, Compression(ratio=4))
     assert build_method("quant", {"bits": 2}, Compression(ratio=8)).bits == 2

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import kvbench.runner as runner
+from conftest import sample_record
+from kvbench.config import KVBenchConfig, load_config
 from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec
@@ -49,10 +51,10 @@ def wait_for_records(proc: subprocess.Popen, run_dir: Path, n: int, log: Path, t
         time.sleep(0.05)
 
 
-def cli_config(run_dir: Path) -> dict:
+def cli_config(run_dir: Path) -> KVBenchConfig:
     """The resolved config the command line ran (run.json keeps it), to resume it in this process,
     where the embedded model is loaded already."""
-    return json.loads((run_dir / "run.json").read_text())["config"]
+    return load_config(json.loads((run_dir / "run.json").read_text())["config"])
 
 
 def assert_complete(run_dir: Path) -> None:
@@ -103,8 +105,8 @@ def test_two_processes_running_one_configuration_write_each_sample_once(tmp_path
 @pytest.mark.embedded
 def test_shards_of_one_configuration_fill_one_directory(tmp_path, embedded):
     def cfg(shard):
-        return {"model": MODEL, "method": {"name": "streaming"}, "task": TASK, "ratio": 2, "budget": None,
-                "results_dir": str(tmp_path), "shard": shard}
+        return load_config({"model": MODEL, "method": {"name": "streaming"}, "task": TASK, "ratio": 2,
+                            "results_dir": str(tmp_path), "shard": shard})
 
     first = runner.run(cfg("0/2"))[0]
     run_dir = Path(first["dir"])
@@ -120,8 +122,8 @@ def test_shards_of_one_configuration_fill_one_directory(tmp_path, embedded):
 def test_bad_shards_fail_before_loading(tmp_path, monkeypatch, shard):
     monkeypatch.setattr(runner, "load_model", lambda cfg: pytest.fail("model loaded before validation"))
     with pytest.raises(ConfigError, match="shard must be 'i/n' with 0 <= i < n"):
-        runner.run({"model": MODEL, "method": {"name": "full"}, "task": TASK, "results_dir": str(tmp_path),
-                    "shard": shard})
+        runner.run(load_config({"model": MODEL, "method": {"name": "full"}, "task": TASK,
+                                "results_dir": str(tmp_path), "shard": shard}))
 
 
 def test_shard_is_a_command_line_key_and_not_part_of_the_directory(tmp_path):
@@ -129,9 +131,9 @@ def test_shard_is_a_command_line_key_and_not_part_of_the_directory(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "shard: 1/4" in out.stdout, out.stderr
     base = {"model": MODEL, "method": {"name": "streaming"}, "task": TASK, "ratio": 2, "results_dir": str(tmp_path)}
-    specs = [RunSpec.from_config({**base, "shard": s}) for s in (None, "0/4", "3/4")]
+    specs = [RunSpec.from_config(load_config({**base, "shard": s})) for s in (None, "0/4", "3/4")]
     assert len({s.run_dir(s.task).path for s in specs}) == 1
-    assert len({json.dumps(s.identity(s.task), sort_keys=True) for s in specs}) == 1
+    assert len({json.dumps(s.identity(s.task).to_json(), sort_keys=True) for s in specs}) == 1
 
 
 def python(code: str, *args: str) -> subprocess.Popen:
@@ -141,21 +143,22 @@ def python(code: str, *args: str) -> subprocess.Popen:
 
 
 APPEND_MANY = """
-import sys
+import json, sys
 from pathlib import Path
-from kvbench.results import RunDir
-run_dir, writer = RunDir(Path(sys.argv[1])), sys.argv[2]
+from kvbench.results import RunDir, SampleRecord
+run_dir, writer, template = RunDir(Path(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3])
 for i in range(50):
     # larger than PIPE_BUF (4 KiB): a single O_APPEND write of this size is not atomic everywhere
-    run_dir.append({"id": f"{writer}-{i}", "pad": "x" * 6000})
+    run_dir.append(SampleRecord.from_json({**template, "id": f"{writer}-{i}", "pred": "x" * 6000}))
 """
 
 
 def test_concurrent_appends_never_interleave(tmp_path):
-    writers = [python(APPEND_MANY, str(tmp_path), str(w)) for w in range(4)]
+    template = json.dumps(sample_record("template").to_json())
+    writers = [python(APPEND_MANY, str(tmp_path), str(w), template) for w in range(4)]
     assert [w.wait(timeout=120) for w in writers] == [0] * 4
     raw = (tmp_path / "samples.jsonl").read_text().splitlines()
-    assert len(raw) == 200 and all(json.loads(line)["pad"] == "x" * 6000 for line in raw)
+    assert len(raw) == 200 and all(json.loads(line)["pred"] == "x" * 6000 for line in raw)
     assert len(RunDir(tmp_path).records()) == 200
 
 

@@ -180,8 +180,9 @@ def test_snapshot_is_unaffected_by_later_appends():
     state = layer.snapshot()
     for _ in range(3):
         layer.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
-    assert torch.equal(state["keys"], torch.cat([first, first[:, :, :1]], dim=2))
+    assert torch.equal(state.stores["keys"].tensor, torch.cat([first, first[:, :, :1]], dim=2))
+    assert state.fields["seen"] == 6 and state.nbytes() == 2 * 6 * 4 * 4 + 6 * 8  # keys, values, positions
     layer.restore(state)
     layer.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
     assert torch.equal(layer.keys[:, :, -1], torch.ones(1, 1, 4)) and layer.keys.shape[2] == 7
-    assert state["keys"].shape[2] == 6
+    assert state.stores["keys"].tokens == 6 and layer.positions[0, 0].tolist() == list(range(7))

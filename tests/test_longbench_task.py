@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from conftest import run_info, sample_record
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.results import RunDir
@@ -315,9 +316,9 @@ def _records(sub, preds=None):
     samples = sub.samples(CharTokenizer(), model_cfg())
     out = []
     for i, s in enumerate(samples):
-        record = {"id": s.id, "task": sub.name, "pred": s.answers[0] if preds is None else preds[i],
-                  "answers": s.answers, "meta": s.meta}
-        record["scores"] = sub.score(record)
+        record = sample_record(s.id, task=sub.name, pred=s.answers[0] if preds is None else preds[i],
+                               answers=s.answers, meta=s.meta)
+        record.scores = sub.score(record)
         out.append(record)
     return out
 
@@ -328,7 +329,7 @@ def test_gold_answers_score_one(task, variant):
     sub = subtask(task, variant)
     records = _records(sub)
     # (the rouge package's F has an epsilon: 0.999999995)
-    assert [r["scores"]["score"] for r in records] == pytest.approx([1.0] * len(records))
+    assert [r.scores["score"] for r in records] == pytest.approx([1.0] * len(records))
     summary = sub.summarize(records)
     assert summary["score"] == 100.0
     assert ("score_e" in summary) is (variant == "e")
@@ -343,7 +344,7 @@ def test_summarize_e_buckets():
 def test_classification_reads_all_classes_from_meta():
     sub = subtask("trec")
     # "Country" and "Other" both occur: 1/2, as the official classification score
-    assert _records(sub, ["Country or Other", "Person"])[0]["scores"]["score"] == 0.5
+    assert _records(sub, ["Country or Other", "Person"])[0].scores["score"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,12 +392,10 @@ def _fake_run(results: Path, sub, preds) -> RunDir:
     from kvbench.runner import summarize_run
 
     run_dir = RunDir(results / "m" / sub.name / "full" / "ratio-1")
-    kv = {"after_prefill": {"ratio": 1.0, "tokens_held": 10, "bytes_held": 100}, "peak_bytes_held": 100}
     records = _records(sub, preds)
     for record in records:
-        record.update(kv=kv, new_tokens=2, decode_s=0.5)
         run_dir.append(record)
-    run_dir.write_run({"identity": {"task": sub.describe()}, "n_expected": len(records), "status": "complete"})
+    run_dir.write_run(run_info(sub.describe(), n_expected=len(records)))
     run_dir.write_scores(summarize_run(sub, records, len(records)))
     return run_dir
 
@@ -409,7 +408,7 @@ def _score_cli(*args):
 def test_rescore_write_round_trip(tmp_path):
     sub = subtask("trec", "e")
     run_dir = _fake_run(tmp_path, sub, ["Other", "Other", "Other"])
-    assert run_dir.read_scores()["score"] == 0.0
+    assert run_dir.read_scores().score == 0.0
     lines = run_dir.samples_path.read_text().splitlines()
     first = json.loads(lines[0])
     first["pred"] = first["answers"][0]  # a fixed prediction: its stored score is now stale
@@ -421,12 +420,12 @@ def test_rescore_write_round_trip(tmp_path):
     proc = _score_cli(str(tmp_path), "--write")
     assert proc.returncode == 0, proc.stderr
     records = run_dir.records()
-    assert [r["id"] for r in records] == [e["_id"] for e in examples("trec_e")]
+    assert [r.id for r in records] == [e["_id"] for e in examples("trec_e")]
     assert len(run_dir.samples_path.read_text().splitlines()) == 3
-    assert [r["scores"]["score"] for r in records] == [1.0, 0.0, 0.0]
+    assert [r.scores["score"] for r in records] == [1.0, 0.0, 0.0]
     scores = run_dir.read_scores()
-    assert (scores["score"], scores["n"], scores["complete"]) == (33.33, 3, True)
-    assert scores["metrics"]["score_e"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 0.0}
+    assert (scores.score, scores.n, scores.complete) == (33.33, 3, True)
+    assert scores.metrics["score_e"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 0.0}
     assert json.loads(proc.stdout)[str(run_dir.path)]["score"] == 33.33
 
     # the read-only CLI pools the same records (all_classes and length from meta) to the same score
@@ -456,14 +455,14 @@ def test_cli_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = RunDir(tmp_path / "smollm2-135m" / "passage_retrieval_en" / "streaming" / "ratio-4")
     scores = run_dir.read_scores()
-    assert scores["metric"] == "score" and scores["n"] == 2 and scores["complete"]
-    assert 0.0 <= scores["score"] <= 100.0 and not math.isnan(scores["score"])
+    assert scores.metric == "score" and scores.n == 2 and scores.complete
+    assert 0.0 <= scores.score <= 100.0 and not math.isnan(scores.score)
     records = run_dir.records()
-    assert [r["id"] for r in records] == [e["_id"] for e in examples("passage_retrieval_en")]
-    assert all(r["task"] == "passage_retrieval_en" and "score" in r["scores"] for r in records)
+    assert [r.id for r in records] == [e["_id"] for e in examples("passage_retrieval_en")]
+    assert all(r.task == "passage_retrieval_en" and "score" in r.scores for r in records)
     # re-scoring the real output with the same scorer changes nothing
     before = run_dir.samples_path.read_text()
     proc = _score_cli(str(tmp_path), "--write")
     assert proc.returncode == 0, proc.stderr
     assert run_dir.samples_path.read_text() == before
-    assert run_dir.read_scores()["score"] == scores["score"]
+    assert run_dir.read_scores().score == scores.score

@@ -6,6 +6,7 @@ Fixtures: tests/fixtures/math/<task>/ (self-written problems in each dataset's p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -13,12 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import sample_record
+
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.runner import encode
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed, last_number, normalize
 from kvbench.tasks import build_task
-from kvbench.tasks import math as mt
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "math"
@@ -31,8 +33,8 @@ def task(kind, data_dir=None, **params):
 
 
 def record(t, pred, answer, stopped_by="eos", new_tokens=10):
-    r = {"pred": pred, "answers": [answer], "stopped_by": stopped_by, "new_tokens": new_tokens}
-    r["scores"] = t.score(r)
+    r = sample_record("s", task=t.name, pred=pred, answers=[answer], stopped_by=stopped_by, new_tokens=new_tokens)
+    r.scores = t.score(r)
     return r
 
 
@@ -282,11 +284,11 @@ def test_scores_and_summary():
     records = [record(t, r"so \boxed{\dfrac12}", r"\frac{1}{2}"),
                record(t, r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", new_tokens=30),
                record(t, "the area is 16", "16", stopped_by="max_new_tokens", new_tokens=50)]
-    assert [r["scores"] for r in records] == [{"accuracy": 1.0, "boxed": 1.0}, {"accuracy": 1.0, "boxed": 1.0},
+    assert [r.scores for r in records] == [{"accuracy": 1.0, "boxed": 1.0}, {"accuracy": 1.0, "boxed": 1.0},
                                               {"accuracy": 0.0, "boxed": 0.0}]  # no box: no fallback
     assert t.summarize(records) == {"accuracy": 66.67, "boxed": 66.67, "truncated": 33.33, "mean_new_tokens": 30.0}
     g = task("gsm8k")
-    assert record(g, "so 10 apples are left", "10")["scores"] == {"accuracy": 1.0, "boxed": 0.0}
+    assert record(g, "so 10 apples are left", "10").scores == {"accuracy": 1.0, "boxed": 0.0}
 
 
 def test_max_new_tokens_must_be_positive():
@@ -302,3 +304,12 @@ def test_hydra_configs(compose, kind):
     t = build_task(cfg["task"])
     assert (t.name, t.kind, t.params.max_new_tokens) == (kind, kind, 8192)
     assert compose([f"task={kind}"])["task"]["data_dir"] is None  # the hub by default
+
+
+def test_local_data_is_identified_by_content_not_location():
+    t = task("aime25")
+    assert "data_dir" not in t.describe()["params"]
+    digest = hashlib.sha256((FIXTURES / "aime25" / "aime2025-II.jsonl").read_bytes()).hexdigest()
+    assert t.data_fingerprint()["sha256"]["aime2025-II.jsonl"] == digest
+    assert set(t.data_fingerprint()["sha256"]) == {"aime2025-I.jsonl", "aime2025-II.jsonl"}
+    assert build_task({"name": "aime25", "kind": "aime25"}).data_fingerprint() is None

@@ -1,14 +1,13 @@
 """Checks every registered method must pass (parametrized over the registry, so new methods are
-checked automatically): config file = defaults, lossless without eviction, measured ratio, decoding
-at the right positions (against a reference that recomputes attention with explicit masks), batch
-sizes 1 and 2, determinism, and the same on the embedded model."""
+checked automatically): declared defaults within their own bounds, compression only in the declared
+phases, lossless without eviction, measured ratio, decoding at the right positions (against a
+reference that recomputes attention with explicit masks), batch sizes 1 and 2, determinism, and the
+same on the embedded model."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AttentionInterface
 
 from conftest import random_prompt
@@ -19,12 +18,13 @@ from kvbench.methods.base import EvictionLayer
 
 METHODS = registered()
 NAMES = list(METHODS)
-CONF = Path(__file__).resolve().parents[1] / "kvbench" / "conf" / "method"
 
 
 def make_cache(model, name, seed=0, **comp):
     compression = Compression(**comp) if METHODS[name].uses_compression else None
-    return KVCache(build_method(name, {}, compression, seed), layer_windows(model.config))
+    method = build_method(name, {}, compression, seed)
+    method.setup(model)
+    return KVCache(method, layer_windows(model.config))
 
 
 def run(model, name, prompt, new_tokens, question=None, seed=0, **comp):
@@ -59,12 +59,21 @@ def check_positions(cache):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_config_file_equals_param_defaults(name):
-    path = CONF / f"{name}.yaml"
-    assert path.exists(), f"kvbench/conf/method/{name}.yaml is missing"
-    values = yaml.safe_load(path.read_text())
-    assert values.pop("name") == name
-    assert values == dataclasses.asdict(METHODS[name].Params())
+def test_declared_defaults_pass_their_own_checks(name):
+    cls = METHODS[name]
+    defaults = dataclasses.asdict(cls.Params())
+    assert cls.parse_params(defaults) == cls.Params()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compress_is_called_in_the_declared_phases_only(name, tiny_llama, monkeypatch):
+    calls = []
+    layer_cls = METHODS[name].layer
+    compress = layer_cls.compress
+    monkeypatch.setattr(layer_cls, "compress", lambda self, phase: calls.append(phase) or compress(self, phase))
+    gen, _ = run(tiny_llama, name, random_prompt(40), 3, question=random_prompt(4, seed=1), ratio=2)
+    every_step = ["prefill", "append", "decode", "decode"]  # per layer (2 layers)
+    assert calls == [phase for phase in every_step for _ in range(2) if phase in METHODS[name].phases]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])

@@ -13,7 +13,7 @@ from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.errors import ConfigError
 from kvbench.methods.mikv import key_balancer
-from kvbench.methods.quant import dequantize, pack, quantize, unpack
+from kvbench.packing import dequantize, pack, quantize, unpack
 
 
 def make_layer(params=None, **comp):
@@ -106,7 +106,7 @@ def test_memory_mode_checks_the_exact_range_once_head_dim_is_known(tiny_llama):
     # head_dim 16, g = 8: fp16 / int2 reaches 1 to 16 / 6 = 2.67x; 4x passes the build-time bound (< 8)
     method = build_method("mikv", {"ratio_mode": "memory"}, Compression(ratio=4))
     with pytest.raises(ConfigError, match="achievable ratios are 1 .* to 2.667"):
-        generate(tiny_llama, KVCache(method, layer_windows(tiny_llama.config)), random_prompt(20), None, 2, set())
+        method.setup(tiny_llama)
 
 
 @pytest.mark.parametrize("params", [{"ratio_mode": "bits"}, {"high_bits": 12}, {"low_bits": 8},
@@ -158,7 +158,8 @@ def test_everything_important_equals_full_on_an_fp16_model(tiny_llama_fp16, fp16
     # because MiKV computes attention from the probabilities it scores with rather than with SDPA.
     first = cache.layers[0]
     assert torch.equal(first.positions, full_cache.layers[0].positions)
-    assert torch.equal(first.hi_k, full_cache.layers[0].keys) and torch.equal(first.hi_v, full_cache.layers[0].values)
+    assert torch.equal(first.stores["hi_k"].tensor, full_cache.layers[0].keys)
+    assert torch.equal(first.stores["hi_v"].tensor, full_cache.layers[0].values)
     torch.testing.assert_close(logits, full_logits, atol=2e-3, rtol=2e-3)
 
 
@@ -232,7 +233,8 @@ def test_balancer_by_hand_and_stored_keys_are_balanced():
     torch.testing.assert_close(layer.balance[0, 0], b)
     # the low-precision token holds Q(k * b); attention gets dequant / b
     stored = quantize(keys[:, :, :1] * b, 2, 2)
-    assert torch.equal(layer.lo_k.data, stored.data) and torch.equal(layer.lo_k.scale, stored.scale)
+    held = layer.stores["lo_k"].packed()
+    assert torch.equal(held.data, stored.data) and torch.equal(held.scale, stored.scale)
     expected = dequantize(stored, torch.float32) / b
     k, _ = layer.update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
     at = layer.positions[0, 0].tolist().index(0)  # held in the stores' order: important first

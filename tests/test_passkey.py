@@ -65,3 +65,17 @@ def test_bad_task_parameters_are_named():
         build_task({**BASE, "lenghts": [1]})
     with pytest.raises(ConfigError, match="unknown task kind 'nope'; valid: .*passkey"):
         build_task({"name": "x", "kind": "nope"})
+
+
+def test_the_heatmap_is_the_tasks_figure_of_its_cells():
+    task = build_task({**BASE, "metric": "partial_match"})
+    assert task.figures({"exact_match": 50.0}, "no cells") == {}
+    cells = {"300/0": {"exact_match": 100.0, "partial_match": 80.0},
+             "600/0": {"exact_match": 0.0, "partial_match": 20.0},
+             "600/1": {"exact_match": 50.0, "partial_match": 60.0}}
+    (name, fig), = task.figures({"partial_match": 53.33, "cells": cells}, "title").items()
+    ax = fig.axes[0]
+    grid = ax.images[0].get_array()
+    # rows are depths (0, 1), columns lengths (300, 600); the main metric; a missing cell is empty
+    assert name == "passkey" and grid[0].tolist() == [80.0, 20.0] and grid[1, 1] == 60.0 and grid.mask[1, 0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["300", "600"] and "depth" in ax.get_ylabel()

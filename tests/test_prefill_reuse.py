@@ -2,15 +2,17 @@
 stored prefill state gives exactly what a separate prefill gives, at every ratio; the runner's store
 of those states."""
 
-from pathlib import Path
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from conftest import EMBEDDED, random_prompt
 from kvbench.cache import KVCache, layer_windows
+from kvbench.config import load_config
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import Compression, build_method, registered
+from kvbench.methods.base import LayerState
 from kvbench.runner import PrefillStore, RunSpec
 from kvbench.tasks import build_task
 
@@ -29,7 +31,9 @@ def test_reused_prefill_equals_separate_prefill(name, fixture, request):
     windows = layer_windows(model.config)
 
     def cache(ratio):
-        return KVCache(build_method(name, {}, Compression(ratio=ratio), seed=3), windows)
+        method = build_method(name, {}, Compression(ratio=ratio), seed=3)
+        method.setup(model)
+        return KVCache(method, windows)
 
     first = generate(model, cache(2), prompt, None, 6, set(), keep_prefill=True)
     assert first.prefilled is not None
@@ -44,12 +48,14 @@ def test_reused_prefill_equals_separate_prefill(name, fixture, request):
 
 
 def spec(method="streaming", gb=1.0):
-    return RunSpec(model=EMBEDDED, method_name=method, method_params={}, compression=Compression(ratio=2),
-                   task=None, results_dir=Path("unused"), prefill_reuse_gb=gb)
+    return RunSpec.from_config(load_config({"model": asdict(EMBEDDED), "method": {"name": method}, "ratio": 2,
+                                            "task": {"name": "passkey", "kind": "passkey"},
+                                            "prefill_reuse_gb": gb}))
 
 
 def state(mib):
-    return Prefilled(layers=[{"keys": torch.zeros(mib * 2**18)}], logits=torch.zeros(1), in_step=0, prefill_s=0.0)
+    layer = LayerState(stores={}, fields={"keys": torch.zeros(mib * 2**18)})
+    return Prefilled(layers=[layer], logits=torch.zeros(1), in_step=0, prefill_s=0.0)
 
 
 def test_the_store_serves_any_sweep_order_within_its_memory():

@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import run_info, sample_record
 from kvbench import plots, report
+from kvbench.results import KVStats, KVUsage, RunDir, RunScores
 from kvbench.summary import SweepSummary
 
 PASSKEY_PARAMS = {"compress": "whole", "depths": [0.0, 1.0], "lengths": [512, 1024], "metric": "exact_match"}
+LONGBENCH_PARAMS = {"variant": "v1", "compress": "whole", "limit": None, "seed": 42, "revision": "main"}
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 
 
@@ -23,29 +26,24 @@ def write_run(root: Path, model="m", task="passkey", method="full", ratio=1, bud
     """A results directory as kvbench.runner writes it; ``scores=False`` leaves a killed run."""
     compression = f"budget-{budget}" if budget is not None else f"ratio-{ratio:g}"
     setting = "_".join(filter(None, [compression, variant]))
-    path = root / model / task / method / setting
-    path.mkdir(parents=True)
-    identity = {
-        "model": {"name": model, "source": "hf", "path": model},
-        "method": {"name": method, "params": {"lag": 128} if variant else {}, "phases": []},
-        "task": {"name": task, "kind": kind, "params": task_params or PASSKEY_PARAMS},
-        "compression": {"ratio": None if budget is not None else ratio, "budget": budget, "label": setting},
-    }
+    run = RunDir(root / model / task / method / setting)
     status = "complete" if n == n_expected else "partial" if scores else "running"
-    (path / "run.json").write_text(json.dumps({"identity": identity, "config": {}, "model_info": {},
-                                               "n_expected": n_expected, "status": status}))
-    with open(path / "samples.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"s{i}", "prefill_s": 0.5, "decode_s": 0.25, "new_tokens": 4,
-                                "kv": {"after_prefill": {"ratio": ratio or 2.0, "bytes_held": bytes_held}}}) + "\n")
+    run.write_run(run_info({"name": task, "kind": kind, "params": task_params or PASSKEY_PARAMS}, model=model,
+                           method=method, params={"lag": 128} if variant else {},
+                           ratio=None if budget is not None else ratio, budget=budget, label=setting,
+                           n_expected=n_expected, status=status))
+    stats = KVStats(bytes_full=4000, bytes_held=int(bytes_held), ratio=ratio or 2.0, tokens_held=100.0,
+                    tokens_per_layer=[100.0])
+    for i in range(n):
+        run.append(sample_record(f"s{i}", kv=KVUsage(after_prefill=stats, at_end=stats, peak_bytes_held=int(bytes_held),
+                                                      peak_bytes_in_step=4000)))
     if scores:
         metrics = {"exact_match": score, **({"cells": cells} if cells else {})}
-        (path / "scores.json").write_text(json.dumps({
-            "task": task, "metric": "exact_match", "score": score, "metrics": metrics, "n": n,
-            "n_expected": n_expected, "complete": n == n_expected, "measured_ratio": ratio or 2.0,
-            "tokens_held": 100.0, "bytes_held": bytes_held, "peak_bytes_held": bytes_held,
-            "decode_tokens_per_s": 16.0}))
-    return path
+        run.write_scores(RunScores(
+            task=task, metric="exact_match", score=score, metrics=metrics, n=n, n_expected=n_expected,
+            complete=n == n_expected, measured_ratio=ratio or 2.0, tokens_held=100.0, bytes_held=bytes_held,
+            peak_bytes_held=bytes_held, decode_tokens_per_s=16.0))
+    return run.path
 
 
 def run_of(df: pd.DataFrame, **where) -> pd.Series:
@@ -188,18 +186,33 @@ def test_markdown_tables_are_well_formed(sweep):
             assert all(len(cells_of(line)) == width for line in block), block
 
 
-def test_longbench_tasks_get_category_tables(tmp_path):
+def test_task_groups_get_tables_of_their_own(tmp_path):
+    # the groups are the task's (LongBench: categories), rebuilt from each run's identity
     for task in ("narrativeqa", "qasper", "hotpotqa_e"):
-        write_run(tmp_path, task=task, kind="longbench", score=30.0, task_params={"dataset": task})
-        write_run(tmp_path, task=task, kind="longbench", method="zeta", ratio=4, score=15.0,
-                  task_params={"dataset": task})
+        params = {**LONGBENCH_PARAMS, "tasks": [task.removesuffix("_e")], "variant": "e" if task.endswith("_e") else "v1"}
+        write_run(tmp_path, task=task, kind="longbench", score=30.0, task_params=params)
+        write_run(tmp_path, task=task, kind="longbench", method="zeta", ratio=4, score=15.0, task_params=params)
     df = report.collect(tmp_path)
-    assert dict(zip(df.task, df.category)) == {
-        "narrativeqa": "single-doc QA", "qasper": "single-doc QA", "hotpotqa_e": "multi-doc QA"}
+    assert {task: [g.title for g in groups] for task, groups in zip(df.task, df.task_groups)} == {
+        "narrativeqa": ["LongBench category: single-doc QA"], "qasper": ["LongBench category: single-doc QA"],
+        "hotpotqa_e": ["LongBench category: multi-doc QA"]}
     markdown = report.leaderboard_markdown(df, "m")
     assert markdown.index("## LongBench category: single-doc QA") < markdown.index(
         "## LongBench category: multi-doc QA")
     assert "Mean over narrativeqa, qasper." in markdown
+    assert "suite `longbench`, LongBench category `single-doc QA`, metric `exact_match`" in markdown
+    exported = pd.read_csv(report.write_report(tmp_path, formats=["csv"])[0])
+    groups = dict(zip(exported.task, exported.task_groups.map(json.loads)))
+    assert groups["hotpotqa_e"] == ["LongBench category: multi-doc QA"]
+
+
+def test_a_task_kind_this_kvbench_lacks_is_reported_without_groups_or_figures(tmp_path, caplog):
+    write_run(tmp_path, kind="gone", cells={"512/0": {"exact_match": 100.0}})
+    df = report.collect(tmp_path)
+    assert run_of(df, suite="gone").task_groups == ()
+    assert "unknown task kind 'gone'" in caplog.text
+    written = report.write_report(tmp_path, formats=["md", "png"])
+    assert not [p for p in written if p.name.startswith("passkey_")]
 
 
 def test_retention_figure_has_one_line_per_method_and_labelled_axes(sweep):

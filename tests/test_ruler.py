@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import sample_record
 from kvbench.errors import ConfigError
 from kvbench.scoring import ruler as rs
 from kvbench.tasks import build_task
@@ -112,14 +113,14 @@ def test_scorers_equal_ruler_on_random_cases():
 
 def test_task_scores_each_record_and_summarizes_per_length():
     sub = task("vt")
-    records = [{"pred": p, "answers": ["AAAAA", "BBBBB"], "meta": {"length": n}}
-               for p, n in [("AAAAA BBBBB", 1024), ("aaaaa", 1024), ("", 2048)]]
+    records = [sample_record(str(i), pred=p, answers=["AAAAA", "BBBBB"], meta={"length": n})
+               for i, (p, n) in enumerate([("AAAAA BBBBB", 1024), ("aaaaa", 1024), ("", 2048)])]
     for r in records:
-        r["scores"] = sub.score(r)
-    assert [r["scores"]["score"] for r in records] == [1.0, 0.5, 0.0]
+        r.scores = sub.score(r)
+    assert [r.scores["score"] for r in records] == [1.0, 0.5, 0.0]
     assert sub.summarize(records) == {"score": 50.0, "lengths": {"1024": 75.0, "2048": 0.0}}
     qa = task("qa_1")
-    assert qa.score({"pred": "Vesna", "answers": ["vesna", "the Vesna"]}) == {"score": 1.0}
+    assert qa.score(sample_record("q", pred="Vesna", answers=["vesna", "the Vesna"])) == {"score": 1.0}
 
 
 def test_score_cli_prints_ruler_tasks(tmp_path, capsys):

@@ -6,7 +6,8 @@ import pytest
 
 import kvbench.generation as generation
 import kvbench.runner as runner
-from conftest import EMBEDDED
+from conftest import EMBEDDED, sample_record
+from kvbench.config import load_config
 from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec, encode
@@ -20,7 +21,7 @@ TASK = {"name": "passkey", "kind": "passkey", "lengths": [160], "depths": [0.0, 
 def config(tmp_path, **over):
     base = {"model": MODEL, "method": {"name": "streaming"}, "task": TASK, "ratio": 2,
             "budget": None, "results_dir": str(tmp_path)}
-    return {**base, **over}
+    return load_config({**base, **over})
 
 
 @pytest.mark.parametrize("over,message", [
@@ -31,7 +32,10 @@ def config(tmp_path, **over):
     ({"method": {"name": "nope"}}, "unknown method 'nope'; valid: .*full.*streaming"),
     ({"method": {"name": "streaming", "sinks": 2}}, r"no parameter\(s\) \['sinks'\]; valid: \['sink_tokens'\]"),
     ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
+    ({"model": {**MODEL, "sorce": "hub"}}, "does not fit the schema.*sorce"),
+    ({"seed": "zero"}, "does not fit the schema.*seed"),
     ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),
+    ({"method": None}, "the config has no method: choose one with method=<name>"),
     ({"limit": 0}, "limit must be >= 1"),
     ({"method": {"name": "quant"}, "ratio": 3}, "quant cannot reach ratio 3: its achievable ratios are"),
 ])
@@ -41,9 +45,21 @@ def test_bad_configs_fail_before_loading(tmp_path, monkeypatch, over, message):
         runner.run(config(tmp_path, **over))
 
 
+def test_the_spec_is_built_once_from_the_typed_config(tmp_path):
+    spec = RunSpec.from_config(config(tmp_path, ratio=4, method={"name": "streaming", "sink_tokens": 8}))
+    method = spec.method
+    assert (method.name, method.params.sink_tokens, method.compression.ratio) == ("streaming", 8, 4.0)
+    assert spec.setting == "ratio-4_sink_tokens-8" and spec.seed == 0 and spec.prefill_reuse_gb == 2.0
+    fresh = [method.new() for _ in range(2)]
+    assert fresh[0] is not fresh[1]  # methods hold state: one each
+    # the identity's method is what determines results: no prose
+    assert method.description == {"name": "streaming", "params": {"sink_tokens": 8},
+                                  "phases": ["prefill", "append", "decode"]}
+
+
 def test_full_ignores_ratio_and_records_one_setting(tmp_path):
     specs = [RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=r)) for r in (2, 4, None)]
-    assert {s.setting() for s in specs} == {"ratio-1"}
+    assert {s.setting for s in specs} == {"ratio-1"}
     assert len({s.run_dir(s.task).path for s in specs}) == 1
     with pytest.raises(ConfigError, match="ratio must be >= 1"):
         RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=0.5))
@@ -53,17 +69,17 @@ def test_setting_names_non_default_method_parameters(tmp_path):
     default = RunSpec.from_config(config(tmp_path))
     changed = RunSpec.from_config(config(tmp_path, method={"name": "streaming", "sink_tokens": 8}))
     budget = RunSpec.from_config(config(tmp_path, ratio=None, budget=128))
-    assert (default.setting(), changed.setting(), budget.setting()) == ("ratio-2", "ratio-2_sink_tokens-8", "budget-128")
+    assert (default.setting, changed.setting, budget.setting) == ("ratio-2", "ratio-2_sink_tokens-8", "budget-128")
 
 
 def test_append_survives_a_torn_last_line(tmp_path):
     run_dir = RunDir(tmp_path)
-    run_dir.append({"id": "a", "x": 1})
+    run_dir.append(sample_record("a", pred="1"))
     with open(run_dir.samples_path, "a") as f:
-        f.write('{"id": "b", "x"')  # a run killed in the middle of writing b
-    run_dir.append({"id": "b", "x": 2})
-    run_dir.append({"id": "a", "x": 3})  # a duplicate from two writers: the first record wins
-    assert run_dir.records() == [{"id": "a", "x": 1}, {"id": "b", "x": 2}]
+        f.write('{"id": "b", "pred"')  # a run killed in the middle of writing b
+    run_dir.append(sample_record("b", pred="2"))
+    run_dir.append(sample_record("a", pred="3"))  # a duplicate from two writers: the first record wins
+    assert [(r.id, r.pred) for r in run_dir.records()] == [("a", "1"), ("b", "2")]
 
 
 @pytest.mark.embedded
@@ -83,7 +99,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, embedded, monke
         runner.run(cfg)
     spec = RunSpec.from_config(cfg)
     run_dir = spec.run_dir(spec.task)
-    assert [r["id"] for r in run_dir.records()] == calls
+    assert [r.id for r in run_dir.records()] == calls
     assert json.loads((run_dir.path / "run.json").read_text())["status"] == "running"
 
     monkeypatch.setattr(runner, "run_sample", real)
@@ -112,10 +128,10 @@ def test_results_of_another_configuration_are_not_mixed(tmp_path, embedded):
 def test_streaming_ratio_4_holds_a_quarter_on_the_embedded_model(tmp_path, embedded):
     row = runner.run(config(tmp_path, ratio=4, limit=1))[0]
     record = RunDir(row["dir"]).records()[0]
-    after = record["kv"]["after_prefill"]
-    assert after["tokens_held"] == round(record["prompt_tokens"] / 4)
-    assert after["ratio"] == pytest.approx(4, rel=0.02)
-    assert record["new_tokens"] > 0 and record["pred"].strip()
+    after = record.kv.after_prefill
+    assert after.tokens_held == round(record.prompt_tokens / 4)
+    assert after.ratio == pytest.approx(4, rel=0.02)
+    assert record.new_tokens > 0 and record.pred.strip()
     assert EMBEDDED.name == row["model"]
 
 
@@ -156,10 +172,10 @@ def test_a_sweep_over_ratios_prefills_once_with_identical_results(tmp_path, embe
         shared[ratio] = RunDir(row["dir"]).records()
     prompts = len(shared[2])
     assert len([n for n in forwards if n > 1]) == prompts  # one prefill forward per sample, not per ratio
-    assert [r["prefill_reused"] for r in shared[4]] == [True] * prompts
+    assert [r.prefill_reused for r in shared[4]] == [True] * prompts
     for ratio in (2, 4):
         row = runner.run(config(tmp_path / "separate", ratio=ratio, limit=2, prefill_reuse_gb=0))[0]
         separate[ratio] = RunDir(row["dir"]).records()
-        assert not any(r["prefill_reused"] for r in separate[ratio])
-        strip = lambda records: [(r["id"], r["pred"], r["scores"], r["kv"]["after_prefill"]) for r in records]
+        assert not any(r.prefill_reused for r in separate[ratio])
+        strip = lambda records: [(r.id, r.pred, r.scores, r.kv.after_prefill) for r in records]
         assert strip(shared[ratio]) == strip(separate[ratio])

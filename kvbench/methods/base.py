@@ -1,7 +1,8 @@
 """The method interface: a method decides what each attention layer's KV cache keeps.
 
-A run builds one fresh :class:`Method` from its config; the method builds one :class:`KVLayer` per
-attention layer of the model. The cache (``kvbench.cache.KVCache``) calls the layers at four points:
+A run builds one :class:`Method` from its config and calls :meth:`Method.setup` once the model is
+loaded; every sample's cache (``kvbench.cache.KVCache``) gets one layer of the method's ``layer``
+class per attention layer. The cache calls the layers at four points:
 
 ``update(keys, values)``
     called inside each attention module with the new keys/values of this forward step; returns the
@@ -15,13 +16,15 @@ attention layer of the model. The cache (``kvbench.cache.KVCache``) calls the la
     may compute the step's attention output itself: an estimate (SubGen), or exact attention whose
     probabilities the method also needs (H2O and MiKV sum every query's, so computing them once
     replaces a second attention); ``None`` = kvbench computes exact attention with SDPA.
-``end_step(phase)``
-    called once per layer after every forward step of the model: ``"prefill"`` (the compressed part of
-    the prompt), ``"append"`` (a question appended uncompressed after the context) and ``"decode"``
-    (one generated token). Eviction, merging and quantisation happen here.
+``compress(phase)``
+    called after a forward step of the model, only in the phases the method declares (``phases``):
+    ``"prefill"`` (the compressed part of the prompt), ``"append"`` (a question appended uncompressed
+    after the context) and ``"decode"`` (one generated token). Eviction, merging and quantisation
+    happen here.
 
-Ratio and budget semantics are the same for every method (see :class:`Compression`). Layers report
-what they really hold (:meth:`KVLayer.tokens_held`, :meth:`KVLayer.bytes_held`), never the nominal.
+What a layer holds lives in named stores (``kvbench.storage``); the tokens and bytes it holds, what
+the full cache would hold and its snapshots are derived from them. Ratio and budget semantics are the
+same for every method (see :class:`Compression`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from kvbench.errors import ConfigError
+from kvbench.methods.params import parse_params
+from kvbench.storage import DenseStore, Store, read_followed_by
 
 Phase = Literal["prefill", "append", "decode"]
 
@@ -78,44 +83,21 @@ class Compression:
         return f"ratio-{self.ratio:g}"
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Select tokens along dim 2 of ``x`` (batch, heads, n, ...) with ``idx`` (batch, heads, k)."""
-    if x.dim() == 3:
-        return torch.gather(x, 2, idx)
-    return torch.gather(x, 2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+# -- the model as methods see it --------------------------------------------------------------------
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding window (tokens) of every attention layer of a model config, None for global layers."""
+    config = getattr(config, "text_config", config)
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    window = getattr(config, "sliding_window", None)
+    return [window if t == "sliding_attention" else None for t in types[:n]]
 
 
-def _growth(n: int) -> int:
-    """Spare token slots allocated when a token field of ``n`` tokens outgrows its buffer: an eighth
-    (re-allocations stay O(log n) over a generation), at least 64."""
-    return max(64, n // 8)
-
-
-def _roomy(buffer: torch.Tensor, k: int) -> bool:
-    """Whether ``k`` tokens may live in ``buffer`` without wasting more than twice the growth room."""
-    return k <= buffer.shape[2] <= k + 2 * _growth(k)
-
-
-def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """Whether ``view`` is ``buffer[:, :, :m]`` for some m (it was not re-assigned since)."""
-    return (view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-            and view.shape[:2] == buffer.shape[:2])
-
-
-def append_along_tokens(held: torch.Tensor, new: torch.Tensor,
-                        buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``held`` followed by ``new`` along the token axis (dim 2), and the buffer behind the result.
-
-    ``new`` is written into the spare room of ``buffer`` when ``held`` is a prefix view of it and
-    ``new`` fits, so appending a token does not copy what is held; otherwise both go into a new
-    buffer with room to grow (:func:`_growth`). The room is allocated but untouched until tokens
-    arrive (not resident on CPU)."""
-    n, q = held.shape[2], new.shape[2]
-    if buffer is None or not _is_prefix(held, buffer) or n + q > buffer.shape[2]:
-        buffer = held.new_empty((*held.shape[:2], n + q + _growth(n + q), *held.shape[3:]))
-        buffer[:, :, :n] = held
-    buffer[:, :, n:n + q] = new
-    return buffer[:, :, :n + q], buffer
+def head_dim(config) -> int:
+    """Channels per attention head of a model config."""
+    config = getattr(config, "text_config", config)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _clone(value: Any) -> Any:
@@ -123,51 +105,36 @@ def _clone(value: Any) -> Any:
         return value.clone()
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
     return value
 
 
-class KVLayer:
-    """One attention layer's cache: dense keys/values of shape (batch, kv_heads, n, head_dim).
+@dataclass
+class LayerState:
+    """A copy of one layer's sequence state: its stores and its ``state_fields``."""
 
-    Keeps the original (logical) position of every held token in ``positions`` (batch, kv_heads, n),
-    so tests and analyses can see exactly which tokens survived. Keys are stored after RoPE, so a kept
-    token keeps its original position in attention whatever is evicted around it, and the held order
-    does not matter to attention: tokens are held in position order except after
-    ``EvictionLayer.evict_one``, which moves the newest token into the freed slot, and in MiKV, which
-    hands attention its important tokens before the others.
-    """
+    stores: dict[str, Store]
+    fields: dict[str, Any]
+
+    def nbytes(self) -> int:
+        return (sum(store.nbytes() for store in self.stores.values())
+                + sum(v.numel() * v.element_size() for v in self.fields.values() if isinstance(v, torch.Tensor)))
+
+
+class CacheLayerProtocol:
+    """What transformers' ``Cache`` asks of each of its layers, answered from the layer's stores."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
-    #: attributes that hold the sequence's state (not configuration): what a prefill snapshot copies.
-    #: Layers that keep more per-sequence state before compressing (accumulated scores) extend it.
-    state_fields: ClassVar[tuple[str, ...]] = ("keys", "values", "positions", "seen")
-    #: the tensors with one entry per held token along dim 2, which ``keep`` selects from
-    token_fields: ClassVar[tuple[str, ...]] = ("keys", "values", "positions")
+    seen: int
 
-    def __init__(self, method: "Method | None" = None, layer_idx: int = 0):
-        self.method = method
-        self.layer_idx = layer_idx
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.seen = 0  # tokens ever written to this layer: the logical length of the sequence
-        self._buffers: dict[str, torch.Tensor] = {}  # storage behind the token fields (append_tokens)
-
-    # -- transformers' cache-layer protocol -------------------------------------------------------
     @property
     def is_initialized(self) -> bool:
-        return self.keys is not None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.append(key_states, value_states)
-        return self.keys, self.values
+        return self.seen > 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        """Tokens held per head: between steps, what the next step attends over besides its own."""
+        return sum(self.stores[name].tokens for name in self.key_stores if name in self.stores)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -175,64 +142,87 @@ class KVLayer:
     def get_max_length(self) -> int:
         return -1
 
-    # -- storage ----------------------------------------------------------------------------------
+
+class KVLayer(CacheLayerProtocol):
+    """One attention layer's cache and the method's hooks on it.
+
+    Storage: ``stores`` maps names to stores (``kvbench.storage``). The base layer holds ``keys`` and
+    ``values`` (batch, kv_heads, n, head_dim) and ``positions`` (batch, kv_heads, n), the original
+    (logical) position of every held token, so tests and analyses can see exactly which tokens
+    survived. Keys are stored after RoPE, so a kept token keeps its original position in attention
+    whatever is evicted around it, and the held order does not matter to attention: tokens are held
+    in position order except after :meth:`evict_one`, which moves the newest token into the freed
+    slot, and in MiKV, which hands attention its important tokens before the others.
+    """
+
+    #: the stores holding keys and values, in the order the step attends over them; the last one
+    #: receives the step's new tokens. Their tokens are what the layer holds.
+    key_stores: ClassVar[tuple[str, ...]] = ("keys",)
+    value_stores: ClassVar[tuple[str, ...]] = ("values",)
+    #: attributes besides the stores that hold the sequence's state (not configuration): what a
+    #: prefill snapshot copies. Layers that record more before compressing (queries) extend it.
+    state_fields: ClassVar[tuple[str, ...]] = ("seen", "kv_shape")
+
+    def __init__(self, method: "Method | None" = None, layer_idx: int = 0):
+        self.method = method
+        self.layer_idx = layer_idx
+        self.stores: dict[str, Store] = self.make_stores()
+        self.seen = 0  # tokens ever written to this layer: the logical length of the sequence
+        #: (batch, kv_heads, head_dim, dtype) of the model's keys: what the full cache holds per token
+        self.kv_shape: tuple[int, int, int, torch.dtype] | None = None
+
+    def make_stores(self) -> dict[str, Store]:
+        """The layer's stores, all aligned token by token (``keep`` and ``evict_one`` act on all)."""
+        return {"keys": DenseStore(), "values": DenseStore(), "positions": DenseStore(bookkeeping=True)}
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.stores["keys"].tensor
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.stores["values"].tensor
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self.stores["positions"].tensor
+
+    # -- the step's new tokens ----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the step's tokens; return every held key and value, the new ones last."""
+        self.append(key_states, value_states)
+        return tuple(read_followed_by([self.stores[n] for n in names[:-1] if n in self.stores],
+                                      self.stores[names[-1]].tensor)
+                     for names in (self.key_stores, self.value_stores))
+
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, q, _ = key_states.shape
-        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
-        if self.keys is None:
-            # positions materialised: methods may write into token fields in place (bounded)
-            self.keys, self.values, self.positions = key_states, value_states, pos.contiguous()
-        else:
-            for name, new in (("keys", key_states), ("values", value_states), ("positions", pos)):
-                self.append_tokens(name, new)
+        """Store the step's new keys and values with their positions."""
+        b, h, q, d = key_states.shape
+        self.kv_shape = (b, h, d, key_states.dtype)
+        # positions materialised: methods may write into stores in place (bounded)
+        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).contiguous()
+        for name, new in (("keys", key_states), ("values", value_states), ("positions", pos)):
+            self.stores[name].append(new)
         self.seen += q
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only the tokens at ``idx`` (batch, heads, k), in ascending order of ``idx`` (the
-        order they were held in)."""
+        order they were held in), in every store."""
         idx = idx.sort(dim=-1).values
-        for name in self.token_fields:
-            self.set_tokens(name, gather_tokens(getattr(self, name), idx))
+        for store in self.stores.values():
+            store.keep(idx)
 
-    # A token field is a prefix view of a larger buffer (``append_along_tokens``), so that appending a
-    # decoded token writes into spare room instead of copying the whole cache (``torch.cat``). A
-    # method that assigns a field directly just gets a new buffer at the next append.
-    # ``bytes_held`` counts the tokens held, which is what a method controls. A field that shrinks far
-    # below its buffer (a prompt compressed to its capacity) gets a compact tensor, so the
-    # prompt-sized storage is freed.
-    def append_tokens(self, name: str, new: torch.Tensor) -> None:
-        """Append ``new`` along the token axis of field ``name``."""
-        held, self._buffers[name] = append_along_tokens(getattr(self, name), new, self._buffers.get(name))
-        setattr(self, name, held)
+    def evict_one(self, slot: torch.Tensor) -> None:
+        """Drop the token at index ``slot`` (batch, heads, 1) of every head: the last (newest) token
+        moves into its place, so a decoding step moves one token instead of rewriting the cache.
 
-    def set_tokens(self, name: str, tensor: torch.Tensor) -> None:
-        """Make ``tensor`` (a new tensor, not a view of the field) the field's content."""
-        buffer, k = self._buffers.get(name), tensor.shape[2]
-        if buffer is not None and buffer.shape[:2] == tensor.shape[:2] and _roomy(buffer, k):
-            buffer[:, :, :k] = tensor
-            tensor = buffer[:, :, :k]
-        else:
-            self._buffers.pop(name, None)
-        setattr(self, name, tensor)
+        The held tokens' order then stops following their positions: only methods that choose by
+        score or by ``positions``, never by index order, call it (during decoding, when the cache
+        is one token over its capacity)."""
+        for store in self.stores.values():
+            store.evict_one(slot)
 
-    def truncate_tokens(self, name: str, k: int) -> None:
-        """Keep the first ``k`` tokens of the field."""
-        held, buffer = getattr(self, name), self._buffers.get(name)
-        if buffer is not None and _is_prefix(held, buffer) and _roomy(buffer, k):
-            setattr(self, name, buffer[:, :, :k])
-        else:
-            self._buffers.pop(name, None)
-            setattr(self, name, held[:, :, :k].clone())
-
-    def snapshot(self) -> dict[str, Any]:
-        """A copy of the sequence state (``state_fields``), independent of later in-place updates."""
-        return {name: _clone(getattr(self, name)) for name in self.state_fields}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, _clone(value))
-
-    # -- hooks for methods ------------------------------------------------------------------------
+    # -- hooks for methods --------------------------------------------------------------------------
     def observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
         """See the step's queries (batch, q_heads, q_len, head_dim) before attention."""
 
@@ -241,49 +231,48 @@ class KVLayer:
         return None
 
     def end_step(self, phase: Phase) -> None:
-        """Compress after a forward step, if the method does so in this phase."""
+        """Called after every forward step: the method compresses in the phases it declares."""
+        if phase in self.method.phases:
+            self.compress(phase)
 
-    # -- what is held -----------------------------------------------------------------------------
+    def compress(self, phase: Phase) -> None:
+        """Compress after a forward step of one of the method's ``phases``."""
+
+    # -- what is held -------------------------------------------------------------------------------
     def tokens_held(self) -> torch.Tensor:
         """Tokens held per (batch, kv_head)."""
-        b, h = self.keys.shape[:2]
-        return torch.full((b, h), self.keys.shape[-2], dtype=torch.long)
+        b, h = self.kv_shape[:2]
+        return torch.full((b, h), self.get_seq_length(), dtype=torch.long)
+
+    def state_bytes(self) -> int:
+        """Bytes of KV state the layer holds outside its stores (SubGen's sketch, MiKV's balancer)."""
+        return 0
 
     def bytes_held(self) -> int:
-        """Bytes of KV storage really held (tensors' storage, quantisation scales included)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        """Bytes of KV storage really held: the stores' (quantisation scales included, bookkeeping
+        such as positions and scores excluded) plus :meth:`state_bytes`."""
+        return sum(s.nbytes() for s in self.stores.values() if not s.bookkeeping) + self.state_bytes()
+
+    def full_tokens(self) -> int:
+        """Tokens per head the uncompressed cache would hold for the same sequence."""
+        return self.seen
 
     def bytes_full(self) -> int:
         """Bytes the uncompressed cache would hold for the same sequence."""
-        b, h, _, d = self.keys.shape
-        return 2 * b * h * self.seen * d * self.keys.element_size()
+        b, h, d, dtype = self.kv_shape
+        return 2 * b * h * self.full_tokens() * d * dtype.itemsize
 
+    # -- snapshots ----------------------------------------------------------------------------------
+    def snapshot(self) -> LayerState:
+        """A copy of the sequence state (stores and ``state_fields``), independent of later in-place
+        updates."""
+        return LayerState({name: store.clone() for name, store in self.stores.items()},
+                          {name: _clone(getattr(self, name)) for name in self.state_fields})
 
-class SlidingWindowLayer(KVLayer):
-    """A sliding-window attention layer (Gemma 3's local layers): its cache is bounded already.
-
-    kvbench's documented policy: methods do not compress these layers (as kvpress does for Gemma 3);
-    the layer keeps the last ``window - 1`` tokens after each step, exactly as transformers' own
-    sliding-window cache, and the full-cache baseline holds the same, so bytes stay comparable.
-    """
-
-    is_sliding = True
-
-    def __init__(self, window: int, layer_idx: int = 0):
-        super().__init__(None, layer_idx)
-        self.window = window
-
-    def end_step(self, phase: Phase) -> None:
-        n = self.get_seq_length()
-        if n >= self.window:
-            start = n - (self.window - 1)
-            self.keys = self.keys[:, :, start:]
-            self.values = self.values[:, :, start:]
-            self.positions = self.positions[:, :, start:]
-
-    def bytes_full(self) -> int:
-        b, h, _, d = self.keys.shape
-        return 2 * b * h * min(self.seen, self.window - 1) * d * self.keys.element_size()
+    def restore(self, state: LayerState) -> None:
+        self.stores = {name: store.clone() for name, store in state.stores.items()}
+        for name, value in state.fields.items():
+            setattr(self, name, _clone(value))
 
 
 class EvictionLayer(KVLayer):
@@ -300,25 +289,30 @@ class EvictionLayer(KVLayer):
     def end_step(self, phase: Phase) -> None:
         if self.capacity is None:
             self.capacity = self.method.compression.capacity(self.seen)
-        self.compress(phase)
+        super().end_step(phase)
 
-    def compress(self, phase: Phase) -> None:
+
+class ScoreKeepLayer(EvictionLayer):
+    """Eviction by score: once the cache holds more than its capacity, it keeps the ``capacity``
+    tokens with the highest :meth:`score` (the lowest with ``keep_highest = False``). A method writes
+    ``score`` and, if its choice is not a plain top-k, :meth:`choose`."""
+
+    keep_highest: ClassVar[bool] = True
+
+    def score(self) -> torch.Tensor:
+        """A score (batch, kv_heads or 1, n) for every held token: 1 head = the same tokens for all heads."""
         raise NotImplementedError
 
-    def evict_one(self, slot: torch.Tensor) -> None:
-        """Drop the token at index ``slot`` (batch, heads, 1) of every head: the last (newest) token
-        moves into its place, so a decoding step moves one token instead of rewriting the cache.
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices (batch, heads or 1, k) of the tokens to keep."""
+        return scores.topk(self.capacity, dim=-1, largest=self.keep_highest).indices
 
-        The held tokens' order then stops following their positions: only methods that choose by
-        score or by ``positions``, never by index order, call it (during decoding, when the cache
-        is one token over its capacity)."""
-        n = self.get_seq_length()
-        for name in self.token_fields:
-            held = getattr(self, name)
-            index = slot if held.dim() == 3 else slot[..., None].expand(*slot.shape, held.shape[-1])
-            newest = held[:, :, n - 1:].clone()  # may be the dropped token itself
-            held.scatter_(2, index, newest)
-            self.truncate_tokens(name, n - 1)
+    def compress(self, phase: Phase) -> None:
+        if self.get_seq_length() <= self.capacity:
+            return
+        # scores may be on another device (random's CPU generator) or shared by all heads (TOVA)
+        idx = self.choose(self.score()).to(self.keys.device)
+        self.keep(idx.expand(*self.keys.shape[:2], -1))
 
 
 @dataclass
@@ -327,29 +321,26 @@ class NoParams:
 
 
 class Method:
-    """A compression method: class attributes describe it, ``make_layer`` builds its cache layers.
+    """A compression method, declared by class attributes.
 
-    Subclasses set ``name`` (registry key), ``Params`` (a dataclass whose defaults are the paper's and
-    must equal ``conf/method/<name>.yaml``), ``phases`` (where it compresses, recorded in results) and
-    ``needs_queries`` (it scores tokens with attention, so the attention kernel must hand it queries).
-
-    ``needs_queries`` never makes a combination unsupported here: models always run with kvbench's own
-    attention function (``attn_implementation="kvbench"``, set by the model loader), which calls
-    ``observe`` with the step's queries on every step whatever computes the attention output, and
-    the scores are recomputed from those queries and the cached keys (``methods/scores.py``), never
-    read from the kernel. So there is no FlashAttention-style kernel to reject at start-up.
+    ``name`` (registry key and ``method=<name>``), ``Params`` (a dataclass whose fields are the
+    parameters: defaults are the paper's, bounds declared with ``params.param``; the Hydra config
+    ``method/<name>`` is generated from it), ``layer`` (the :class:`KVLayer` class built for every
+    attention layer) and ``phases`` (the phases whose ``end_step`` calls the layer's ``compress``,
+    recorded in results).
     """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
-    phases: ClassVar[tuple[str, ...]] = ()
-    needs_queries: ClassVar[bool] = False
+    layer: ClassVar[type[KVLayer]] = KVLayer
+    phases: ClassVar[tuple[Phase, ...]] = ()
     #: methods whose result does not depend on ratio or budget (``full``) record a single setting
     uses_compression: ClassVar[bool] = True
-    #: the prefill forward (attention output and every ``state_fields`` value before ``end_step``)
-    #: does not depend on ratio or budget, so one prefill can serve every ratio of a sweep
-    #: (checked for every method that sets it by the shared method matrix)
-    shares_prefill: ClassVar[bool] = False
+    #: the prefill forward (attention output and every stored or ``state_fields`` value before
+    #: ``end_step``) does not depend on ratio or budget, so one prefill can serve every ratio of a
+    #: sweep (checked for every method that declares it by the shared prefill-reuse tests). True of
+    #: every compressing method here: they compress only in ``end_step``.
+    shares_prefill: ClassVar[bool] = True
     #: why the measured memory ratio legitimately differs from the nominal one (None: it must match)
     ratio_note: ClassVar[str | None] = None
     #: why outputs differ from the full cache even when nothing is evicted (None: a budget above the
@@ -360,38 +351,34 @@ class Method:
     #: matrix checks decoding against a reference forward masked to the kept tokens. A
     #: ``lossy_note`` implies it.
     approximation_note: ClassVar[str | None] = None
-    #: indices of the layers this method compresses, set by ``KVCache`` before it builds them (for
-    #: methods whose budget depends on depth, such as PyramidKV)
-    compressed_layers: list[int] | None = None
 
     def __init__(self, params: Any, compression: Compression | None, seed: int = 0):
         self.params = params
         self.compression = compression
         self.seed = seed
+        #: indices of the layers this method compresses (not sliding-window ones), set by ``setup``
+        self.compressed_layers: list[int] | None = None
+
+    def setup(self, model) -> None:
+        """Learn what the method needs of the loaded model, once, before the first sample; raise
+        ``ConfigError`` for what the model makes impossible (head sizes the codes cannot pack)."""
+        self.compressed_layers = [i for i, w in enumerate(layer_windows(model.config)) if not w]
 
     def make_layer(self, layer_idx: int) -> KVLayer:
-        raise NotImplementedError
+        return self.layer(self, layer_idx)
 
     @classmethod
     def parse_params(cls, values: dict[str, Any]) -> Any:
-        """Build ``Params`` from a config mapping, naming unknown keys and the valid ones."""
-        fields = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(
-                f"method '{cls.name}' has no parameter(s) {unknown}; valid: {sorted(fields) or 'none'}"
-            )
-        params = cls.Params(**values)
-        validate = getattr(params, "validate", None)
-        if validate is not None:
-            validate()
+        """Build ``Params`` from a config mapping, every value checked against its declared type and
+        bounds (``params.parse_params``), then against the others (:meth:`check_params`)."""
+        params = parse_params(cls.name, cls.Params, values)
+        cls.check_params(params)
         return params
 
+    @classmethod
+    def check_params(cls, params: Any) -> None:
+        """Checks that involve several parameters (``ConfigError``); bounds of one are declared."""
+
     def describe(self) -> dict[str, Any]:
-        """What the results record about the method."""
-        return {
-            "name": self.name,
-            "params": dataclasses.asdict(self.params),
-            "phases": list(self.phases),
-            "sliding_window_layers": "not compressed (window-bounded cache kept as the full cache does)",
-        }
+        """What determines the method's results, as recorded with them."""
+        return {"name": self.name, "params": dataclasses.asdict(self.params), "phases": list(self.phases)}

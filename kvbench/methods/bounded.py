@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
+from kvbench.storage import DenseStore
 
 #: outgoing tokens compared with the slots at a time (bounds the similarity matrix, not the result)
 MERGE_CHUNK = 1024
@@ -45,15 +46,9 @@ MERGE_CHUNK = 1024
 @dataclass
 class BoundedParams:
     #: first tokens kept exact and never merged into
-    sink_tokens: int = 4
+    sink_tokens: int = param(4, ge=0)
     #: most recent tokens kept exact
-    window: int = 32
-
-    def validate(self):
-        if self.sink_tokens < 0:
-            raise ConfigError(f"bounded.sink_tokens must be >= 0, got {self.sink_tokens}")
-        if self.window < 0:
-            raise ConfigError(f"bounded.window must be >= 0, got {self.window}")
+    window: int = param(32, ge=0)
 
 
 def merge_into_slots(slot_k, slot_v, slot_c, out_k, out_v, out_c):
@@ -76,20 +71,17 @@ def merge_into_slots(slot_k, slot_v, slot_c, out_k, out_v, out_c):
 
 
 class BoundedLayer(EvictionLayer):
-    state_fields = EvictionLayer.state_fields + ("counts",)
-    token_fields = EvictionLayer.token_fields + ("counts",)
+    def make_stores(self):
+        # (b, h, n) int32: tokens merged into each held entry; real storage, counted in bytes_held
+        return {**super().make_stores(), "counts": DenseStore()}
 
-    def __init__(self, method: "Bounded", layer_idx: int):
-        super().__init__(method, layer_idx)
-        self.counts: torch.Tensor | None = None  # (b, h, n) int32: tokens merged into each held entry
+    @property
+    def counts(self) -> torch.Tensor | None:
+        return self.stores["counts"].tensor
 
     def append(self, key_states, value_states) -> None:
         super().append(key_states, value_states)
-        ones = torch.ones(key_states.shape[:3], dtype=torch.int32, device=key_states.device)
-        if self.counts is None:
-            self.counts = ones
-        else:
-            self.append_tokens("counts", ones)
+        self.stores["counts"].append(torch.ones(key_states.shape[:3], dtype=torch.int32, device=key_states.device))
 
     def layout(self) -> tuple[int, int, int]:
         """(sinks, memory slots, window) for this layer's capacity."""
@@ -109,16 +101,14 @@ class BoundedLayer(EvictionLayer):
             self.keys[:, :, slots], self.values[:, :, slots], self.counts[:, :, slots],
             self.keys[:, :, out], self.values[:, :, out], self.counts[:, :, out])
         # in place: the slots take their merged entries, the recent window moves down behind them and
-        # the field is cut there (a slot keeps the position of the token that opened it)
+        # the store is cut there (a slot keeps the position of the token that opened it)
         for name, slot_entries in zip(("keys", "values", "counts", "positions"), (*merged, None)):
-            held = getattr(self, name)
+            store = self.stores[name]
+            held = store.tensor
             if slot_entries is not None:
                 held[:, :, slots] = slot_entries
             held[:, :, end:end + window] = held[:, :, n - window:].clone()
-            self.truncate_tokens(name, end + window)
-
-    def bytes_held(self) -> int:
-        return super().bytes_held() + self.counts.numel() * self.counts.element_size()
+            store.truncate(end + window)
 
 
 @register
@@ -127,8 +117,8 @@ class Bounded(Method):
 
     name = "bounded"
     Params = BoundedParams
+    layer = BoundedLayer
     phases = ("prefill", "append", "decode")
-    shares_prefill = True  # attention-free: the prefill does not depend on the capacity
     approximation_note = (
         "Once full, tokens leaving the window are merged into the most similar slot: held entries are "
         "count-weighted averages of several tokens, not original tokens."
@@ -137,6 +127,3 @@ class Bounded(Method):
         "Holds exactly the capacity in tokens once full, but every held entry also stores an int32 merge "
         "count, which bytes_held includes: the measured ratio is slightly below nominal."
     )
-
-    def make_layer(self, layer_idx: int) -> BoundedLayer:
-        return BoundedLayer(self, layer_idx)

@@ -1,5 +1,5 @@
 from kvbench.methods import register
-from kvbench.methods.base import KVLayer, Method
+from kvbench.methods.base import Method
 
 
 @register
@@ -8,6 +8,4 @@ class Full(Method):
 
     name = "full"
     uses_compression = False
-
-    def make_layer(self, layer_idx: int) -> KVLayer:
-        return KVLayer(self, layer_idx)
+    shares_prefill = False  # a single setting: there is no other ratio to share a prefill with

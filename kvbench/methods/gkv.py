@@ -51,9 +51,10 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import KVLayer, Method, Phase, gather_tokens
-from kvbench.errors import ConfigError
+from kvbench.methods.base import KVLayer, Method, Phase
+from kvbench.methods.params import param
 from kvbench.methods.scores import attention_probs, last_queries, top_and_recent
+from kvbench.storage import gather_tokens
 
 #: rows and columns of the key-similarity matrix computed at a time in :func:`redundancy`: bounds
 #: memory, not the result (256 was the fastest of 128-512 at 4k tokens on CPU)
@@ -63,27 +64,15 @@ REDUNDANCY_CHUNK = 256
 @dataclass
 class GKVParams:
     #: w: the last w queries score the cache and the last w tokens are always kept (authors' recipe 16)
-    window: int = 16
+    window: int = param(16, ge=1)
     #: compression every divide_length generated tokens (and right after the prefill)
-    divide_length: int = 128
+    divide_length: int = param(128, ge=1)
     #: decay of the stored global score at each event (F = max(alpha * F_prev, local))
-    alpha: float = 0.8
+    alpha: float = param(0.8, ge=0, le=1)
     #: lambda: weight of the global attention score against the redundancy term
-    mix_lambda: float = 0.5
+    mix_lambda: float = param(0.5, ge=0, le=1)
     #: cosine similarity above which two keys count as near-duplicates (R-KV's 0.5)
-    similarity_threshold: float = 0.5
-
-    def validate(self):
-        if self.window < 1:
-            raise ConfigError(f"gkv.window must be >= 1, got {self.window}")
-        if self.divide_length < 1:
-            raise ConfigError(f"gkv.divide_length must be >= 1, got {self.divide_length}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"gkv.alpha must be in [0, 1], got {self.alpha}")
-        if not 0 <= self.mix_lambda <= 1:
-            raise ConfigError(f"gkv.mix_lambda must be in [0, 1], got {self.mix_lambda}")
-        if not -1 <= self.similarity_threshold <= 1:
-            raise ConfigError(f"gkv.similarity_threshold must be a cosine in [-1, 1], got {self.similarity_threshold}")
+    similarity_threshold: float = param(0.5, ge=-1, le=1)
 
 
 def local_scores(window_query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -156,17 +145,18 @@ class GKVLayer(KVLayer):
             query = torch.cat([self.queries, query], dim=2)
         self.queries, self.scaling = last_queries(query, w), scaling
 
-    def end_step(self, phase: Phase) -> None:
+    def compress(self, phase: Phase) -> None:
+        # not called after an appended question ("append" is not among the phases): it stays
+        # uncompressed and is no generated token
         if self.budget is None:
             self.budget = self.method.compression.capacity(self.seen)
         if phase == "decode":
             self.generated += 1
-        elif phase == "append":
-            return  # the appended question stays uncompressed and is no generated token
         if self.generated % self.method.params.divide_length == 0 and self.get_seq_length() > self.budget:
-            self.compress()
+            self.evict()
 
-    def compress(self) -> None:
+    def evict(self) -> None:
+        """A compression event: keep the window and the top ``budget - w`` tokens by score."""
         params, n, budget = self.method.params, self.get_seq_length(), self.budget
         # the last w queries are the queries of the last w held tokens: the window is always kept, and
         # every token since the last event is held
@@ -197,14 +187,10 @@ class GKV(Method):
 
     name = "gkv"
     Params = GKVParams
+    layer = GKVLayer
     phases = ("prefill", "decode")
-    needs_queries = True
-    shares_prefill = True  # the prefill forward only records queries; the budget first acts in end_step
     ratio_note = ("the capacity (round(n / ratio), or the budget) is what the cache holds right after a "
                   "compression event; events happen after the prefill and every divide_length generated "
                   "tokens, so during decoding the cache swings between budget and budget + divide_length - 1 "
                   "tokens (plus an appended question until the first event) and the measured ratio is lower "
                   "than nominal between events; a prompt not longer than the budget is not compressed (ratio 1)")
-
-    def make_layer(self, layer_idx: int) -> GKVLayer:
-        return GKVLayer(self, layer_idx)

@@ -5,35 +5,33 @@ import torch.nn.functional as F
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
 from kvbench.methods.scores import attention_with_received, top_and_recent
+from kvbench.storage import DenseStore
 
 
 @dataclass
 class H2OParams:
     #: share of the capacity given to the most recent tokens; the rest goes to heavy hitters. The H2O
     #: paper's default gives both the same share (heavy_ratio = recent_ratio, e.g. 10% + 10%)
-    recent_fraction: float = 0.5
-
-    def validate(self):
-        if not 0 <= self.recent_fraction <= 1:
-            raise ConfigError(f"h2o.recent_fraction must be in [0, 1], got {self.recent_fraction}")
+    recent_fraction: float = param(0.5, ge=0, le=1)
 
 
 class H2OLayer(EvictionLayer):
-    state_fields = EvictionLayer.state_fields + ("scores",)
-    token_fields = EvictionLayer.token_fields + ("scores",)
+    def make_stores(self):
+        # the accumulated attention of every held token
+        return {**super().make_stores(), "scores": DenseStore(bookkeeping=True)}
 
-    def __init__(self, method, layer_idx):
-        super().__init__(method, layer_idx)
-        self.scores: torch.Tensor | None = None  # accumulated attention of every held token
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return self.stores["scores"].tensor
 
     def attend(self, query, keys, values, scaling, sliding_window):
         # every query of every step adds its attention to the tokens it sees (the new ones start at 0);
         # the step's output comes from the same probabilities (exact attention, computed once)
         out, step = attention_with_received(query, keys, values, scaling)
-        old = 0 if self.scores is None else self.scores.shape[-1]
-        self.scores = step if self.scores is None else step + F.pad(self.scores, (0, keys.shape[2] - old))
+        old = self.scores
+        self.stores["scores"].set(step if old is None else step + F.pad(old, (0, keys.shape[2] - old.shape[-1])))
         return out
 
     def compress(self, phase: Phase) -> None:
@@ -62,14 +60,11 @@ class H2O(Method):
     ``recent_fraction * capacity`` tokens plus the highest-scoring older tokens (heavy hitters), so it
     never holds more than the capacity between steps. Scores of kept tokens carry over. The sums and
     the step's exact attention output come from the same probabilities, computed in query chunks
-    (``scores.attention_with_received``), never as an n x n matrix.
+    (``scores.attention_with_received``), never as an n x n matrix. The prefill's attention and
+    score sums do not depend on the capacity, so the prefill is shared between ratios.
     """
 
     name = "h2o"
     Params = H2OParams
+    layer = H2OLayer
     phases = ("prefill", "append", "decode")
-    needs_queries = True
-    shares_prefill = True  # the prefill's exact attention and score sums do not depend on the capacity
-
-    def make_layer(self, layer_idx: int) -> H2OLayer:
-        return H2OLayer(self, layer_idx)

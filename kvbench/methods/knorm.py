@@ -1,13 +1,12 @@
 from kvbench.methods import register
-from kvbench.methods.base import EvictionLayer, Method, Phase
+from kvbench.methods.base import Method, ScoreKeepLayer
 
 
-class KNormLayer(EvictionLayer):
-    def compress(self, phase: Phase) -> None:
-        if phase != "prefill" or self.get_seq_length() <= self.capacity:
-            return
-        norms = self.keys.float().norm(dim=-1)
-        self.keep(norms.topk(self.capacity, dim=-1, largest=False).indices)
+class KNormLayer(ScoreKeepLayer):
+    keep_highest = False  # the smallest key norms are kept
+
+    def score(self):
+        return self.keys.float().norm(dim=-1)
 
 
 @register
@@ -22,8 +21,5 @@ class KNorm(Method):
     """
 
     name = "knorm"
+    layer = KNormLayer
     phases = ("prefill",)
-    shares_prefill = True  # attention-free: the prefill does not depend on the ratio
-
-    def make_layer(self, layer_idx: int) -> KNormLayer:
-        return KNormLayer(self, layer_idx)

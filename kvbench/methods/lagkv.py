@@ -16,7 +16,7 @@ Cache length for ``n`` tokens seen (``n >= S + 2L``, ``k`` kept per partition)::
 
     S + k * (floor((n - S) / L) - 1) + L + (n - S) mod L
 
-Choices where the source leaves a gap (all documented in ``conf/method/lagkv.yaml`` too):
+Choices where the source leaves a gap:
 
 * Constant channel: the source divides by ``max - min`` with no epsilon, so a channel that is constant
   over a reference partition gives 0/0 = NaN and a NaN score. Here the normalised value of such a
@@ -40,25 +40,17 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
 
 
 @dataclass
 class LagKVParams:
     #: tokens at the start of the sequence that are never scored (the code's ``sink_size``)
-    sink_tokens: int = 16
+    sink_tokens: int = param(16, ge=0)
     #: partition length L (the code's ``lag_size``; paper grid 128 / 512 / 1024)
-    lag_size: int = 1024
+    lag_size: int = param(1024, ge=1)
     #: weight of the value score in ``s_K + score_v_ratio * s_V``
-    score_v_ratio: float = 1.0
-
-    def validate(self):
-        if self.sink_tokens < 0:
-            raise ConfigError(f"lagkv.sink_tokens must be >= 0, got {self.sink_tokens}")
-        if self.lag_size < 1:
-            raise ConfigError(f"lagkv.lag_size must be >= 1, got {self.lag_size}")
-        if self.score_v_ratio < 0:
-            raise ConfigError(f"lagkv.score_v_ratio must be >= 0, got {self.score_v_ratio}")
+    score_v_ratio: float = param(1.0, ge=0)
 
 
 def lag_relative_scores(x: torch.Tensor, lag: int) -> torch.Tensor:
@@ -94,7 +86,7 @@ class LagKVLayer(KVLayer):
         #: tokens kept per compressed partition, fixed at the end of the first prefill step
         self.keep_per_partition: int | None = None
 
-    def end_step(self, phase: Phase) -> None:
+    def compress(self, phase: Phase) -> None:
         if self.keep_per_partition is None:
             self.keep_per_partition = self.method.keep_per_partition(self.seen)
         params = self.method.params
@@ -124,8 +116,8 @@ class LagKV(Method):
 
     name = "lagkv"
     Params = LagKVParams
+    layer = LagKVLayer
     phases = ("prefill", "append", "decode")
-    shares_prefill = True  # attention-free: the prefill does not depend on the ratio
     ratio_note = (
         "LagKV never compresses the sink S, the last full partition and the remainder: an input shorter "
         "than S + 2L is not compressed at all, and a longer one holds S + k(floor((n-S)/L) - 1) + L + "
@@ -145,6 +137,3 @@ class LagKV(Method):
             fixed = sink + lag + (n_prompt - sink) % lag  # sink + window: never compressed
             return max(0, min(lag, (budget - fixed) // (parts - 1)))
         return min(lag, lag * budget // max(1, n_prompt))
-
-    def make_layer(self, layer_idx: int) -> LagKVLayer:
-        return LagKVLayer(self, layer_idx)

@@ -28,23 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.base import Method, ScoreKeepLayer
 from kvbench.methods.lagkv import lag_relative_scores
+from kvbench.methods.params import param
 
 
 @dataclass
 class LagKVPressParams:
     #: sink tokens, always kept (kvpress's ``n_sink``)
-    sink_tokens: int = 4
+    sink_tokens: int = param(4, ge=0)
     #: partition length L (kvpress's ``lag_size``)
-    lag_size: int = 128
-
-    def validate(self):
-        if self.sink_tokens < 0:
-            raise ConfigError(f"lagkv_kvpress.sink_tokens must be >= 0, got {self.sink_tokens}")
-        if self.lag_size < 1:
-            raise ConfigError(f"lagkv_kvpress.lag_size must be >= 1, got {self.lag_size}")
+    lag_size: int = param(128, ge=1)
 
 
 def kvpress_lag_scores(keys: torch.Tensor, values: torch.Tensor, sink: int, lag: int) -> torch.Tensor:
@@ -64,15 +58,14 @@ def kvpress_lag_scores(keys: torch.Tensor, values: torch.Tensor, sink: int, lag:
     return score
 
 
-class LagKVPressLayer(EvictionLayer):
-    def compress(self, phase: Phase) -> None:
-        n = self.get_seq_length()
-        if phase != "prefill" or n <= self.capacity:
-            return
+class LagKVPressLayer(ScoreKeepLayer):
+    def score(self):
         params = self.method.params
-        scores = kvpress_lag_scores(self.keys, self.values, params.sink_tokens, params.lag_size)
-        order = scores.sort(dim=-1, descending=True, stable=True).indices
-        self.keep(order[..., : self.capacity])
+        return kvpress_lag_scores(self.keys, self.values, params.sink_tokens, params.lag_size)
+
+    def choose(self, scores):
+        # ties to the earlier position (a stable sort), where torch.topk leaves them open
+        return scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.capacity]
 
 
 @register
@@ -81,10 +74,5 @@ class LagKVPress(Method):
 
     name = "lagkv_kvpress"
     Params = LagKVPressParams
+    layer = LagKVPressLayer
     phases = ("prefill",)
-    shares_prefill = True  # attention-free: the prefill does not depend on the ratio
-    # one global top-capacity: the prompt is held at exactly the capacity after prefill
-    ratio_note = None
-
-    def make_layer(self, layer_idx: int) -> LagKVPressLayer:
-        return LagKVPressLayer(self, layer_idx)

@@ -8,10 +8,11 @@ No official code; this follows the methods reference (``shared/reference/methods
 - Important set: ``C`` tokens per layer and KV head, half the most recent (``recent_fraction``), half
   the top-scoring others, stored in high precision (fp16 by default; int8 / int4 options). Every other
   token is kept in low precision (int2 default; int3 / int4) instead of being dropped.
-- Quantisation (``quant.quantize``, shared with the ``quant`` baseline): per token, asymmetric
-  round-to-nearest in groups of ``g`` channels (``g = head_dim / 2`` by default), fp16 scale and zero,
-  codes packed into uint8 (``quant.pack``): int2 / int4 / int8 as 4 / 2 / 1 codes per byte, int3 densely
-  (8 codes in 3 bytes, no padding bits), so ``bytes_held`` is the real storage.
+- Quantisation (``packing.quantize``, shared with the ``quant`` baseline, held in
+  ``storage.PackedStore``): per token, asymmetric round-to-nearest in groups of ``g`` channels
+  (``g = head_dim / 2`` by default), fp16 scale and zero, codes packed into uint8 (``packing.pack``):
+  int2 / int4 / int8 as 4 / 2 / 1 codes per byte, int3 densely (8 codes in 3 bytes, no padding bits),
+  so ``bytes_held`` is the real storage.
 - Key outlier balancer: per batch row, KV head and channel ``b_c = sqrt(max_t |q_t,c| / max_t |k_t,c|)``
   over the prompt (queries: all the group's query heads), fixed after the prefill. Quantised keys are
   stored as ``Q(k * b)``; ``update`` hands attention ``dequant / b`` - the same logits as attending
@@ -39,7 +40,7 @@ How ``C`` follows from the compression setting (``ratio_mode``):
   ``[16 / b_hi, 16 / (b_lo + 32 / g)]`` is a ConfigError naming that range: raised when the method is
   built if ``group_size`` is set, else (``g`` depends on the model's ``head_dim``) ratios at or above
   ``16 / b_lo`` (unreachable for every ``g``) are rejected when it is built and the exact range is
-  checked when the first prompt reaches the cache. E.g. fp16 / int2: at most 4x for head_dim 32,
+  checked by ``setup`` once the model is loaded. E.g. fp16 / int2: at most 4x for head_dim 32,
   5.33x for 64, 6.4x for 128 - never 8x.
 - A budget (either mode) is ``C`` itself: a fixed number of high-precision tokens per layer and head,
   all later tokens going to low precision as they age out of it.
@@ -59,48 +60,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.methods import register
-from kvbench.methods.base import KVLayer, Method, Phase, gather_tokens
 from kvbench.errors import ConfigError
-from kvbench.methods.quant import Packed, dequantize, followed_by, quantize
+from kvbench.methods import register
+from kvbench.methods.base import KVLayer, Method, Phase, head_dim
+from kvbench.methods.params import param
 from kvbench.methods.scores import attention_with_received
+from kvbench.packing import codes_per_unit
+from kvbench.storage import DenseStore, PackedStore, gather_tokens
 
 HIGH_BITS = (16, 8, 4)  # 16 = fp16 storage
 LOW_BITS = (2, 3, 4)
 RATIO_MODES = ("tokens", "memory")
-
-Store = torch.Tensor | Packed  # fp16 tokens, or packed integer tokens
 
 
 @dataclass
 class MiKVParams:
     #: how a ratio sets the important set: "tokens" (C = round(n / ratio)) or "memory" (16-bit memory
     #: ratio, solved for the important fraction); a budget is C in both
-    ratio_mode: str = "tokens"
+    ratio_mode: str = param("tokens", choices=RATIO_MODES)
     #: bits of the important tokens: 16 = fp16, 8 / 4 = int8 / int4 (grouped like the low ones)
-    high_bits: int = 16
-    #: bits of all other tokens: 2, 3 or 4
-    low_bits: int = 2
+    high_bits: int = param(16, choices=HIGH_BITS)
+    #: bits of all other tokens (int3 packed densely: 8 codes in 3 bytes)
+    low_bits: int = param(2, choices=LOW_BITS)
     #: channels per quantisation group (fp16 scale and zero each); null = head_dim / 2
-    group_size: int | None = None
+    group_size: int | None = param(None, ge=1)
     #: share of the important set given to the most recent tokens (the rest: top accumulated attention)
-    recent_fraction: float = 0.5
+    recent_fraction: float = param(0.5, ge=0, le=1)
     #: key outlier balancer (store quantised k * b, attend as with q / b)
-    balancer: bool = True
-
-    def validate(self):
-        if self.ratio_mode not in RATIO_MODES:
-            raise ConfigError(f"mikv.ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
-        if self.high_bits not in HIGH_BITS:
-            raise ConfigError(f"mikv.high_bits must be one of {HIGH_BITS} (16 = fp16), got {self.high_bits}")
-        if self.low_bits not in LOW_BITS:
-            raise ConfigError(f"mikv.low_bits must be one of {LOW_BITS}, got {self.low_bits}")
-        if self.low_bits >= self.high_bits:
-            raise ConfigError(f"mikv.low_bits ({self.low_bits}) must be below high_bits ({self.high_bits})")
-        if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"mikv.group_size must be >= 1 (or null for head_dim / 2), got {self.group_size}")
-        if not 0 <= self.recent_fraction <= 1:
-            raise ConfigError(f"mikv.recent_fraction must be in [0, 1], got {self.recent_fraction}")
+    balancer: bool = param(True)
 
 
 def key_balancer(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -115,106 +102,57 @@ def key_balancer(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, (q_max / k_max.clamp_min(torch.finfo(torch.float32).tiny)).sqrt(), 1.0)
 
 
-def _cat(a: Store | None, b: Store) -> Store:
-    if a is None:
-        return b
-    return a.append(b) if isinstance(a, Packed) else torch.cat([a, b], dim=2)
-
-
-def _take(store: Store, idx: torch.Tensor) -> Store:
-    return store.gather(idx) if isinstance(store, Packed) else gather_tokens(store, idx)
-
-
-def _nbytes(store: Store | None) -> int:
-    if store is None:
-        return 0
-    return store.nbytes() if isinstance(store, Packed) else store.numel() * store.element_size()
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-1)
 
 
 class MiKVLayer(KVLayer):
-    """Two stores per layer: the important tokens (``hi_*``, fp16 or packed) and the others (``lo_*``,
-    packed), each with its own positions; the step's new tokens wait in float in ``keys``/``values``
-    until ``end_step`` (use, then compress: the step that adds them attends over their exact values).
-    ``update`` hands attention the important tokens, then the others, then the new ones, and
-    ``positions`` follows that order: attention does not depend on the order of held keys (they carry
-    RoPE), so nothing is re-sorted by position.
+    """Two groups of stores per layer: the important tokens (``hi_k``/``hi_v``: fp16 or packed) and
+    the others (``lo_k``/``lo_v``: packed), each with its own positions; the step's new tokens wait
+    in float in ``keys``/``values`` until ``end_step`` (use, then compress: the step that adds them
+    attends over their exact values). ``update`` hands attention the important tokens, then the
+    others, then the new ones, and ``positions`` follows that order: attention does not depend on the
+    order of held keys (they carry RoPE), so nothing is re-sorted by position. Packed key stores
+    hold ``k * balance`` (``PackedStore.channel_scale``).
     """
 
+    key_stores = ("hi_k", "lo_k", "keys")
+    value_stores = ("hi_v", "lo_v", "values")
     state_fields = KVLayer.state_fields + (
-        "new_positions", "new_scores", "balance", "hi_k", "hi_v", "hi_positions", "hi_scores",
-        "lo_k", "lo_v", "lo_positions", "dtype", "head_dim", "group",
-    )
+        "new_scores", "balance", "hi_positions", "hi_scores", "lo_positions", "group")
 
     def __init__(self, method: "MiKV", layer_idx: int):
         super().__init__(method, layer_idx)
-        self.new_positions: torch.Tensor | None = None  # positions of the pending keys/values
-        self.new_scores: torch.Tensor | None = None  # their attention received in this step
+        self.new_scores: torch.Tensor | None = None  # attention the pending tokens received in this step
         self.balance: torch.Tensor | None = None  # (b, h, d) fp32 key balancer, from the prompt
-        self.hi_k = self.hi_v = None  # important tokens (Store)
         self.hi_positions: torch.Tensor | None = None
         self.hi_scores: torch.Tensor | None = None  # accumulated attention of the important tokens
-        self.lo_k = self.lo_v = None  # low-precision tokens (Packed); never promoted, so no scores
-        self.lo_positions: torch.Tensor | None = None
-        self.dtype: torch.dtype | None = None
-        self.head_dim = 0
+        self.lo_positions: torch.Tensor | None = None  # low-precision tokens: never promoted, no scores
         self.group = 0
 
+    # the base stores (keys, values, positions) hold the step's new tokens until end_step; the
+    # important and low-precision stores open at the first end_step, once the head size and the
+    # balancer are known
+
     @property
-    def is_initialized(self) -> bool:
-        return self.positions is not None
+    def new_positions(self) -> torch.Tensor | None:
+        return self.stores["positions"].tensor
 
-    # -- storage ------------------------------------------------------------------------------------
-    def _encode(self, x: torch.Tensor, bits: int, key: bool) -> Store:
-        if bits == 16:
-            return x.to(torch.float16)
-        x = x.float()
-        if key and self.balance is not None:
-            x = x * self.balance[:, :, None, :]
-        return quantize(x, bits, self.group)
+    @property
+    def positions(self) -> torch.Tensor | None:
+        parts = [p for p in (self.hi_positions, self.lo_positions, self.new_positions) if p is not None]
+        return torch.cat(parts, dim=-1) if parts else None
 
-    def _decode(self, store: Store, key: bool, dtype: torch.dtype | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """The store's tokens un-balanced, in ``dtype`` or written into ``out``; integer codes are
-        dequantised and un-balanced in float32 before any rounding to the model's dtype."""
-        if not isinstance(store, Packed):
-            return store.to(dtype) if out is None else out.copy_(store)
-        balanced = key and self.balance is not None
-        if out is not None and out.dtype == torch.float32:
-            dequantize(store, out=out)
-            return out.div_(self.balance[:, :, None, :]) if balanced else out
-        x = dequantize(store)
-        if balanced:
-            x = x.div_(self.balance[:, :, None, :])
-        return x.to(dtype) if out is None else out.copy_(x)
+    def _open_stores(self) -> None:
+        params = self.method.params
+        self.group = self.method.group_for(self.kv_shape[2])
+        balance = self.balance  # None without the balancer
+        for key, scale in (("k", balance), ("v", None)):
+            self.stores[f"hi_{key}"] = (DenseStore(torch.float16) if params.high_bits == 16
+                                        else PackedStore(params.high_bits, self.group, scale))
+            self.stores[f"lo_{key}"] = PackedStore(params.low_bits, self.group, scale)
 
-    def _stores(self, key: bool) -> list[Store]:
-        return [s for s in ((self.hi_k, self.lo_k) if key else (self.hi_v, self.lo_v)) if s is not None]
-
-    def _held_positions(self) -> torch.Tensor:
-        return torch.cat([p for p in (self.hi_positions, self.lo_positions) if p is not None], dim=-1)
-
-    # -- cache protocol -----------------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
-        b, h, q, d = key_states.shape
-        self.dtype, self.head_dim = key_states.dtype, d
-        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
-        if self.keys is None:
-            self.keys, self.values, self.new_positions = key_states, value_states, pos
-        else:  # two forwards before an end_step: both wait
-            self.keys = torch.cat([self.keys, key_states], dim=2)
-            self.values = torch.cat([self.values, value_states], dim=2)
-            self.new_positions = torch.cat([self.new_positions, pos], dim=-1)
-        self.seen += q
-        if self.hi_positions is None:
-            self.positions = self.new_positions
-            return self.keys, self.values
-        self.positions = torch.cat([self._held_positions(), self.new_positions], dim=-1)
-        return tuple(followed_by(self._stores(key), new, lambda store, out, key=key: self._decode(store, key, out=out))
-                     for key, new in ((True, self.keys), (False, self.values)))
-
-    def get_seq_length(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[-1]
-
+    # -- method hooks -------------------------------------------------------------------------------
     def attend(self, query, keys, values, scaling, sliding_window):
         if self.hi_positions is None and self.balance is None and self.method.params.balancer:
             self.balance = key_balancer(query, keys)  # the prefill: the prompt's queries and keys
@@ -230,20 +168,19 @@ class MiKVLayer(KVLayer):
             self.new_scores, (0, new.shape[-1] - self.new_scores.shape[-1]))
         return out
 
-    def end_step(self, phase: Phase) -> None:
-        if self.keys is None:
+    def compress(self, phase: Phase) -> None:
+        if not self.stores["keys"].tokens:
             return
         params = self.method.params
-        if self.hi_positions is None:
-            self.group = self.method.group_for(self.head_dim)
+        if "hi_k" not in self.stores:
+            self._open_stores()
         new_scores = self.new_scores if self.new_scores is not None else torch.zeros(
             self.new_positions.shape, dtype=torch.float32, device=self.keys.device)
         # every new token enters the important set ...
-        cand_k = _cat(self.hi_k, self._encode(self.keys, params.high_bits, key=True))
-        cand_v = _cat(self.hi_v, self._encode(self.values, params.high_bits, key=False))
         cand_pos = _cat(self.hi_positions, self.new_positions)
         cand_scores = _cat(self.hi_scores, new_scores)
         limit = self.method.important_tokens(self.seen, self.group)
+        keep = None
         if cand_pos.shape[-1] > limit:
             # ... and the lowest-scoring non-recent ones go to low precision, demoted from float: the new
             # tokens' exact values, the old ones' high-precision codes
@@ -251,41 +188,29 @@ class MiKVLayer(KVLayer):
             rank = cand_scores.masked_fill(cand_pos >= self.seen - recent, float("inf"))
             rank = rank.argsort(dim=-1, descending=True, stable=True)
             keep, drop = rank[..., :limit].sort(dim=-1).values, rank[..., limit:]
-            for key, cand in ((True, cand_k), (False, cand_v)):
-                old = [] if self.hi_k is None else [self._decode(self.hi_k if key else self.hi_v, key, torch.float32)]
-                exact = torch.cat([*old, (self.keys if key else self.values).float()], dim=2)
-                demoted = self._encode(gather_tokens(exact, drop), params.low_bits, key)
-                if key:
-                    self.lo_k = _cat(self.lo_k, demoted)
-                else:
-                    self.lo_v = _cat(self.lo_v, demoted)
+            for key in ("k", "v"):
+                hi, new = self.stores[f"hi_{key}"], self.stores["keys" if key == "k" else "values"].tensor
+                old = [hi.read(dtype=torch.float32)] if hi.tokens else []
+                self.stores[f"lo_{key}"].append(gather_tokens(torch.cat([*old, new.float()], dim=2), drop))
             self.lo_positions = _cat(self.lo_positions, cand_pos.gather(-1, drop))
-            cand_k, cand_v = _take(cand_k, keep), _take(cand_v, keep)
             cand_pos, cand_scores = cand_pos.gather(-1, keep), cand_scores.gather(-1, keep)
-        self.hi_k, self.hi_v, self.hi_positions, self.hi_scores = cand_k, cand_v, cand_pos, cand_scores
-        self.keys = self.values = self.new_positions = self.new_scores = None
-        self.positions = self._held_positions()
+        for key, pending in (("k", "keys"), ("v", "values")):
+            self.stores[f"hi_{key}"].append(self.stores[pending].tensor)
+            if keep is not None:
+                self.stores[f"hi_{key}"].keep(keep)
+        for pending in ("keys", "values", "positions"):
+            self.stores[pending].clear()
+        self.hi_positions, self.hi_scores = cand_pos, cand_scores
+        self.new_scores = None
 
     # -- what is held -------------------------------------------------------------------------------
-    def tokens_held(self) -> torch.Tensor:
-        return torch.full(self.positions.shape[:2], self.seen, dtype=torch.long)
-
     def important_held(self) -> torch.Tensor:
         """High-precision tokens per (batch, kv_head)."""
-        b, h = self.positions.shape[:2]
+        b, h = self.kv_shape[:2]
         return torch.full((b, h), 0 if self.hi_positions is None else self.hi_positions.shape[-1], dtype=torch.long)
 
-    def bytes_held(self) -> int:
-        total = sum(_nbytes(s) for s in (self.hi_k, self.hi_v, self.lo_k, self.lo_v))
-        if self.keys is not None:
-            total += sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        if self.balance is not None:
-            total += self.balance.numel() * self.balance.element_size()
-        return total
-
-    def bytes_full(self) -> int:
-        b, h = self.positions.shape[:2]
-        return 2 * b * h * self.seen * self.head_dim * self.dtype.itemsize
+    def state_bytes(self) -> int:
+        return 0 if self.balance is None else self.balance.numel() * self.balance.element_size()
 
 
 @register
@@ -295,9 +220,8 @@ class MiKV(Method):
 
     name = "mikv"
     Params = MiKVParams
+    layer = MiKVLayer
     phases = ("prefill", "append", "decode")
-    needs_queries = True
-    shares_prefill = True  # the prefill forward is exact; scores and balancer do not depend on the ratio
     ratio_note = ("nothing is evicted: every token is held, important ones in fp16 (or int8/int4), the rest "
                   "quantised with fp16 scales and zeros. ratio_mode 'tokens' (default): the ratio sets the "
                   "important fraction (1 / ratio), so the memory ratio is far below nominal; ratio_mode "
@@ -320,6 +244,15 @@ class MiKV(Method):
                     f"even with no important token and no scale overhead it is below {16 / params.low_bits:g} "
                     f"(16 / {params.low_bits} bits)")
 
+    @classmethod
+    def check_params(cls, params: MiKVParams) -> None:
+        if params.low_bits >= params.high_bits:
+            raise ConfigError(f"mikv.low_bits ({params.low_bits}) must be below high_bits ({params.high_bits})")
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.group_for(head_dim(model.config))
+
     @staticmethod
     def bits_per_element(bits: int, group: int) -> float:
         """Storage bits per element relative to nothing: fp16 = 16, integers + fp16 scale and zero per group."""
@@ -341,18 +274,18 @@ class MiKV(Method):
                 f"{16 / lo:.4g} (none important)")
         return min(max(rho, 0.0), 1.0)
 
-    def group_for(self, head_dim: int) -> int:
+    def group_for(self, channels: int) -> int:
         """Channels per quantisation group for this head size; checks that the codes pack."""
-        group = self.params.group_size or head_dim // 2
-        if head_dim % group or group < 1:
-            raise ConfigError(f"mikv: group_size {group} must divide head_dim {head_dim}")
+        group = self.params.group_size or channels // 2
+        if channels % group or group < 1:
+            raise ConfigError(f"mikv: group_size {group} must divide head_dim {channels}")
         for bits in {self.params.low_bits, self.params.high_bits} - {16}:
-            per_byte_unit = 8 // bits if 8 % bits == 0 else 8  # codes that fill whole bytes
-            if head_dim % per_byte_unit:
-                raise ConfigError(f"mikv: int{bits} codes pack {per_byte_unit} at a time; head_dim {head_dim} "
-                                  f"is not a multiple of {per_byte_unit}")
+            unit = codes_per_unit(bits)
+            if channels % unit:
+                raise ConfigError(f"mikv: int{bits} codes pack {unit} at a time; head_dim {channels} "
+                                  f"is not a multiple of {unit}")
         if self.params.ratio_mode == "memory" and self.compression.ratio is not None:
-            self.memory_rho(group)  # the exact range, now that head_dim is known
+            self.memory_rho(group)  # the exact range, now that the head size is known
         return group
 
     def important_tokens(self, n: int, group: int) -> int:
@@ -363,6 +296,3 @@ class MiKV(Method):
         if self.params.ratio_mode == "tokens":
             return round(n / c.ratio)
         return round(self.memory_rho(group) * n)
-
-    def make_layer(self, layer_idx: int) -> MiKVLayer:
-        return MiKVLayer(self, layer_idx)

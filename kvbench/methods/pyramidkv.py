@@ -3,21 +3,16 @@ from dataclasses import dataclass
 
 from kvbench.methods import register
 from kvbench.methods.base import Method
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
 from kvbench.methods.snapkv import SnapKVLayer, SnapKVParams
 
 
 @dataclass
 class PyramidKVParams(SnapKVParams):
     #: observation window, always kept (64 in kvpress's PyramidKVPress and in methods.md)
-    window: int = 64
+    window: int = param(64, ge=1)
     #: steepness of the pyramid: the deepest layer selects (capacity - window) / beta tokens
-    beta: int = 20
-
-    def validate(self):
-        super().validate()
-        if self.beta < 1:
-            raise ConfigError(f"pyramidkv.beta must be >= 1, got {self.beta}")
+    beta: int = param(20, ge=1)
 
 
 def layer_budgets(n_layers: int, capacity: int, window: int, beta: int, n_tokens: int) -> list[int]:
@@ -47,7 +42,7 @@ class PyramidKVLayer(SnapKVLayer):
     def kept_tokens(self) -> int:
         layers = self.method.compressed_layers
         if layers is None:
-            raise RuntimeError("pyramidkv needs the model's layer list: build its layers through KVCache")
+            raise RuntimeError("pyramidkv needs the model's layer list: call its setup(model) first")
         p = self.method.params
         return layer_budgets(len(layers), self.capacity, p.window, p.beta, self.seen)[layers.index(self.layer_idx)]
 
@@ -60,14 +55,11 @@ class PyramidKV(Method):
     concentrated, keep fewer (:func:`layer_budgets`). The budgets average the capacity, so the total
     over layers - and the memory ratio - is the nominal one. Depth counts only the layers the method
     compresses (Gemma 3's sliding-window layers are not among them). As in the reference code, a
-    prompt no longer than the capacity is not compressed. Prefill only, like SnapKV.
+    prompt no longer than the capacity is not compressed. Prefill only, like SnapKV; as there, the
+    per-layer budgets first act in ``end_step``, so the prefill is shared between ratios.
     """
 
     name = "pyramidkv"
     Params = PyramidKVParams
+    layer = PyramidKVLayer
     phases = ("prefill",)
-    needs_queries = True
-    shares_prefill = True  # as SnapKV: the per-layer budgets first act in end_step
-
-    def make_layer(self, layer_idx: int) -> PyramidKVLayer:
-        return PyramidKVLayer(self, layer_idx)

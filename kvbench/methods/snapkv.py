@@ -1,8 +1,8 @@
 from dataclasses import dataclass
 
 from kvbench.methods import register
-from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.base import Method, ScoreKeepLayer
+from kvbench.methods.params import param
 from kvbench.methods.scores import last_queries, top_and_recent, window_scores
 
 
@@ -10,19 +10,13 @@ from kvbench.methods.scores import last_queries, top_and_recent, window_scores
 class SnapKVParams:
     #: observation window: the last prompt queries whose attention scores the earlier tokens; the
     #: window's own tokens are always kept (32 in FasterDecoding/SnapKV)
-    window: int = 32
-    #: width of the 1-D average pooling of the scores along the token axis (odd)
-    kernel: int = 5
-
-    def validate(self):
-        if self.window < 1:
-            raise ConfigError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ConfigError(f"kernel must be an odd number >= 1, got {self.kernel}")
+    window: int = param(32, ge=1)
+    #: width of the 1-D average pooling of the scores along the token axis
+    kernel: int = param(5, ge=1, odd=True)
 
 
-class SnapKVLayer(EvictionLayer):
-    state_fields = EvictionLayer.state_fields + ("window_query", "scaling")
+class SnapKVLayer(ScoreKeepLayer):
+    state_fields = ScoreKeepLayer.state_fields + ("window_query", "scaling")
 
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
@@ -36,17 +30,18 @@ class SnapKVLayer(EvictionLayer):
         """Tokens this layer keeps of the prompt (the same for every layer in SnapKV)."""
         return self.capacity
 
-    def compress(self, phase: Phase) -> None:
-        query, self.window_query = self.window_query, None
-        n = self.get_seq_length()
-        if phase != "prefill" or n <= self.capacity:
-            return
-        keep = self.kept_tokens()
-        # a window longer than what is kept shrinks to it (short prompts at high ratios)
-        window = min(self.method.params.window, query.shape[2], keep)
-        scores = window_scores(query[:, :, query.shape[2] - window:], self.keys, self.scaling,
-                               self.method.params.kernel)
-        self.keep(top_and_recent(scores, n, keep, window))
+    def window(self) -> int:
+        """The observation window in use: a window longer than what is kept shrinks to it (short
+        prompts at high ratios)."""
+        return min(self.method.params.window, self.window_query.shape[2], self.kept_tokens())
+
+    def score(self):
+        """Pooled window attention of every token before the window (the window is kept whole)."""
+        query = self.window_query[:, :, self.window_query.shape[2] - self.window():]
+        return window_scores(query, self.keys, self.scaling, self.method.params.kernel)
+
+    def choose(self, scores):
+        return top_and_recent(scores, self.get_seq_length(), self.kept_tokens(), self.window())
 
 
 @register
@@ -59,13 +54,10 @@ class SnapKV(Method):
     ``capacity - window`` of them plus the window itself. Compresses the prefill only: an appended
     question (``compress: context``) and decoded tokens are added uncompressed, so the cache grows by
     one token per generated token after prefill. Prompts no longer than the capacity are untouched.
+    The prefill forward only records the observation window's queries, so it is shared between ratios.
     """
 
     name = "snapkv"
     Params = SnapKVParams
+    layer = SnapKVLayer
     phases = ("prefill",)
-    needs_queries = True
-    shares_prefill = True  # the prefill forward only records the observation window's queries
-
-    def make_layer(self, layer_idx: int) -> SnapKVLayer:
-        return SnapKVLayer(self, layer_idx)

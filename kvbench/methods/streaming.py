@@ -4,17 +4,13 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
 
 
 @dataclass
 class StreamingParams:
     #: attention sinks: the first tokens of the sequence, always kept (4 in Xiao et al. 2023)
-    sink_tokens: int = 4
-
-    def validate(self):
-        if self.sink_tokens < 0:
-            raise ConfigError(f"streaming.sink_tokens must be >= 0, got {self.sink_tokens}")
+    sink_tokens: int = param(4, ge=0)
 
 
 class StreamingLayer(EvictionLayer):
@@ -43,8 +39,5 @@ class Streaming(Method):
 
     name = "streaming"
     Params = StreamingParams
+    layer = StreamingLayer
     phases = ("prefill", "append", "decode")
-    shares_prefill = True
-
-    def make_layer(self, layer_idx: int) -> StreamingLayer:
-        return StreamingLayer(self, layer_idx)

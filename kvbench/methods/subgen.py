@@ -53,32 +53,21 @@ import torch
 from kvbench.cache import _causal_mask
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.errors import ConfigError
+from kvbench.methods.params import param
 
 
 @dataclass
 class SubGenParams:
     #: first tokens kept exact, never sketched
-    sink_tokens: int = 4
+    sink_tokens: int = param(4, ge=0)
     #: share of the capacity kept as exact tokens (sinks + recent window)
-    exact_share: float = 0.5
+    exact_share: float = param(0.5, ge=0, le=1)
     #: t: reservoir samples per key cluster
-    samples_per_cluster: int = 8
+    samples_per_cluster: int = param(8, ge=1)
     #: share of the sketch's memory given to value samples (s); the rest holds key clusters
-    value_share: float = 0.5
+    value_share: float = param(0.5, ge=0, le=1)
     #: cluster radius, relative to the head's mean key norm
-    delta: float = 0.5
-
-    def validate(self):
-        if self.sink_tokens < 0:
-            raise ConfigError(f"subgen.sink_tokens must be >= 0, got {self.sink_tokens}")
-        for name in ("exact_share", "value_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"subgen.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.samples_per_cluster < 1:
-            raise ConfigError(f"subgen.samples_per_cluster must be >= 1, got {self.samples_per_cluster}")
-        if self.delta < 0:
-            raise ConfigError(f"subgen.delta must be >= 0, got {self.delta}")
+    delta: float = param(0.5, ge=0)
 
 
 @dataclass(frozen=True)
@@ -270,8 +259,8 @@ class SubGenLayer(EvictionLayer):
             held += (clusters * (1 + self.plan.t) + 2 * self.plan.s * (self.mu > 0).float().cpu()) / 2
         return held
 
-    def bytes_held(self) -> int:
-        return super().bytes_held() + sum(x.numel() * x.element_size() for x in self._sketch())
+    def state_bytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self._sketch())
 
 
 @register
@@ -280,8 +269,8 @@ class SubGen(Method):
 
     name = "subgen"
     Params = SubGenParams
+    layer = SubGenLayer
     phases = ("prefill", "append", "decode")
-    shares_prefill = True  # the prefill is exact and the sketch starts in end_step
     approximation_note = (
         "Tokens outside the exact sink and recent window are attended through the sketch's estimate "
         "(clustered keys, sampled values), not exactly, once the sequence exceeds the capacity."
@@ -292,6 +281,3 @@ class SubGen(Method):
         "(vectors / 2). The plan fills the capacity only once the clusters are all opened: with keys in "
         "fewer clusters the measured ratio is above nominal; the counts and scalars put it slightly below."
     )
-
-    def make_layer(self, layer_idx: int) -> SubGenLayer:
-        return SubGenLayer(self, layer_idx)

@@ -35,7 +35,6 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,8 @@ import numpy as np
 import yaml
 from fuzzywuzzy import utils as _fuzz_utils
 from rouge import Rouge
+
+from kvbench.tasks.base import TASK_DATA
 
 # jieba logs its dictionary loading ("Building prefix dict ...") to stderr at DEBUG level on first
 # use; raise only jieba's own logger to INFO so the CLI's stderr carries just kvbench's messages.
@@ -288,7 +289,7 @@ def rouge_score_l(pred: str, gold: str, *, use_stemmer: bool = False) -> float:
 # Task table (kvbench/task_data/longbench/tasks.yaml)
 # ---------------------------------------------------------------------------------------------
 
-TASKS_YAML = resources.files("kvbench") / "task_data" / "longbench" / "tasks.yaml"
+TASKS_YAML = TASK_DATA / "longbench" / "tasks.yaml"
 _REQUIRED_FIELDS = {
     "metric": str,
     "language": str,

@@ -6,7 +6,7 @@ from typing import Any
 
 from kvbench.errors import ConfigError
 from kvbench.registry import Registry
-from kvbench.tasks.base import Sample, Task
+from kvbench.tasks.base import Sample, Task, TaskGroup
 
 TASKS: Registry[type[Task]] = Registry("task kind", __name__, lambda cls: cls.kind)
 register = TASKS.register
@@ -26,4 +26,9 @@ def build_task(values: dict[str, Any]) -> Task:
     return cls(name, cls.parse_params(values))
 
 
-__all__ = ["Sample", "Task", "build_task", "register", "registered"]
+def task_from_identity(description: dict[str, Any]) -> Task:
+    """The task a run.json identity describes (``Task.describe()``), not validated again."""
+    return TASKS.get(description["kind"]).from_identity(description)
+
+
+__all__ = ["Sample", "Task", "TaskGroup", "build_task", "register", "registered", "task_from_identity"]

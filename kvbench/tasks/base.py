@@ -9,16 +9,48 @@ model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbench.errors import ConfigError
+from kvbench.results import SampleRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: task texts and tables, shipped as package data (``kvbench/task_data/``)
 TASK_DATA = resources.files("kvbench") / "task_data"
 
 COMPRESS_MODES = ("whole", "context")
+
+
+def location(default: Any = None) -> Any:
+    """A parameter field that says where the task's data is, not what it is: left out of the run
+    identity (``Task.describe``), where the data is identified by ``Task.data_fingerprint``."""
+    return field(default=default, metadata={"location": True})
+
+
+def files_fingerprint(folder: str | Path, names: list[str]) -> dict[str, Any]:
+    """``Task.data_fingerprint`` of data files: the SHA-256 of each, by its name in its folder."""
+    return {"sha256": {name: hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest() for name in names}}
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """A group of tasks the report also averages over (LongBench: a category)."""
+
+    #: what the groups are, e.g. "LongBench category"
+    kind: str
+    name: str
+    #: the group's place among the groups of its kind (report order)
+    rank: int
+
+    @property
+    def title(self) -> str:
+        return f"{self.kind}: {self.name}"
 
 
 @dataclass
@@ -82,14 +114,39 @@ class Task:
     def samples(self, tokenizer, model_cfg) -> list[Sample]:
         raise NotImplementedError
 
-    def score(self, record: dict) -> dict[str, float]:
+    def score(self, record: SampleRecord) -> dict[str, float]:
         """Scores of one result record (``pred``, ``answers``, ``meta``), by metric name."""
         raise NotImplementedError
 
-    def summarize(self, records: list[dict]) -> dict[str, Any]:
+    def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Task-level scores: the mean of every metric over records, x100, rounded to 2 places."""
-        metrics = sorted({m for r in records for m in r["scores"]})
-        return {m: round(100 * sum(r["scores"][m] for r in records) / len(records), 2) for m in metrics} if records else {}
+        metrics = sorted({m for r in records for m in r.scores})
+        return {m: round(100 * sum(r.scores[m] for r in records) / len(records), 2) for m in metrics} if records else {}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "params": dataclasses.asdict(self.params)}
+        """The task in the run identity: its parameters without data locations (``location``)."""
+        locations = {f.name for f in dataclasses.fields(self.params) if f.metadata.get("location")}
+        params = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in locations}
+        return {"name": self.name, "kind": self.kind, "params": params}
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """A content hash of the data files this task reads (None: it reads none)."""
+        return None
+
+    def groups(self) -> list[TaskGroup]:
+        """The groups of tasks this task's scores are also averaged in, in reports."""
+        return []
+
+    def figures(self, metrics: dict[str, Any], title: str) -> dict[str, "Figure"]:
+        """This task's own figures of one run, from its scores.json ``metrics``, by name."""
+        return {}
+
+    @classmethod
+    def store_configs(cls, config_store) -> None:
+        """Register configs generated from the task's tables in Hydra's ConfigStore (``task=...``)."""
+
+    @classmethod
+    def from_identity(cls, description: dict[str, Any]) -> "Task":
+        """The task of a ``describe()`` recorded in run.json, without validating it again (so a run
+        can be re-scored or reported where its data is not available)."""
+        return cls(description["name"], cls.Params(**description["params"]))

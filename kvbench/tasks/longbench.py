@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.errors import ConfigError
-from kvbench.results import read_jsonl_strict
-from kvbench.scoring.longbench import E_TASKS, TASKS, score_sample, task_score, task_score_e
+from kvbench.results import SampleRecord, read_jsonl_strict
+from kvbench.scoring.longbench import CATEGORIES, E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task
+from kvbench.tasks.base import Sample, Task, TaskGroup, files_fingerprint, location
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class LongBenchParams:
     #: v1: LongBench (21 tasks); e: LongBench-E, the `{task}_e` sets of 13 tasks
     variant: str = "v1"
     #: folder of official-format `{task}.jsonl` / `{task}_e.jsonl` (the unzipped data.zip);
-    #: null = the hub dataset (needs network access)
-    data_dir: str | None = None
+    #: null = the hub dataset (needs network access). Not part of the run identity: the file's
+    #: content hash is (moving the folder keeps a results directory resumable)
+    data_dir: str | None = location()
     #: hub revision when data_dir is null
     revision: str = HUB_REVISION
     #: whole: prompt and question compressed together (pred.py's token sequence); context: see above
@@ -309,34 +310,45 @@ class LongBench(Task):
             },
         )
 
-    def score(self, record: dict) -> dict[str, float]:
+    def score(self, record: SampleRecord) -> dict[str, float]:
         """0..1 per example (eval.py's per-example score); the task score is 100 x the mean."""
-        all_classes = record.get("meta", {}).get("all_classes")
-        return {"score": score_sample(self.dataset, record["pred"], record["answers"], all_classes)}
+        all_classes = record.meta.get("all_classes")
+        return {"score": score_sample(self.dataset, record.pred, record.answers, all_classes)}
 
-    def summarize(self, records: list[dict]) -> dict[str, Any]:
+    def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """eval.py: ``round(100 * mean, 2)``; LongBench-E adds the length buckets (``score_e``)."""
         if not records:
             return {}
-        scores = [r["scores"]["score"] for r in records]
+        scores = [r.scores["score"] for r in records]
         summary: dict[str, Any] = {"score": task_score(scores)}
         if self.params.variant == "e":
-            summary["score_e"] = task_score_e(scores, [r["meta"]["length"] for r in records])
+            summary["score_e"] = task_score_e(scores, [r.meta["length"] for r in records])
         return summary
 
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """The local data file a subtask reads; None for hub data, which the ``revision`` parameter
+        identifies."""
+        if self.params.data_dir is None:
+            return None
+        return files_fingerprint(self.params.data_dir, [data_file(self.params.data_dir, self.dataset).name])
 
-def store_configs(config_store) -> None:
-    """Register ``task=longbench/<task>`` (and ``longbench/<task>_e``) in Hydra's ConfigStore.
+    def groups(self) -> list[TaskGroup]:
+        category = TASKS[self.task]["category"]
+        return [TaskGroup("LongBench category", category, CATEGORIES.index(category))]
 
-    Generated from the task table and the parameter defaults, so the 34 configs cannot drift
-    from them; every parameter is present, so ``task.compress=context`` etc. can be overridden.
-    """
-    defaults = asdict(LongBenchParams())
-    for task in TASKS:
-        for variant in VARIANTS:
-            if variant == "e" and task not in E_TASKS:
-                continue
-            name = dataset_name(task, variant)
-            node = {"name": name, "kind": LongBench.kind, **defaults, "tasks": [task],
-                    "variant": variant, "data_dir": "${data_dir}"}
-            config_store.store(group="task/longbench", name=name, node=node)
+    @classmethod
+    def store_configs(cls, config_store) -> None:
+        """Register ``task=longbench/<task>`` (and ``longbench/<task>_e``) in Hydra's ConfigStore.
+
+        Generated from the task table and the parameter defaults, so the 34 configs cannot drift
+        from them; every parameter is present, so ``task.compress=context`` etc. can be overridden.
+        """
+        defaults = asdict(LongBenchParams())
+        for task in TASKS:
+            for variant in VARIANTS:
+                if variant == "e" and task not in E_TASKS:
+                    continue
+                name = dataset_name(task, variant)
+                node = {"name": name, "kind": cls.kind, **defaults, "tasks": [task],
+                        "variant": variant, "data_dir": "${data_dir}"}
+                config_store.store(group="task/longbench", name=name, node=node)

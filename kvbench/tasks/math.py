@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from kvbench.errors import ConfigError
-from kvbench.results import read_jsonl_strict
+from kvbench.results import SampleRecord, read_jsonl_strict
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task
+from kvbench.tasks.base import Sample, Task, files_fingerprint, location
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -51,7 +51,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 @dataclass
 class MathParams:
     #: folder of the dataset's published files (table in the module doc); null = the hub dataset
-    data_dir: str | None = None
+    data_dir: str | None = location()
     max_new_tokens: int = 4096
     #: whole: the prompt is prefilled and compressed; context: the assistant header is appended after
     compress: str = "whole"
@@ -198,20 +198,32 @@ class MathTask(Task):
         return Sample(id=problem.id, context=prompt(problem.problem), question="", answers=[problem.answer],
                       max_new_tokens=self.params.max_new_tokens, chat_template=True, meta=problem.meta)
 
-    def score(self, record: dict) -> dict[str, float]:
-        pred = record["pred"]
-        answer = extract(pred, self.dataset.last_number_fallback)
-        return {"accuracy": float(equivalent(answer, record["answers"][0])),
-                "boxed": float(last_boxed(pred) is not None)}
+    def score(self, record: SampleRecord) -> dict[str, float]:
+        answer = extract(record.pred, self.dataset.last_number_fallback)
+        return {"accuracy": float(equivalent(answer, record.answers[0])),
+                "boxed": float(last_boxed(record.pred) is not None)}
 
-    def summarize(self, records: list[dict]) -> dict[str, Any]:
+    def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens."""
         summary = super().summarize(records)
         if records:
-            cut = sum(r["stopped_by"] == "max_new_tokens" for r in records)
+            cut = sum(r.stopped_by == "max_new_tokens" for r in records)
             summary["truncated"] = round(100 * cut / len(records), 2)
-            summary["mean_new_tokens"] = round(sum(r["new_tokens"] for r in records) / len(records), 2)
+            summary["mean_new_tokens"] = round(sum(r.new_tokens for r in records) / len(records), 2)
         return summary
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """The local data files read; None for hub data."""
+        if self.params.data_dir is None:
+            return None
+        return files_fingerprint(self.params.data_dir, [name for _, name in self.dataset.parts])
+
+    @classmethod
+    def store_configs(cls, config_store) -> None:
+        """Register ``task=<kind>`` from the parameter defaults (every parameter present, so each can
+        be overridden)."""
+        config_store.store(group="task", name=cls.kind, node={"name": cls.kind, "kind": cls.kind,
+                                                              **asdict(MathParams())})
 
 
 @register
@@ -231,9 +243,3 @@ class GSM8K(MathTask):
     kind = "gsm8k"
     dataset = DATASETS["gsm8k"]
 
-
-def store_configs(config_store) -> None:
-    """Register ``task=math500``, ``task=aime25`` and ``task=gsm8k`` in Hydra's ConfigStore, from
-    the parameter defaults (every parameter present, so each can be overridden)."""
-    for kind in DATASETS:
-        config_store.store(group="task", name=kind, node={"name": kind, "kind": kind, **asdict(MathParams())})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from statistics import mean
@@ -9,6 +10,7 @@ from statistics import mean
 import yaml
 
 from kvbench.errors import ConfigError
+from kvbench.results import SampleRecord
 from kvbench.scoring.passkey import exact_match, partial_match
 from kvbench.tasks import register
 from kvbench.tasks.base import TASK_DATA, Sample, Task
@@ -102,18 +104,32 @@ class Passkey(Task):
                     )
         return out
 
-    def score(self, record: dict) -> dict[str, float]:
-        key = record["answers"][0]
-        return {name: fn(record["pred"], key) for name, fn in SCORERS.items()}
+    def score(self, record: SampleRecord) -> dict[str, float]:
+        key = record.answers[0]
+        return {name: fn(record.pred, key) for name, fn in SCORERS.items()}
 
-    def summarize(self, records: list[dict]) -> dict:
+    def summarize(self, records: list[SampleRecord]) -> dict:
         """Mean per (length, depth) cell, then mean over cells (longctx_bench's aggregation)."""
         if not records:
             return {}
         cells: dict[str, list[dict]] = {}
         for r in records:
-            cells.setdefault(f"{r['meta']['length']}/{r['meta']['depth']:g}", []).append(r["scores"])
+            cells.setdefault(f"{r.meta['length']}/{r.meta['depth']:g}", []).append(r.scores)
         cell_means = {c: {m: mean(s[m] for s in ss) for m in SCORERS} for c, ss in cells.items()}
         summary = {m: round(100 * mean(c[m] for c in cell_means.values()), 2) for m in SCORERS}
         summary["cells"] = {c: {m: round(100 * v, 2) for m, v in cm.items()} for c, cm in sorted(cell_means.items())}
         return summary
+
+    def figures(self, metrics: dict, title: str) -> dict:
+        """The depth x length heatmap of the main metric (``metrics["cells"]``, keys ``"<length>/<depth>"``)."""
+        if not metrics.get("cells"):
+            return {}
+        from kvbench import plots  # matplotlib only when reporting
+
+        values = {tuple(float(x) for x in key.split("/")): cell[self.main_metric]
+                  for key, cell in metrics["cells"].items()}
+        lengths = sorted({length for length, _ in values})
+        depths = sorted({depth for _, depth in values})
+        grid = [[values.get((length, depth), math.nan) for length in lengths] for depth in depths]
+        return {"passkey": plots.heatmap(grid, lengths, depths, "context length (tokens)",
+                                         "passkey depth (fraction of context)", self.main_metric, title)}

@@ -74,9 +74,10 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from kvbench.errors import ConfigError
+from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import PREFIX, SAMPLE_SCORERS, SPEC, TASK_NAMES, TASK_SCORERS, metric_of
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task
+from kvbench.tasks.base import Sample, Task, files_fingerprint, location
 
 TEMPLATES = ("base", "chat")
 SOURCES = ("generate", "kvpress")
@@ -121,10 +122,11 @@ class RulerParams:
     #: generate: RULER's generators; kvpress: kvpress's pre-generated set
     source: str = "generate"
     #: folder of RULER's data files (PaulGrahamEssays.json, squad.json, hotpotqa.json);
-    #: null = SQuAD and HotpotQA from the hub, and no essay tasks
-    data_dir: str | None = None
+    #: null = SQuAD and HotpotQA from the hub, and no essay tasks. Not part of the run identity:
+    #: the content of the files read is
+    data_dir: str | None = location()
     #: local copy of simonjegou/ruler (<dir>/<length>/*.parquet); null = the hub
-    kvpress_dir: str | None = None
+    kvpress_dir: str | None = location()
     #: whole: the question is compressed with the context; context: appended after, uncompressed
     compress: str = "whole"
 
@@ -813,30 +815,45 @@ class Ruler(Task):
                               meta={"length": length}))
         return out
 
-    def score(self, record: dict) -> dict[str, float]:
+    def score(self, record: SampleRecord) -> dict[str, float]:
         """0..1 per sample (RULER's per-sample match); the task score is 100 x the mean."""
-        return {"score": SAMPLE_SCORERS[metric_of(self.task)](record["pred"], record["answers"])}
+        return {"score": SAMPLE_SCORERS[metric_of(self.task)](record.pred, record.answers)}
 
-    def summarize(self, records: list[dict]) -> dict[str, Any]:
+    def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """RULER's score over all records and per length (``lengths``: {length: score})."""
         if not records:
             return {}
         scorer = TASK_SCORERS[metric_of(self.task)]
 
         def score(rs):
-            return scorer([r["pred"] for r in rs], [r["answers"] for r in rs])
+            return scorer([r.pred for r in rs], [r.answers for r in rs])
 
-        by_length: dict[int, list[dict]] = {}
+        by_length: dict[int, list[SampleRecord]] = {}
         for r in records:
-            by_length.setdefault(r["meta"]["length"], []).append(r)
+            by_length.setdefault(r.meta["length"], []).append(r)
         return {"score": score(records), "lengths": {str(n): score(rs) for n, rs in sorted(by_length.items())}}
 
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """The local files a subtask reads: kvpress's parquet files of its lengths, or the data file
+        its generator needs; None for data from the hub (or none at all)."""
+        p = self.params
+        if p.source == "kvpress":
+            if p.kvpress_dir is None:
+                return None
+            folder = Path(p.kvpress_dir)
+            names = [f.relative_to(folder).as_posix() for n in p.lengths for f in sorted((folder / str(n)).glob("*.parquet"))]
+            return files_fingerprint(folder, names)
+        kind = needs(self.task)
+        if kind is None or p.data_dir is None:
+            return None
+        return files_fingerprint(p.data_dir, [DATA_FILES[kind]])
 
-def store_configs(config_store) -> None:
-    """Register ``task=ruler`` (all 13) and ``task=ruler/<name>`` in Hydra's ConfigStore, generated
-    from the task table and the parameter defaults; every parameter is present, so ``task.lengths``
-    etc. can be overridden."""
-    base = {"kind": Ruler.kind, **asdict(RulerParams()), "data_dir": "${data_dir}"}
-    config_store.store(group="task", name="ruler", node={"name": "ruler", **base})
-    for name in TASK_NAMES:
-        config_store.store(group="task/ruler", name=name, node={**base, "name": PREFIX + name, "tasks": [name]})
+    @classmethod
+    def store_configs(cls, config_store) -> None:
+        """Register ``task=ruler`` (all 13) and ``task=ruler/<name>`` in Hydra's ConfigStore, generated
+        from the task table and the parameter defaults; every parameter is present, so ``task.lengths``
+        etc. can be overridden."""
+        base = {"kind": cls.kind, **asdict(RulerParams()), "data_dir": "${data_dir}"}
+        config_store.store(group="task", name="ruler", node={"name": "ruler", **base})
+        for name in TASK_NAMES:
+            config_store.store(group="task/ruler", name=name, node={**base, "name": PREFIX + name, "tasks": [name]})
