@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stands up a single-node Slurm cluster on this Debian machine (run as root), for trying kvbench's
-# Slurm launcher and for tests/test_slurm.py:
+# Slurm launcher and for tests/integration/test_slurm.py:
 #   - installs slurmctld, slurmd, slurm-client and munge if missing;
 #   - starts a private munged and slurmctld + slurmd (SlurmUser root) whose configuration, keys,
 #     state, logs and pid files all live under $KVBENCH_SLURM_DIR (default /var/spool/kvbench-slurm),

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models (fast unit tests) and the embedded model (integration)."""
+"""Shared fixtures and helpers for every test folder (methods/, tasks/, integration/ and the top level):
+tiny random models (fast unit tests), the embedded model (integration), typed records and configs."""
 
 import pytest
 import torch

@@ -49,7 +49,7 @@ Bytes: high-precision "fp16" tokens really are fp16 whatever the model dtype, so
 against a 16-bit cache while the measured one is against what the full cache holds in the model's
 dtype - twice as high on a float32 model. For the same reason even an all-important cache (ratio 1,
 or a budget above the sequence) equals the full cache only when the model runs in fp16
-(``tests/test_mikv.py`` checks exactly that on an fp16 copy of the tiny model). A bf16 model's keys and
+(``tests/methods/test_mikv.py`` checks exactly that on an fp16 copy of the tiny model). A bf16 model's keys and
 values lose nothing in fp16 unless they exceed fp16's range (65504) or fall below its normal range.
 """
 
@@ -229,7 +229,7 @@ class MiKV(Method):
                   "real cache dtype (about twice as high on float32 models) and it counts the fp32 key balancer")
     lossy_note = ("all non-important tokens are quantised (int2 by default), and even important tokens are "
                   "stored in fp16: with everything important the cache is exact only for fp16 models "
-                  "(tests/test_mikv.py checks that case)")
+                  "(tests/methods/test_mikv.py checks that case)")
 
     def __init__(self, params: MiKVParams, compression, seed: int = 0):
         super().__init__(params, compression, seed)

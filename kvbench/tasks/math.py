@@ -185,6 +185,12 @@ class MathTask(Task):
     dataset: ClassVar[Dataset]
 
     @classmethod
+    def store_configs(cls, config_store) -> None:
+        """``task=<kind>`` from the parameter defaults (every parameter present, so each can be
+        overridden)."""
+        config_store.store(group="task", name=cls.kind, node={"name": cls.kind, "kind": cls.kind, **asdict(MathParams())})
+
+    @classmethod
     def parse_params(cls, values: dict[str, Any]) -> MathParams:
         params = super().parse_params(values)
         if params.data_dir is not None:
@@ -199,9 +205,10 @@ class MathTask(Task):
                       max_new_tokens=self.params.max_new_tokens, chat_template=True, meta=problem.meta)
 
     def score(self, record: SampleRecord) -> dict[str, float]:
-        answer = extract(record.pred, self.dataset.last_number_fallback)
+        pred = record.pred
+        answer = extract(pred, self.dataset.last_number_fallback)
         return {"accuracy": float(equivalent(answer, record.answers[0])),
-                "boxed": float(last_boxed(record.pred) is not None)}
+                "boxed": float(last_boxed(pred) is not None)}
 
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens."""
@@ -217,13 +224,6 @@ class MathTask(Task):
         if self.params.data_dir is None:
             return None
         return files_fingerprint(self.params.data_dir, [name for _, name in self.dataset.parts])
-
-    @classmethod
-    def store_configs(cls, config_store) -> None:
-        """Register ``task=<kind>`` from the parameter defaults (every parameter present, so each can
-        be overridden)."""
-        config_store.store(group="task", name=cls.kind, node={"name": cls.kind, "kind": cls.kind,
-                                                              **asdict(MathParams())})
 
 
 @register
@@ -242,4 +242,3 @@ class AIME25(MathTask):
 class GSM8K(MathTask):
     kind = "gsm8k"
     dataset = DATASETS["gsm8k"]
-

@@ -15,14 +15,13 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import sample_record
-
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.runner import encode
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed, last_number, normalize
 from kvbench.tasks import build_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "math"
 MODEL = ModelConfig(name="m", source="path", path="m")
 

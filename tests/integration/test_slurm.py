@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = Path(os.environ.get("KVBENCH_SLURM_DIR", "/var/spool/kvbench-slurm"))
 SETTINGS = ["ratio-2", "ratio-2_sink_tokens-8", "ratio-4", "ratio-4_sink_tokens-8"]
 

@@ -19,7 +19,7 @@ import pytest
 
 from kvbench.scoring import longbench as lb
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # rouge's ROUGE-L F is 2PR / (P + R + 1e-8): hand values are exact fractions, so allow ~1e-7.
 ROUGE_TOL = 1e-7

@@ -25,7 +25,7 @@ from kvbench.scoring.longbench import E_TASKS, TASKS
 from kvbench.tasks import build_task
 from kvbench.tasks import longbench as lbt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "longbench"
 # pred.py: `if dataset not in [...]: prompt = build_chat(...)`
 NO_CHAT = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}

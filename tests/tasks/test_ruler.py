@@ -22,7 +22,7 @@ from kvbench.scoring import ruler as rs
 from kvbench.tasks import build_task
 from kvbench.tasks import ruler as rt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "ruler"
 DATA = FIXTURES / "data"
 KVPRESS = FIXTURES / "kvpress"
