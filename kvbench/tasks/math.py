@@ -43,7 +43,7 @@ from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord, read_jsonl_strict
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task
+from kvbench.tasks.base import Sample, Task, files_fingerprint, location
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -51,7 +51,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 @dataclass
 class MathParams:
     #: folder of the dataset's published files (table in the module doc); null = the hub dataset
-    data_dir: str | None = None
+    data_dir: str | None = location()
     max_new_tokens: int = 4096
     #: whole: the prompt is prefilled and compressed; context: the assistant header is appended after
     compress: str = "whole"
@@ -218,6 +218,12 @@ class MathTask(Task):
             summary["truncated"] = round(100 * cut / len(records), 2)
             summary["mean_new_tokens"] = round(sum(r.new_tokens for r in records) / len(records), 2)
         return summary
+
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """The local data files read; None for hub data."""
+        if self.params.data_dir is None:
+            return None
+        return files_fingerprint(self.params.data_dir, [name for _, name in self.dataset.parts])
 
 
 @register

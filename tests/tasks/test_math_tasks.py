@@ -6,6 +6,7 @@ Fixtures: tests/fixtures/math/<task>/ (self-written problems in each dataset's p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -302,3 +303,12 @@ def test_hydra_configs(compose, kind):
     t = build_task(cfg["task"])
     assert (t.name, t.kind, t.params.max_new_tokens) == (kind, kind, 8192)
     assert compose([f"task={kind}"])["task"]["data_dir"] is None  # the hub by default
+
+
+def test_local_data_is_identified_by_content_not_location():
+    t = task("aime25")
+    assert "data_dir" not in t.describe()["params"]
+    digest = hashlib.sha256((FIXTURES / "aime25" / "aime2025-II.jsonl").read_bytes()).hexdigest()
+    assert t.data_fingerprint()["sha256"]["aime2025-II.jsonl"] == digest
+    assert set(t.data_fingerprint()["sha256"]) == {"aime2025-I.jsonl", "aime2025-II.jsonl"}
+    assert build_task({"name": "aime25", "kind": "aime25"}).data_fingerprint() is None
