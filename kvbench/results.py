@@ -249,6 +249,13 @@ class RunScores:
     bytes_held: float | None
     peak_bytes_held: float | None
     decode_tokens_per_s: float | None
+    #: 95% interval of the main metric on the scale of ``score`` (kvbench.stats.bootstrap_ci of the
+    #: records' per-sample main-metric scores, see :func:`sample_scores`); None where a record lacks
+    #: the metric, and in files written before intervals were recorded
+    ci95: list[float] | None = None
+    ci_method: str | None = None
+    ci_resamples: int | None = None
+    ci_seed: int | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -258,6 +265,18 @@ class RunScores:
     def from_json(cls, obj: Any, where: str = SCORES) -> "RunScores":
         _version(obj, where)  # versions 0 and 1 hold the same fields
         return _build(cls, obj, where)
+
+
+def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] | None:
+    """Sample id -> the record's 0..1 score under ``metric``, the unit every interval and paired test
+    resamples; None when there are no records or one lacks the metric.
+
+    The task's reported score is not always the plain mean of these (passkey averages its depth x
+    length cells, RULER and LongBench round): the interval is that of the per-sample mean, which
+    equals the score whenever cells hold equally many samples, as passkey's grid does."""
+    if not records or any(metric not in r.scores for r in records):
+        return None
+    return {r.id: r.scores[metric] for r in records}
 
 
 @dataclass

@@ -34,7 +34,8 @@ from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord
+from kvbench.results import KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord, sample_scores
+from kvbench.stats import bootstrap_ci
 from kvbench.tasks import Sample, Task, build_task
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,8 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
         return sum(present) / len(present) if present else None
 
     decode_s = sum(r.decode_s for r in records)
+    per_sample = sample_scores(records, task.main_metric)
+    interval = bootstrap_ci(list(per_sample.values())) if per_sample else None
     return RunScores(
         task=task.name,
         metric=task.main_metric,
@@ -311,6 +314,8 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
         bytes_held=mean_of(r.kv.after_prefill.bytes_held for r in records),
         peak_bytes_held=mean_of(r.kv.peak_bytes_held for r in records),
         decode_tokens_per_s=sum(r.new_tokens for r in records) / decode_s if decode_s else None,
+        **({"ci95": [round(v, 2) for v in interval.columns().values()], "ci_method": interval.method,
+            "ci_resamples": interval.resamples, "ci_seed": interval.seed} if interval else {}),
     )
 
 

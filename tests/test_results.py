@@ -2,6 +2,7 @@
 directories written before schema versions existed (tests/fixtures/results_v0, written by kvbench
 before this schema) that still resume and still report."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -166,7 +167,11 @@ def test_old_directories_rescore_in_place(tmp_path, capsys):
     before = {run.path: run.read_scores() for run in find_runs(results)}
     assert score_main([str(results), "--write"]) == 0
     for run in find_runs(results):
-        assert run.read_scores() == before[run.path]  # the same scorer: the same scores
+        after = run.read_scores()
+        # the same scorer: the same scores, now with the main metric's interval added
+        assert after.ci95 is not None and after.ci95[0] <= after.score <= after.ci95[1]
+        no_interval = dict(ci95=None, ci_method=None, ci_resamples=None, ci_seed=None)
+        assert dataclasses.replace(after, **no_interval) == before[run.path]
         assert json.loads(run.samples_path.read_text().splitlines()[0])["schema_version"] == SCHEMA_VERSION
 
 
