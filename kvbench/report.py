@@ -50,7 +50,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import plots
-from kvbench.results import RunDir, find_runs
+from kvbench.results import RunDir, find_runs, sample_scores
+from kvbench.stats import bootstrap_ci, paired_comparison
 from kvbench.tasks import Task, TaskGroup, task_from_identity
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,20 @@ BENCH_PAGE = Path("bench") / "bench_methods.md"
 FORMATS = ("md", "csv", "parquet", "png", "svg")
 MIB = 2**20
 
+#: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison)
+VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained"]
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
-    "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "baseline_score",
-    "retention", "n", "n_expected", "complete", "state", "status", "tokens_held", "bytes_held",
+    "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
+    "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held", "bytes_held",
     "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
-    "metrics", "run_dir",
+    "metrics", "run_dir", "sample_scores",
 ]
 FLOAT_COLUMNS = [
-    "nominal_ratio", "measured_ratio", "score", "baseline_score", "retention", "tokens_held", "bytes_held",
+    "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention", "tokens_held", "bytes_held",
     "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
 ]
-INT_COLUMNS = ["budget", "n", "n_expected"]
+INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +104,10 @@ def _run_row(run: RunDir) -> dict:
     identity = info.identity
     compression, task = identity.compression, identity.task
     records = run.records()
+    metric = scores.metric if scores else None
+    # intervals come from the records, so directories written before scores.json held them report too
+    per_sample = sample_scores(records, metric) if scores and scores.score is not None else None
+    interval = bootstrap_ci(list(per_sample.values())).columns() if per_sample else {}
     state = "failed" if scores is None else "complete" if scores.complete else "partial"
     setting = compression["label"]
     variant = setting.partition("_")[2]  # non-default method parameters, e.g. "lag-128"
@@ -121,8 +128,10 @@ def _run_row(run: RunDir) -> dict:
         "suite": task["kind"],
         "task_groups": tuple(task_obj.groups()) if task_obj else (),
         "task_params": task_params,
-        "metric": scores.metric if scores else None,
+        "metric": metric,
         "score": scores.score if scores else None,
+        "ci_low": interval.get("ci_low"),
+        "ci_high": interval.get("ci_high"),
         "n": scores.n if scores else len(records),
         "n_expected": scores.n_expected if scores else info.n_expected,
         "complete": state == "complete",
@@ -136,6 +145,7 @@ def _run_row(run: RunDir) -> dict:
         "decode_s_mean": _mean(r.decode_s for r in records),
         "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
+        "sample_scores": per_sample,
     }
 
 
@@ -166,7 +176,8 @@ def _baseline_key(row: dict) -> tuple:
 
 def _add_baselines(rows: list[dict]) -> None:
     """Attach the score and KV bytes of the complete full-cache run with the same model, task and
-    task parameters, and the retention and bytes relative to it."""
+    task parameters, the retention and bytes relative to it, and (for the other methods) the paired
+    comparison with it on the samples both hold (:data:`VS_FULL`, 0-100 scale)."""
     baselines = {_baseline_key(r): r for r in rows if r["method"] == BASELINE_METHOD and r["state"] == "complete"}
     for row in rows:
         base = baselines.get(_baseline_key(row), {})
@@ -175,6 +186,9 @@ def _add_baselines(rows: list[dict]) -> None:
         row["retention"] = 100 * row["score"] / base["score"] if usable else None
         row["bytes_vs_full"] = (row["bytes_held"] / base["bytes_held"]
                                 if row["bytes_held"] is not None and base.get("bytes_held") else None)
+        paired = row["method"] != BASELINE_METHOD and row["sample_scores"] and base.get("sample_scores")
+        shared = paired and row["sample_scores"].keys() & base["sample_scores"].keys()
+        row.update(paired_comparison(base["sample_scores"], row["sample_scores"]).columns() if shared else {})
 
 
 # Sort keys: rows are methods (baseline first), columns are settings (ratios, then budgets).
@@ -505,8 +519,8 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
 
 def _export_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The run table for CSV and Parquet: ``metrics`` (nested, varying keys) as a JSON string, the
-    task groups as a JSON list of their titles."""
-    return df.assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
+    task groups as a JSON list of their titles; the per-sample scores stay in samples.jsonl."""
+    return df.drop(columns="sample_scores").assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
                      task_groups=df.task_groups.map(lambda groups: json.dumps([g.title for g in groups])))
 
 

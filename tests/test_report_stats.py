@@ -1,11 +1,16 @@
 """Intervals and paired comparisons in scores.json, the run table and the leaderboards."""
 
+import dataclasses
 import json
 
-from conftest import sample_record
-from kvbench.results import RunScores, sample_scores
+import pandas as pd
+import pytest
+
+from conftest import run_info, sample_record
+from kvbench import report
+from kvbench.results import RunDir, RunScores, find_runs, sample_scores
 from kvbench.runner import summarize_run
-from kvbench.stats import bootstrap_ci
+from kvbench.stats import bootstrap_ci, paired_comparison
 from kvbench.tasks import task_from_identity
 
 PASSKEY = {"name": "passkey", "kind": "passkey",
@@ -37,3 +42,66 @@ def test_scores_json_without_interval_fields_still_loads():
            "peak_bytes_held": 1.0, "decode_tokens_per_s": 1.0}
     scores = RunScores.from_json(json.loads(json.dumps(old)))
     assert scores.ci95 is None and scores.ci_method is None
+
+
+def write_run(root, method, hits, setting="ratio-1", ratio=1, with_interval=True):
+    """A passkey results directory whose records score ``hits`` (0/1 per sample, ids s0, s1, ...);
+    ``with_interval=False`` writes scores.json as kvbench did before it recorded intervals."""
+    run = RunDir(root / "m" / "passkey" / method / setting)
+    run.write_run(run_info(PASSKEY, method=method, ratio=ratio, label=setting, n_expected=len(hits)))
+    for i, h in enumerate(hits):
+        run.append(sample_record(f"s{i}", scores={"exact_match": h}))
+    scores = RunScores(task="passkey", metric="exact_match", score=100 * sum(hits) / len(hits),
+                       metrics={"exact_match": 100 * sum(hits) / len(hits)}, n=len(hits), n_expected=len(hits),
+                       complete=True, measured_ratio=float(ratio), tokens_held=1.0, bytes_held=1000.0 / ratio,
+                       peak_bytes_held=1000.0, decode_tokens_per_s=1.0)
+    if with_interval:
+        scores = dataclasses.replace(scores, ci95=[1.0, 2.0], ci_method="percentile bootstrap", ci_resamples=10_000,
+                                     ci_seed=0)  # the report recomputes intervals; it must not read these
+    run.write_scores(scores)
+    return run
+
+
+FULL = [1.0] * 10 + [0.0] * 2
+ALPHA = [1.0] * 4 + [0.0] * 8
+ZETA = [0.0, 1.0] + [1.0] * 8 + [1.0, 0.0]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    write_run(tmp_path, "full", FULL, with_interval=False)  # an old directory: no interval in scores.json
+    write_run(tmp_path, "alpha", ALPHA, "ratio-4", 4)
+    write_run(tmp_path, "zeta", ZETA, "ratio-4", 4, with_interval=False)
+    return tmp_path
+
+
+def recomputed(root, method):
+    """The interval and the paired comparison with the full cache, from samples.jsonl."""
+    def scores(m):
+        run = next(r for r in find_runs(root) if r.read_run().identity.method["name"] == m)
+        return {r.id: r.scores["exact_match"] for r in run.records()}
+
+    columns = bootstrap_ci(list(scores(method).values())).columns()
+    return {**columns, **(paired_comparison(scores("full"), scores(method)).columns() if method != "full" else {})}
+
+
+def test_exported_intervals_and_paired_columns_agree_with_samples_jsonl(tree):
+    report.write_report(tree, formats=["csv", "parquet"])
+    for table in (pd.read_csv(tree / "leaderboards" / "results.csv"),
+                  pd.read_parquet(tree / "leaderboards" / "results.parquet")):
+        assert "sample_scores" not in table.columns
+        for method in ("full", "alpha", "zeta"):
+            row = table[table.method == method].iloc[0]
+            expected = recomputed(tree, method)
+            assert row.n == 12
+            for column, value in expected.items():
+                assert row[column] == pytest.approx(value), (method, column)
+            if method == "full":
+                assert all(pd.isna(row[c]) for c in report.VS_FULL)
+    table = pd.read_csv(tree / "leaderboards" / "results.csv").set_index("method")
+    # by hand: alpha loses s4..s9 and gains none (McNemar b=6, c=0: p = 2/64); zeta loses s0 and gains s10 (b=c: p = 1)
+    assert (table.lost["alpha"], table.gained["alpha"], table.vs_full_p["alpha"]) == (6, 0, pytest.approx(2 / 64))
+    assert table.vs_full_diff["alpha"] == pytest.approx(-50.0)
+    assert (table.lost["zeta"], table.gained["zeta"], table.vs_full_p["zeta"]) == (1, 1, 1.0)
+    assert table.vs_full_ci_low["alpha"] < -50 < table.vs_full_ci_high["alpha"] < 0
+    assert table.ci_low["full"] < 100 * 10 / 12 < table.ci_high["full"]
