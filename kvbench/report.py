@@ -51,7 +51,7 @@ import pandas as pd
 
 from kvbench import plots
 from kvbench.results import RunDir, find_runs, sample_scores
-from kvbench.stats import bootstrap_ci, paired_comparison
+from kvbench.stats import bootstrap_ci, detectable_drop_unpaired, indistinguishable_from_best, paired_comparison
 from kvbench.tasks import Task, TaskGroup, task_from_identity
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,13 @@ class Cell:
     score: float
     retention: float
     notes: list[str] = field(default_factory=list)
-    #: may be bolded as the best of its column (complete, and covering every task of its table)
+    #: may be compared with the rest of its column (complete, and covering every task of its table)
     rankable: bool = False
+    #: a single run's per-sample scores (sample id -> 0..1) and the half-width of its 95% interval
+    #: (points); None for averages over tasks and where a record lacks the main metric
+    samples: dict[str, float] | None = None
+    half_width: float | None = None
+    n: int | None = None
 
 
 class Footnotes:
@@ -261,7 +266,9 @@ def _run_notes(run: pd.Series) -> list[str]:
 
 def _run_cell(runs: pd.DataFrame) -> Cell:
     run = runs.iloc[0]  # one results directory per model x task x method x setting
-    return Cell(run.score, run.retention, _run_notes(run), rankable=run.state == "complete" and pd.notna(run.score))
+    half_width = (run.ci_high - run.ci_low) / 2 if pd.notna(run.ci_low) else None
+    return Cell(run.score, run.retention, _run_notes(run), rankable=run.state == "complete" and pd.notna(run.score),
+                samples=run.sample_scores, half_width=half_width, n=run.n)
 
 
 def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
@@ -306,30 +313,51 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), separator, *(line(row) for row in body)])
 
 
-def _best_score(column: list[Cell]) -> float | None:
-    """The score to bold in a column: the highest rankable one, if at least two compete."""
-    scores = [cell.score for cell in column if cell.rankable]
-    return max(scores) if len(scores) > 1 else None
+def _marked(column: Mapping[str, Cell]) -> set[str]:
+    """The rows to bold in a column (row -> cell): the best single run and every run not significantly
+    below it (:func:`kvbench.stats.indistinguishable_from_best`), among complete runs with per-sample
+    scores, where at least two compete. Averages over tasks are never marked."""
+    runs = {row: cell.samples for row, cell in column.items() if cell.rankable and cell.samples}
+    return set(indistinguishable_from_best(runs)) if len(runs) > 1 else set()
+
+
+def _sample_size_note(cells: Mapping[tuple[str, str], Cell]) -> str | None:
+    """n of the table's single runs and the smallest drop from the full cache detectable at that n."""
+    runs = {key: c for key, c in cells.items() if c.rankable and c.samples}
+    if not runs:
+        return None
+    ns = sorted({c.n for c in runs.values()})
+    text = f"n = {ns[0]}" + (f" to {ns[-1]}" if len(ns) > 1 else "") + " samples per run"
+    full = [c.score / 100 for (row, _), c in runs.items() if row == BASELINE_METHOD]
+    if full and 0 < full[0] <= 1:
+        drop = detectable_drop_unpaired(ns[0], full[0])
+        text += (f"; from the full cache's {100 * full[0]:.1f}, the smallest drop detectable at that n (80% "
+                 "power, alpha 0.05, two-proportion test; the paired test in results.csv can do better) is "
+                 + ("none (not even a fall to 0)" if math.isnan(drop) else f"{100 * drop:.1f} points"))
+    return text + "."
 
 
 def _score_table(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> str:
-    """Methods as rows, settings as columns, "score (retention%)" cells, best of a column in bold."""
+    """Methods as rows, settings as columns, "score ±half-width (retention%)" cells; in bold, the best
+    of a column and the runs indistinguishable from it (:func:`_marked`)."""
     rows, columns = _ordered(runs, "row", _row_key), _ordered(runs, "column", _column_key)
     cells = _cells(runs, cell)
-    best = {c: _best_score([x for (_, col), x in cells.items() if col == c]) for c in columns}
+    marked = {c: _marked({r: x for (r, col), x in cells.items() if col == c}) for c in columns}
     notes = Footnotes()
 
     def text(row: str, column: str) -> str:
         entry = cells.get((row, column))
         if entry is None:
             return "–"
-        shown = "n/a" if pd.isna(entry.score) else f"{entry.score:.2f} ({_pct(entry.retention)})"
-        if entry.rankable and entry.score == best[column]:
+        interval = f" ±{entry.half_width:.0f}" if entry.half_width is not None else ""
+        shown = "n/a" if pd.isna(entry.score) else f"{entry.score:.1f}{interval} ({_pct(entry.retention)})"
+        if row in marked[column]:
             shown = f"**{shown}**"
         return shown + notes.mark(entry.notes)
 
     table = markdown_table(["method", *columns], [[r, *(text(r, c) for c in columns)] for r in rows])
-    return "\n\n".join(filter(None, [table, notes.markdown()]))
+    size = _sample_size_note(cells)
+    return "\n\n".join(filter(None, [table, notes.markdown(), size]))
 
 
 def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
@@ -361,9 +389,12 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 CELL_LEGEND = (
-    "Cells: score (retention = score / score of the complete full-cache run of the same model, task "
-    "and task parameters, in %). Averages are means over complete runs only; partial and failed runs "
-    "are footnoted and left out. Bold: best score of the column among complete cells (if two or more)."
+    "Cells: score ±half-width of its 95% bootstrap interval over samples (retention = score / score of "
+    "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
+    "over complete runs only, without intervals; partial and failed runs are footnoted and left out. "
+    "Bold, in per-task tables: the column's best complete run and every run not significantly below it "
+    "(paired test on the shared samples, Holm-corrected over the column, p > 0.05); a lone bold cell "
+    "beats every other run of its column significantly. Averages are not marked."
 )
 
 

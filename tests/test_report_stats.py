@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from conftest import run_info, sample_record
 from kvbench import report
 from kvbench.results import RunDir, RunScores, find_runs, sample_scores
 from kvbench.runner import summarize_run
-from kvbench.stats import bootstrap_ci, paired_comparison
+from kvbench.stats import bootstrap_ci, detectable_drop_unpaired, paired_comparison
 from kvbench.tasks import task_from_identity
 
 PASSKEY = {"name": "passkey", "kind": "passkey",
@@ -105,3 +106,34 @@ def test_exported_intervals_and_paired_columns_agree_with_samples_jsonl(tree):
     assert (table.lost["zeta"], table.gained["zeta"], table.vs_full_p["zeta"]) == (1, 1, 1.0)
     assert table.vs_full_ci_low["alpha"] < -50 < table.vs_full_ci_high["alpha"] < 0
     assert table.ci_low["full"] < 100 * 10 / 12 < table.ci_high["full"]
+
+
+def passkey_table(root):
+    markdown = report.leaderboard_markdown(report.collect(root), "m")
+    section = markdown[markdown.index("### passkey"):]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    cells = {line.split(" | ")[0].removeprefix("| "): [c.strip() for c in line.strip("| ").split(" | ")[1:]]
+             for line in lines[2:]}
+    return cells, section
+
+
+def test_cells_show_the_interval_and_bold_the_runs_indistinguishable_from_the_best(tree):
+    write_run(tree, "beta", [1.0] * 12, "ratio-4", 4)
+    cells, section = passkey_table(tree)
+    # 4x column: beta (12/12) is best; zeta loses 2 samples to it (McNemar p = 0.5), alpha 8 (p = 2/256,
+    # 0.016 after Holm): zeta stays bold with beta, alpha does not
+    half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
+    assert cells["alpha"][1] == f"33.3 ±{half} (40.0%)"
+    assert cells["beta"][1] == "**100.0 ±0 (120.0%)**"
+    assert cells["zeta"][1].startswith("**83.3 ±") and cells["zeta"][1].endswith("(100.0%)**")
+    assert cells["full"][0].startswith("83.3 ±")  # alone in its column: nothing to compare
+    drop = 100 * detectable_drop_unpaired(12, 10 / 12)
+    assert "n = 12 samples per run; from the full cache's 83.3, the smallest drop" in section
+    assert f"is {drop:.1f} points." in section
+
+
+def test_the_best_alone_is_bold_when_it_beats_every_other_run(tree):
+    write_run(tree, "beta", [1.0] * 12, "ratio-4", 4)
+    shutil.rmtree(tree / "m" / "passkey" / "zeta")
+    cells, _ = passkey_table(tree)
+    assert cells["beta"][1].startswith("**") and not cells["alpha"][1].startswith("**")

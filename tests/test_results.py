@@ -170,7 +170,7 @@ def test_old_directories_rescore_in_place(tmp_path, capsys):
         after = run.read_scores()
         # the same scorer: the same scores, now with the main metric's interval added
         assert after.ci95 is not None and after.ci95[0] <= after.score <= after.ci95[1]
-        no_interval = dict(ci95=None, ci_method=None, ci_resamples=None, ci_seed=None)
+        no_interval = {"ci95": None, "ci_method": None, "ci_resamples": None, "ci_seed": None}
         assert dataclasses.replace(after, **no_interval) == before[run.path]
         assert json.loads(run.samples_path.read_text().splitlines()[0])["schema_version"] == SCHEMA_VERSION
 
