@@ -22,8 +22,12 @@ How numbers are compared:
 * partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, with a
   footnote, and never enter an average: averages over tasks use complete runs only, and a cell
   that does not cover every task of its table names the tasks left out and is not bolded.
-* bold: the highest score of each column among complete runs (for averages, among cells that cover
-  every task), where at least two compete.
+* intervals (``ci_low``, ``ci_high``, cells' ``±`` half-width) and the paired comparison with the
+  baseline (:data:`VS_FULL`) are recomputed from each run's samples.jsonl (the main metric's per-sample
+  scores), so directories whose scores.json predates intervals report them too; ``docs/statistics.md``.
+* bold, in per-task tables: the best complete run of each column and every run not significantly
+  below it (``kvbench.stats.indistinguishable_from_best``), where at least two compete; averages over
+  tasks carry no interval and no bold.
 * order: ``full`` first, then methods alphabetically, a method's default parameters before its
   variants (the setting's suffix, e.g. ``ratio-4_lag-128``); nominal ratios ascending, then token
   budgets ascending. Tasks by suite, then group order (``Task.groups``), then name.
