@@ -74,13 +74,14 @@ VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lo
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
-    "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held", "bytes_held",
-    "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
+    "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held",
+    "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
     "metrics", "run_dir", "sample_scores",
 ]
 FLOAT_COLUMNS = [
-    "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention", "tokens_held", "bytes_held",
-    "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
+    "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention",
+    "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean",
+    "decode_s_mean",
 ]
 INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained"]
 
@@ -555,8 +556,9 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
 def _export_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The run table for CSV and Parquet: ``metrics`` (nested, varying keys) as a JSON string, the
     task groups as a JSON list of their titles; the per-sample scores stay in samples.jsonl."""
-    return df.drop(columns="sample_scores").assign(metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
-                     task_groups=df.task_groups.map(lambda groups: json.dumps([g.title for g in groups])))
+    return df.drop(columns="sample_scores").assign(
+        metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
+        task_groups=df.task_groups.map(lambda groups: json.dumps([g.title for g in groups])))
 
 
 def _write_text(path: Path, text: str) -> Path:
