@@ -30,7 +30,7 @@ def config(tmp_path, **over):
     ({"budget": 64}, "give exactly one of ratio .* or budget"),
     ({"ratio": None, "budget": 0}, "budget must be >= 1"),
     ({"method": {"name": "nope"}}, "unknown method 'nope'; valid: .*full.*streaming"),
-    ({"method": {"name": "streaming", "sinks": 2}}, r"no parameter\(s\) \['sinks'\]; valid: \['sink_tokens'\]"),
+    ({"method": {"name": "streaming", "sinks": 2}}, r"unknown streaming parameter 'sinks' \(did you mean 'sink_tokens'\?\); valid: sink_tokens"),
     ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
     ({"model": {**MODEL, "sorce": "hub"}}, "does not fit the schema.*sorce"),
     ({"seed": "zero"}, "does not fit the schema.*seed"),

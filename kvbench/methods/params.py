@@ -10,6 +10,7 @@ import typing
 from typing import Any
 
 from kvbench.errors import ConfigError
+from kvbench.registry import unknown_name
 
 
 def param(default: Any, *, ge: float | None = None, le: float | None = None,
@@ -75,7 +76,7 @@ def parse_params(method: str, params_cls: type, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"method '{method}' has no parameter(s) {unknown}; valid: {sorted(fields) or 'none'}")
+        raise unknown_name(f"{method} parameter", unknown[0], fields)
     hints = typing.get_type_hints(params_cls)
     for name, value in values.items():
         kind, optional = _kind(hints[name])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbench.errors import ConfigError
+from kvbench.registry import unknown_name
 from kvbench.results import SampleRecord
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class Task:
         fields = {f.name for f in dataclasses.fields(cls.Params)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ConfigError(f"task kind '{cls.kind}' has no parameter(s) {unknown}; valid: {sorted(fields)}")
+            raise unknown_name(f"{cls.kind} task parameter", unknown[0], fields)
         params = cls.Params(**values)
         if getattr(params, "compress", "whole") not in COMPRESS_MODES:
             raise ConfigError(f"task compress mode must be one of {COMPRESS_MODES}, got '{params.compress}'")

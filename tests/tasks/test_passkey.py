@@ -61,7 +61,7 @@ def test_partial_match_is_longest_common_substring_over_key_length():
 def test_bad_task_parameters_are_named():
     with pytest.raises(ConfigError, match="depths"):
         build_task({**BASE, "depths": [1.5]})
-    with pytest.raises(ConfigError, match="no parameter.*'lenghts'.*valid"):
+    with pytest.raises(ConfigError, match=r"unknown passkey task parameter 'lenghts' \(did you mean 'lengths'\?\); valid: .*depths"):
         build_task({**BASE, "lenghts": [1]})
     with pytest.raises(ConfigError, match="unknown task kind 'nope'; valid: .*passkey"):
         build_task({"name": "x", "kind": "nope"})
