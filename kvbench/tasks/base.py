@@ -152,3 +152,17 @@ class Task:
         """The task of a ``describe()`` recorded in run.json, without validating it again (so a run
         can be re-scored or reported where its data is not available)."""
         return cls(description["name"], cls.Params(**description["params"]))
+
+
+def require_fields(row: Any, where: str, fields: dict[str, type | tuple[type, ...]],
+                   error: type[Exception] = ConfigError) -> dict:
+    """``row`` if it is an object holding ``fields`` with their official types (a bool is no int);
+    otherwise ``error`` naming ``where`` (file and line, or hub row) and the field."""
+    if not isinstance(row, dict):
+        raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name, kind in fields.items():
+        if name not in row:
+            raise error(f"{where}: missing field '{name}'")
+        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+            raise error(f"{where}: field '{name}' has type {type(row[name]).__name__}")
+    return row

@@ -47,7 +47,7 @@ from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord, read_jsonl_strict
 from kvbench.scoring.longbench import CATEGORIES, E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, TaskGroup, files_fingerprint, location
+from kvbench.tasks.base import Sample, Task, TaskGroup, files_fingerprint, location, require_fields
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,7 @@ def data_file(data_dir: str | Path, name: str) -> Path:
 
 def check_example(example: Any, where: str) -> dict:
     """The fields kvbench reads, with their official types; ``where`` names the file and line."""
-    if not isinstance(example, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(example).__name__}")
-    for field, kind in _FIELDS.items():
-        if field not in example:
-            raise DataError(f"{where}: missing field '{field}'")
-        if not isinstance(example[field], kind) or isinstance(example[field], bool):
-            raise DataError(f"{where}: field '{field}' has type {type(example[field]).__name__}")
+    require_fields(example, where, _FIELDS, DataError)
     if not all(isinstance(a, str) for a in example["answers"]):
         raise DataError(f"{where}: field 'answers' must be a list of strings")
     classes = example.get("all_classes")

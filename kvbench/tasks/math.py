@@ -43,7 +43,7 @@ from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord, read_jsonl_strict
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, files_fingerprint, location
+from kvbench.tasks.base import Sample, Task, files_fingerprint, location, require_fields
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -69,32 +69,19 @@ class Problem:
     meta: dict[str, Any]
 
 
-def _require(row: Any, where: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
-    """``row`` if it is an object with ``fields`` of their official types; a ConfigError naming
-    ``where`` (file and line, or hub row) otherwise."""
-    if not isinstance(row, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field, kind in fields.items():
-        if field not in row:
-            raise ConfigError(f"{where}: missing field '{field}'")
-        if not isinstance(row[field], kind) or isinstance(row[field], bool):
-            raise ConfigError(f"{where}: field '{field}' has type {type(row[field]).__name__}")
-    return row
-
-
 def _math500(row: Any, part: str, index: int, where: str) -> Problem:
-    row = _require(row, where, {"problem": str, "answer": str, "subject": str, "level": int, "unique_id": str})
+    row = require_fields(row, where, {"problem": str, "answer": str, "subject": str, "level": int, "unique_id": str})
     return Problem(row["unique_id"], row["problem"], row["answer"],
                    {"subject": row["subject"], "level": row["level"], "unique_id": row["unique_id"]})
 
 
 def _aime25(row: Any, part: str, index: int, where: str) -> Problem:
-    row = _require(row, where, {"question": str, "answer": (str, int)})
+    row = require_fields(row, where, {"question": str, "answer": (str, int)})
     return Problem(f"{part}-{index + 1}", row["question"], str(row["answer"]).strip(), {"part": part})
 
 
 def _gsm8k(row: Any, part: str, index: int, where: str) -> Problem:
-    row = _require(row, where, {"question": str, "answer": str})
+    row = require_fields(row, where, {"question": str, "answer": str})
     try:
         gold = gsm8k_gold(row["answer"])
     except ValueError as err:
