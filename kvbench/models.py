@@ -67,9 +67,10 @@ class ModelConfig:
         else:
             found = (where / "config.json").is_file()
         if not found:
-            expected = f"a folder holding {self.gguf_file}" if self.gguf_file else "a folder with config.json"
-            raise ConfigError(f"model '{self.name}': no model at {self.path}: expected {expected} "
-                              "(a checkpoint saved with save_pretrained, or a GGUF file)")
+            expected = (f"a folder holding {self.gguf_file}" if self.gguf_file else
+                        "a folder with config.json (saved with save_pretrained), or with a .gguf file named by "
+                        "model.gguf_file")
+            raise ConfigError(f"model '{self.name}': no model at {self.path}: expected {expected}")
 
 
 def parse_model_config(values: dict) -> ModelConfig:

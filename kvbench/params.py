@@ -6,11 +6,12 @@ integer >= 1``).
 
 Lists (``list[int]``) must be non-empty and hold distinct elements (a repeated length or task would
 repeat sample ids); the bounds and choices apply to every element, and a single value stands for a
-one-element list (``task.lengths=512``)."""
+one-element list (``task.lengths=512``). Numbers are finite."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -83,7 +84,7 @@ def _valid(value: Any, kind: Any, optional: bool, meta: dict) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     # an int is a valid float (ratio-like values typed as 1); a float is never a valid int
     typed = {int: isinstance(value, int) and number, float: number, str: isinstance(value, str)}[kind]
-    if not typed:
+    if not typed or (number and not math.isfinite(value)):
         return False
     if meta.get("choices") and value not in meta["choices"]:
         return False
