@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.params import allowed, check_value, field_kinds, param
+from kvbench.registry import unknown_name
 
 
 @dataclass
@@ -146,6 +147,8 @@ def check_overrides(overrides: list[str]) -> None:
     creates its job folder. What cannot be parsed or enumerated is left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from kvbench.methods import method_class
+
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports its own syntax errors
@@ -153,8 +156,7 @@ def check_overrides(overrides: list[str]) -> None:
     given_results_dir = False
     for override in parsed:
         key = override.key_or_group
-        kind = _schema_field(key)
-        if override.is_delete() or kind is None:
+        if override.is_delete() or override.is_add() or override.package is not None or key.startswith("hydra"):
             continue
         if override.is_sweep_override():
             try:
@@ -163,6 +165,14 @@ def check_overrides(overrides: list[str]) -> None:
                 continue
         else:
             values = [override.value()]
+        if key == "method":  # a config group option: the registered methods
+            for value in values:
+                method_class(value)
+            continue
+        kind = _schema_field(key)
+        if kind is None:
+            _check_key(key)
+            continue
         for value in values:
             converted = _converted(key, value, kind)
             if converted is _INTERPOLATED:
@@ -174,6 +184,16 @@ def check_overrides(overrides: list[str]) -> None:
                 check_folder_name(key, converted)
     if not given_results_dir:
         check_results_dir(KVBenchConfig.results_dir)
+
+
+def _check_key(key: str) -> None:
+    """An unknown top-level or ``model.`` key gets the valid ones (and the closest); other keys
+    (``method.<param>``, ``task.<param>``, config group options) are left to Hydra and the classes."""
+    head, _, rest = key.partition(".")
+    if not rest and head not in _CHECKED and head not in ("model", "method", "task"):
+        raise unknown_name("config key", head, [name for name in field_kinds(KVBenchConfig)])
+    if head == "model" and rest and "." not in rest:
+        raise unknown_name("model key", rest, field_kinds(ModelConfig))
 
 
 _INTERPOLATED, _INVALID = object(), object()
@@ -191,6 +211,8 @@ def _converted(key: str, value: Any, kind: tuple) -> Any:
         converted = _INVALID
     except OmegaConfBaseException:  # an interpolation: resolved (and checked) in the job
         return _INTERPOLATED
+    if kind[0] is bool and not isinstance(value, bool) and value is not None:
+        converted = _INVALID  # OmegaConf reads -1 or "yes" as a bool; parameters take true or false only
     try:
         return check_value(key, converted, *kind) if key in _CHECKED or converted is _INVALID else converted
     except ConfigError:
