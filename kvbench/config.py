@@ -190,8 +190,9 @@ def _check_key(key: str) -> None:
     """An unknown top-level or ``model.`` key gets the valid ones (and the closest); other keys
     (``method.<param>``, ``task.<param>``, config group options) are left to Hydra and the classes."""
     head, _, rest = key.partition(".")
-    if not rest and head not in _CHECKED and head not in ("model", "method", "task"):
-        raise unknown_name("config key", head, [name for name in field_kinds(KVBenchConfig)])
+    fields = field_kinds(KVBenchConfig)
+    if head not in fields:
+        raise unknown_name("config key", head, fields)
     if head == "model" and rest and "." not in rest:
         raise unknown_name("model key", rest, field_kinds(ModelConfig))
 

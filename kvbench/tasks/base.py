@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbench.errors import DataError
 from kvbench.params import param, parse_params
-from kvbench.results import SampleRecord
+from kvbench.results import SampleRecord, read_jsonl_strict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -178,31 +178,10 @@ def require_fields(row: Any, where: str, fields: dict[str, type | tuple[type, ..
     return row
 
 
-def _decode(raw: bytes, path: Path, line: int) -> str:
-    """UTF-8 text of (part of) a data file whose first line is ``line``; a DataError naming the
-    file, the line and the byte where it is not UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = line + raw.count(b"\n", 0, err.start)
-        raise DataError(f"{path}:{at}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})") from None
-
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(``file:line``, object) for every non-blank line of a task's JSONL data file; a line that is
-    not UTF-8 or not JSON raises a DataError naming the file and line (input data must be whole,
-    unlike results, whose torn last line is skipped)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = _decode(raw, path, number)
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON line: {err}") from None
+    not UTF-8 or not JSON raises a DataError naming the file and line."""
+    return read_jsonl_strict(Path(path), DataError)
 
 
 def read_json(path: str | Path) -> Any:
@@ -214,7 +193,10 @@ def read_json(path: str | Path) -> Any:
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from None
     try:
-        return json.loads(_decode(raw, path, 1))
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = 1 + raw.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
 

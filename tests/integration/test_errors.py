@@ -171,3 +171,58 @@ def test_names_never_leave_results_dir(tmp_path, name):
         with pytest.raises(ConfigError, match="^task.name=.*: expected folder names separated by '/'"):
             runner.RunSpec.from_config(load_config({**base, "task": {**base["task"], "name": name}}))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_errors_name_the_file_and_line(tmp_path):
+    from kvbench.errors import DataError
+    from kvbench.tasks.base import read_json, read_jsonl, unique_ids
+
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b'{"a": 1}\n\n{"a": "caf\xe9"}\n')  # latin-1, line 3
+    with pytest.raises(DataError, match=rf"^{jsonl}:3: not UTF-8 text \(invalid continuation byte: byte 0xe9\)$"):
+        list(read_jsonl(jsonl))
+    whole = tmp_path / "data.json"
+    whole.write_bytes(b'{\n "a": 1,\n "b": "\xff"\n}')
+    with pytest.raises(DataError, match=rf"^{whole}:3: not UTF-8 text"):
+        read_json(whole)
+    whole.write_bytes(b'{\n "a": 1,\n "b": \n}')
+    with pytest.raises(DataError, match=rf"^{whole}:4: malformed JSON: Expecting value \(column 1\)$"):
+        read_json(whole)
+    with pytest.raises(DataError, match=r"^f:9: duplicate sample id 'x' in f \(first at f:2\)$"):
+        unique_ids([("f:2", "x"), ("f:5", "y"), ("f:9", "x")], "f")
+
+
+@pytest.mark.parametrize("value,checked,message", [
+    (512, [512], None),  # a single value is a one-element list
+    ([512, 1024], [512, 1024], None),
+    ([], None, r"^passkey.lengths=\[\]: expected a non-empty list of distinct integers >= 1$"),
+    ([512, 0], None, r"^passkey.lengths=\[512, 0\]: expected a non-empty list of distinct integers >= 1$"),
+    ([0.5, 0.5], None, r"^passkey.depths=\[0.5, 0.5\]: expected a non-empty list of distinct numbers in \[0, 1\]$"),
+    (["512"], None, r"^passkey.lengths=\['512'\]: expected a non-empty list of distinct integers >= 1$"),
+])
+def test_list_parameters(value, checked, message):
+    from kvbench.errors import ConfigError
+    from kvbench.tasks.passkey import Passkey
+
+    key = "depths" if message and "depths" in message else "lengths"
+    if message is None:
+        assert getattr(Passkey.parse_params({key: value}), key) == checked
+    else:
+        with pytest.raises(ConfigError, match=message):
+            Passkey.parse_params({key: value})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("summary=-1", "^summary=-1: expected true or false$"),  # OmegaConf alone would read -1 as true
+    ("model.chat_template=yes", "^model.chat_template='yes': expected true or false$"),
+    ("ratio=inf", r"^ratio=inf: expected a number >= 1, or null$"),
+    ("ratio=2,0.5", r"^ratio=0.5: expected a number >= 1, or null$"),  # every value of a sweep
+    ("seed=4.5", "^seed=4.5: expected an integer$"),
+])
+def test_command_line_values_are_checked_before_hydra(override, message):
+    from kvbench.config import check_overrides
+    from kvbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        check_overrides([override])
+    check_overrides(["ratio=2,4", "seed=range(0,3)", "model.name=smollm2", "results_dir=somewhere"])
