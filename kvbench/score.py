@@ -1,6 +1,8 @@
 """Score LongBench predictions with the official metrics: ``python -m kvbench.score FILE_OR_DIR``.
 Records of RULER tasks (``task`` ``ruler/<name>``) are scored with RULER's metrics
-(:func:`kvbench.scoring.ruler.summarize`) and printed with the LongBench ones.
+(:func:`kvbench.scoring.ruler.summarize`), records of ``longbench_v2`` (gold letter in ``answers``,
+plus ``difficulty`` and ``length`` strings, read from ``meta`` in kvbench records) with LongBench
+v2's (:func:`kvbench.scoring.longbench_v2.summarize`), and printed with the LongBench ones.
 
 Input is a JSONL file, or a directory searched recursively: if the directory holds any
 ``samples.jsonl`` (a kvbench results directory) only those files are read, otherwise every
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.results import SAMPLES, RunDir, SampleRecord, find_runs, read_jsonl_strict, record_line, write_atomic
-from kvbench.scoring import ruler
+from kvbench.scoring import longbench_v2, ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
 RESULTS_FILE = SAMPLES
@@ -79,6 +81,12 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
     all_classes = record.get("all_classes")
     if all_classes is not None and not _is_str_list(all_classes):
         raise InputError(f"{where}: field 'all_classes' must be a list of strings or null")
+    if record["task"] == longbench_v2.TASK:
+        try:
+            longbench_v2.check_record(record)
+        except ValueError as err:
+            raise InputError(f"{where}: {err}") from None
+        return record
     length = record.get("length")
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))):
         raise InputError(f"{where}: field 'length' must be a number")
@@ -114,6 +122,10 @@ def _lift_meta(record: dict[str, Any]) -> None:
     # eval.py computes the length buckets only for LongBench-E; don't add them to v1 tasks
     if "length" in meta and record["task"].endswith("_e"):
         record.setdefault("length", meta["length"])
+    if record["task"] == longbench_v2.TASK:
+        for name in longbench_v2.RECORD_FIELDS:
+            if name in meta:
+                record.setdefault(name, meta[name])
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -128,8 +140,10 @@ def score_path(path: Path) -> dict[str, dict[str, Any]]:
     if not records:
         raise InputError(f"{path}: no records")
     is_ruler = [r["task"].startswith(ruler.PREFIX) for r in records]
-    return {**summarize([r for r, x in zip(records, is_ruler) if not x]),
-            **ruler.summarize([r for r, x in zip(records, is_ruler) if x])}
+    is_v2 = [r["task"] == longbench_v2.TASK for r in records]
+    return {**summarize([r for r, x, v2 in zip(records, is_ruler, is_v2) if not (x or v2)]),
+            **ruler.summarize([r for r, x in zip(records, is_ruler) if x]),
+            **longbench_v2.summarize([r for r, v2 in zip(records, is_v2) if v2])}
 
 
 # ---------------------------------------------------------------------------------------------
