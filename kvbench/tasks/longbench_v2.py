@@ -38,9 +38,18 @@ import yaml
 
 from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord
-from kvbench.scoring.longbench_v2 import CHOICES, accuracies, judge
+from kvbench.scoring.longbench_v2 import CHOICES, DIFFICULTIES, LENGTHS, accuracies, judge
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task, files_fingerprint, location, require_fields
+from kvbench.tasks.base import (
+    TASK_DATA,
+    ReportRun,
+    Sample,
+    Task,
+    TaskTable,
+    files_fingerprint,
+    location,
+    require_fields,
+)
 from kvbench.tasks.longbench import split_question
 
 HUB_DATASET = "THUDM/LongBench-v2"
@@ -185,6 +194,19 @@ class LongBenchV2(Task):
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """result.py's accuracies: overall, easy / hard, short / medium / long."""
         return accuracies((r.scores["accuracy"], r.meta["difficulty"], r.meta["length"]) for r in records)
+
+    @classmethod
+    def tables(cls, runs: list[ReportRun]) -> dict[str, TaskTable]:
+        """The official results table: overall, easy, hard, short, medium and long accuracy per run."""
+        if not runs:
+            return {}
+        groups = ("accuracy", *DIFFICULTIES, *LENGTHS)
+        body = [[run.method, run.setting, *(f"{run.metrics[g]:.1f}" if g in run.metrics else "n/a" for g in groups)]
+                for run in runs]
+        caption = ("Accuracy (%) as LongBench v2's result.py reports it, overall and by difficulty and length "
+                   "(n/a: no question of the group was run).")
+        header = ["method", "setting", *(g.capitalize() for g in ("overall", *groups[1:]))]
+        return {"LongBench v2": TaskTable(caption, header, body)}
 
     def data_fingerprint(self) -> dict[str, Any] | None:
         if self.params.data_dir is None:

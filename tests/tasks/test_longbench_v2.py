@@ -158,3 +158,16 @@ def test_score_cli_reads_plain_and_kvbench_records(tmp_path, capsys):
 def test_hydra_config(compose):
     t = build_task(compose(["task=longbench_v2", f"data_dir={DATA}"])["task"])
     assert t.params.data_dir == str(DATA) and t.params.max_prompt_tokens is None and t.params.compress == "whole"
+
+
+def test_report_table_has_the_official_columns():
+    from kvbench.tasks import ReportRun
+    from kvbench.tasks.longbench_v2 import LongBenchV2
+
+    runs = [ReportRun("full", "1x", "longbench_v2", {"accuracy": 40.0, "easy": 50.0, "hard": 33.3, "short": 40.0}),
+            ReportRun("lagkv", "4x", "longbench_v2", {"accuracy": 20.0, "easy": 0.0, "hard": 33.3, "short": 20.0})]
+    ((title, table),) = LongBenchV2.tables(runs).items()
+    assert title == "LongBench v2"
+    assert table.header == ["method", "setting", "Overall", "Easy", "Hard", "Short", "Medium", "Long"]
+    assert table.rows == [["full", "1x", "40.0", "50.0", "33.3", "40.0", "n/a", "n/a"],
+                          ["lagkv", "4x", "20.0", "0.0", "33.3", "20.0", "n/a", "n/a"]]
