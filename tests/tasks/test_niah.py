@@ -7,6 +7,7 @@ Tokens are counted with the small regex tokenizer of the RULER tests (words and 
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +16,7 @@ from kvbench.errors import ConfigError
 from kvbench.tasks import build_task
 from kvbench.tasks import niah as nt
 from kvbench.tasks.niah import insert_at_depth
-from tests.tasks.test_ruler import DATA, NOISE, ChatTokenizer, RegexTokenizer
+from tests.tasks.test_ruler import DATA, NOISE, ChatTokenizer, RegexTokenizer, embedded_tokenizer  # noqa: F401 (a fixture)
 
 TOK = RegexTokenizer()
 KAMRADT = nt.kamradt_texts()
@@ -131,3 +132,16 @@ def test_hydra_config(compose):
     cfg = compose(["task=niah", "task.lengths=[256]"])
     task = build_task(cfg["task"])
     assert task.params.lengths == [256] and task.params.haystack == "noise" and task.params.data_dir is None
+
+
+@pytest.mark.embedded
+def test_prompts_in_the_embedded_tokenizer_fill_each_length(embedded_tokenizer):  # noqa: F811 (the fixture)
+    from kvbench.runner import encode
+
+    model_cfg = SimpleNamespace(chat_template=True)
+    for s in samples(tokenizer=embedded_tokenizer, template="chat", lengths=[512, 1024], depths=[0.0, 0.5, 1.0]):
+        assert s.context.startswith("<|im_start|>system") and s.question.endswith("<|im_start|>assistant\n")
+        ids, _ = encode(s, embedded_tokenizer, model_cfg, "whole")
+        # the runner's tokens; the haystack grows by noise sentences of about 6 tokens
+        assert s.meta["length"] - 8 <= ids.shape[1] <= s.meta["length"]
+        assert abs(s.meta["needle_depth"] - s.meta["depth"]) <= 0.02
