@@ -15,7 +15,7 @@ Haystack (``haystack``): RULER's, the same sources as RULER's niah tasks (``kvbe
     the Paul Graham essays, Kamradt's and RULER's haystack, read from RULER's
     ``PaulGrahamEssays.json`` in ``data_dir`` (kvbench does not ship them).
 
-The haystack is split into sentences (after ``.``, ``!`` or ``?``, as RULER's niah does here) and
+The haystack is split into sentences (after ``.``, ``!`` or ``?``, as kvbench's RULER tasks split it) and
 starts at a sentence drawn from a generator seeded by (seed, length, index), wrapping around the
 text; the same haystack serves every depth of a (length, index), as in Kamradt's grid.
 
@@ -26,9 +26,13 @@ the target is the prompt the model reads, as for ``task=passkey``.
 
 Depth: Kamradt puts the needle at token ``int(depth * haystack tokens)`` and moves it back to the
 end of the sentence before it. Here the needle goes after the last sentence that ends at or before
-``depth`` of the haystack's tokens (each sentence counted in the model's tokenizer), which is the
-same place without decoding tokens back into text; ``meta["needle_depth"]`` records the fraction of
-the haystack's tokens before the needle.
+``depth`` of the haystack's tokens (each sentence counted in the model's tokenizer): the same place,
+up to how tokens merge across sentence boundaries, without decoding tokens back into text.
+``meta["needle_depth"]`` records the fraction of the haystack's tokens before the needle.
+
+Template (``template``): ``chat`` (default; Kamradt's test is a chat prompt) puts the prompt in the
+model's chat template as RULER's ``chat`` template does (``kvbench.tasks.ruler.layout``), when the
+model config and the tokenizer have one; ``base`` uses none.
 
 Scoring: 1 when the answer is contained in the prediction, case-insensitively after RULER's
 post-processing (``kvbench.scoring.ruler.match_all``), else 0. Kamradt grades with a GPT-4 judge
