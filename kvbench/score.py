@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.results import SAMPLES, RunDir, SampleRecord, find_runs, read_jsonl_strict, record_line, write_atomic
-from kvbench.scoring import longbench_v2, ruler
+from kvbench.scoring import ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
+from kvbench.scoring import longbench_v2
 
 RESULTS_FILE = SAMPLES
 

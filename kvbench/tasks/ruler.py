@@ -78,19 +78,11 @@ from typing import Any, Callable, NamedTuple
 
 from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord
-from kvbench.scoring.ruler import (
-    EFFECTIVE_THRESHOLD,
-    PREFIX,
-    SAMPLE_SCORERS,
-    SPEC,
-    TASK_NAMES,
-    TASK_SCORERS,
-    base_task,
-    effective_length,
-    metric_of,
-)
+from kvbench.scoring.ruler import PREFIX, SAMPLE_SCORERS, SPEC, TASK_NAMES, TASK_SCORERS, metric_of
+from kvbench.scoring.ruler import EFFECTIVE_THRESHOLD, base_task, effective_length
+from kvbench.tasks import ReportRun, TaskTable
 from kvbench.tasks import register
-from kvbench.tasks.base import ReportRun, Sample, Task, TaskTable, files_fingerprint, location
+from kvbench.tasks.base import Sample, Task, files_fingerprint, location
 
 TEMPLATES = ("base", "chat")
 SOURCES = ("generate", "kvpress")
