@@ -171,3 +171,8 @@ def test_report_table_has_the_official_columns():
     assert table.header == ["method", "setting", "Overall", "Easy", "Hard", "Short", "Medium", "Long"]
     assert table.rows == [["full", "1x", "40.0", "50.0", "33.3", "40.0", "n/a", "n/a"],
                           ["lagkv", "4x", "20.0", "0.0", "33.3", "20.0", "n/a", "n/a"]]
+
+
+def test_data_file_is_fingerprinted():
+    assert list(task().data_fingerprint()["sha256"]) == ["data.json"]
+    assert build_task({"name": "longbench_v2", "kind": "longbench_v2"}).data_fingerprint() is None

@@ -145,3 +145,12 @@ def test_prompts_in_the_embedded_tokenizer_fill_each_length(embedded_tokenizer):
         # the runner's tokens; the haystack grows by noise sentences of about 6 tokens
         assert s.meta["length"] - 8 <= ids.shape[1] <= s.meta["length"]
         assert abs(s.meta["needle_depth"] - s.meta["depth"]) <= 0.02
+
+
+def test_essay_file_is_fingerprinted_and_context_mode_splits_before_the_question():
+    essay = build_task({"name": "niah", "kind": "niah", "haystack": "essay", "data_dir": str(DATA)})
+    assert list(essay.data_fingerprint()["sha256"]) == ["PaulGrahamEssays.json"]
+    assert build_task({"name": "niah", "kind": "niah"}).data_fingerprint() is None
+    whole, split = samples(lengths=[300], depths=[0.5]), samples(lengths=[300], depths=[0.5], compress="context")
+    assert split[0].context + split[0].question == whole[0].context + whole[0].question
+    assert split[0].context.endswith("\n\n") and split[0].question.startswith(KAMRADT["question"])
