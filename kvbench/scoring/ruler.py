@@ -9,8 +9,8 @@ then every reference is looked for in it as a case-insensitive substring:
 
 The task score is the mean over samples x 100, rounded to 2 decimals, computed as RULER computes
 it (the sum over samples divided by their number, then x 100). RULER's tables average the tasks'
-scores at each length, average those over lengths, and give the effective length
-(:func:`effective_length`).
+scores at each length, average those over lengths (plainly and weighted towards long or short
+lengths, :func:`weighted_average`), and give the effective length (:func:`effective_length`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,14 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 #: RULER's threshold for the effective length: Llama-2-7B-chat's score at 4K
 EFFECTIVE_THRESHOLD = 85.6
+
+
+def weighted_average(scores: Mapping[int, float], increasing: bool) -> float:
+    """RULER's wAvg of per-length scores: weights 1, 2, ..., k over the lengths in ascending order
+    (``increasing``, "inc") or in descending order ("dec"), normalised to sum to 1."""
+    ordered = [scores[n] for n in sorted(scores)]
+    weights = range(1, len(ordered) + 1) if increasing else range(len(ordered), 0, -1)
+    return sum(w * v for w, v in zip(weights, ordered)) / sum(weights)
 
 
 def effective_length(scores: Mapping[int, float], threshold: float = EFFECTIVE_THRESHOLD) -> int | None:

@@ -52,7 +52,7 @@ variable names never equal ``VAR``. Every sample draws from its own generator se
 task, length, index), so samples are reproducible one by one.
 
 Report: besides a table per task, the leaderboard gets RULER's own table (:meth:`Ruler.tables`):
-the tasks' mean at each length, the mean over lengths and the effective length.
+the tasks' mean at each length, the plain and weighted means over lengths and the effective length.
 
 ``source: kvpress`` reads kvpress's set (columns context, question, answer_prefix, answer, task,
 max_new_tokens; configs 4096/8192/16384; Llama-3.1-8B tokenizer, ``base`` template) from the hub or
@@ -79,7 +79,7 @@ from typing import Any, Callable, NamedTuple
 from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import PREFIX, SAMPLE_SCORERS, SPEC, TASK_NAMES, TASK_SCORERS, metric_of
-from kvbench.scoring.ruler import EFFECTIVE_THRESHOLD, base_task, effective_length
+from kvbench.scoring.ruler import EFFECTIVE_THRESHOLD, base_task, effective_length, weighted_average
 from kvbench.tasks import ReportRun, TaskTable
 from kvbench.tasks import register
 from kvbench.tasks.base import Sample, Task, files_fingerprint, location
@@ -841,8 +841,8 @@ class Ruler(Task):
     @classmethod
     def tables(cls, runs: list[ReportRun]) -> dict[str, TaskTable]:
         """RULER's main table, a row per method and setting: the mean of its tasks' scores at each
-        length (where every task of the row has that length), their mean over lengths and the
-        effective length (:func:`kvbench.scoring.ruler.effective_length`)."""
+        length (where every task of the row has that length), their plain and weighted means over
+        lengths and the effective length (:func:`kvbench.scoring.ruler.effective_length`)."""
         rows: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
         for run in runs:
             per_length = {int(n): score for n, score in run.metrics.get("lengths", {}).items()}
@@ -858,15 +858,17 @@ class Ruler(Task):
             effective = effective_length(means)
             shown = (f"<{min(means)}" if effective is None else f">{effective}" if effective == max(means)
                      else str(effective))
+            averages = (sum(means.values()) / len(means), weighted_average(means, True), weighted_average(means, False))
             body.append([method, setting, str(len(tasks)), *(f"{means[n]:.2f}" if n in means else "n/a" for n in lengths),
-                         f"{sum(means.values()) / len(means):.2f}", shown])
+                         *(f"{a:.2f}" for a in averages), shown])
         names = sorted({t for tasks in rows.values() for t in tasks}, key=lambda t: TASK_NAMES.index(base_task(t)))
         caption = (f"RULER's table: per method and setting, the mean score of its RULER tasks at each length "
-                   f"(tokens), the mean over lengths (avg) and the effective length, the longest length up to "
+                   f"(tokens), the mean over lengths (avg; wavg inc / dec: weights 1..k rising / falling with "
+                   f"length, as RULER's wAvg) and the effective length, the longest length up to "
                    f"which every mean exceeds {EFFECTIVE_THRESHOLD} (Llama-2-7B's 4K score, RULER's threshold); "
                    f"\">N\": every length tested passes, \"<N\": the shortest does not. Tasks "
                    f"({len(names)}): {', '.join(names)}.")
-        header = ["method", "setting", "tasks", *map(str, lengths), "avg", "effective length"]
+        header = ["method", "setting", "tasks", *map(str, lengths), "avg", "wavg inc", "wavg dec", "effective length"]
         return {"RULER by length": TaskTable(caption, header, body)}
 
     def data_fingerprint(self) -> dict[str, Any] | None:

@@ -139,6 +139,14 @@ def test_effective_length_as_ruler_reads_its_table():
     assert rs.effective_length({1024: 60.0, 2048: 40.0}, threshold=50.0) == 1024
 
 
+def test_weighted_averages_as_ruler_reports_them():
+    # GPT-4-1106-preview in RULER's README: wAvg (inc) 89.0, wAvg (dec) 94.1
+    gpt4 = dict(zip([4096, 8192, 16384, 32768, 65536, 131072], [96.6, 96.3, 95.2, 93.2, 87.0, 81.2]))
+    assert round(rs.weighted_average(gpt4, increasing=True), 1) == 89.0
+    assert round(rs.weighted_average(gpt4, increasing=False), 1) == 94.1
+    assert rs.weighted_average({2048: 30.0, 1024: 60.0}, increasing=True) == (60.0 + 2 * 30.0) / 3
+
+
 def test_ruler_table_averages_tasks_per_length():
     runs = [rt.ReportRun("full", "full", "ruler/niah_single_1", {"score": 95.0, "lengths": {"1024": 100.0, "2048": 90.0}}),
             rt.ReportRun("full", "full", "ruler/vt", {"score": 85.0, "lengths": {"1024": 90.0, "2048": 80.0}}),
@@ -147,11 +155,13 @@ def test_ruler_table_averages_tasks_per_length():
             rt.ReportRun("knorm", "4x", "ruler/vt", {"score": 100.0, "lengths": {"1024": 100.0, "2048": 100.0}})]
     ((title, table),) = rt.Ruler.tables(runs).items()
     assert title == "RULER by length"
-    assert table.header == ["method", "setting", "tasks", "1024", "2048", "avg", "effective length"]
-    # full: 95 at 1024, 85 at 2048 (not above 85.6); lagkv: 2048 missing for vt, so n/a and left out
-    assert table.rows == [["full", "full", "2", "95.00", "85.00", "90.00", "1024"],
-                          ["lagkv", "4x", "2", "80.00", "n/a", "80.00", "<1024"],
-                          ["knorm", "4x", "1", "100.00", "100.00", "100.00", ">2048"]]
+    assert table.header == ["method", "setting", "tasks", "1024", "2048", "avg", "wavg inc", "wavg dec",
+                            "effective length"]
+    # full: 95 at 1024, 85 at 2048 (not above 85.6), wavg (95 + 2 * 85) / 3 and (2 * 95 + 85) / 3;
+    # lagkv: 2048 missing for vt, so n/a and left out
+    assert table.rows == [["full", "full", "2", "95.00", "85.00", "90.00", "88.33", "91.67", "1024"],
+                          ["lagkv", "4x", "2", "80.00", "n/a", "80.00", "80.00", "80.00", "<1024"],
+                          ["knorm", "4x", "1", "100.00", "100.00", "100.00", "100.00", "100.00", ">2048"]]
     assert "Tasks (2): ruler/niah_single_1, ruler/vt." in table.caption
     assert rt.Ruler.tables([]) == {}
 
@@ -184,9 +194,9 @@ def test_leaderboard_shows_the_ruler_table(tmp_path):
     markdown = report.leaderboard_markdown(report.collect(tmp_path), "m")
     section = markdown.split("## RULER by length")[1].split("## Per task")[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| method | setting | tasks | 1024 | 2048 | avg | effective length |"
-    assert lines[2:] == ["| full | 1x | 2 | 100.00 | 90.00 | 95.00 | >2048 |",
-                         "| lagkv | 4x | 1 | 100.00 | 0.00 | 50.00 | 1024 |"]
+    assert lines[0] == "| method | setting | tasks | 1024 | 2048 | avg | wavg inc | wavg dec | effective length |"
+    assert lines[2:] == ["| full | 1x | 2 | 100.00 | 90.00 | 95.00 | 93.33 | 96.67 | >2048 |",
+                         "| lagkv | 4x | 1 | 100.00 | 0.00 | 50.00 | 33.33 | 66.67 | 1024 |"]
 
 
 def test_score_cli_prints_ruler_tasks(tmp_path, capsys):
