@@ -27,7 +27,6 @@ repository's ``data.json`` (a JSON list of the questions with ``_id``, ``domain`
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +35,8 @@ from typing import Any
 
 import yaml
 
-from kvbench.errors import ConfigError
+from kvbench.errors import DataError
+from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.longbench_v2 import CHOICES, DIFFICULTIES, LENGTHS, accuracies, judge
 from kvbench.tasks import register
@@ -46,9 +46,12 @@ from kvbench.tasks.base import (
     Sample,
     Task,
     TaskTable,
+    compress_mode,
     files_fingerprint,
     location,
+    read_json,
     require_fields,
+    unique_ids,
 )
 from kvbench.tasks.longbench import split_question
 
@@ -63,28 +66,20 @@ HELP = (f"download {DATA_FILE} from the hub dataset {HUB_DATASET} into a folder 
         "data_dir=... (or task.data_dir=...)")
 
 
-class DataError(ConfigError):
-    """Missing or malformed LongBench v2 data (a ConfigError, so the CLI prints the message)."""
-
-
 @dataclass
 class LongBenchV2Params:
     #: folder holding the hub repository's data.json; null = the hub dataset. Not part of the run
     #: identity: the file's content hash is
     data_dir: str | None = location()
     #: pred.py's max_len (120000 for 128k models); null = the model config's max_prompt_tokens
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = param(None, ge=2)
     #: whole: the question is compressed with the text; context: appended after, uncompressed
-    compress: str = "whole"
+    compress: str = compress_mode()
     #: a seeded random subset of this many questions (kept in dataset order); null = all 503
-    limit: int | None = None
+    limit: int | None = param(None, ge=1)
     seed: int = 42
 
     def validate(self) -> None:
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 2:
-            raise ConfigError(f"longbench_v2 max_prompt_tokens must be >= 2 (or null), got {self.max_prompt_tokens}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"longbench_v2 limit must be >= 1 (or null for all), got {self.limit}")
         if self.data_dir is not None:
             data_path(self.data_dir)  # fail before the model loads
 
@@ -108,10 +103,7 @@ def load_questions(data_dir: str | None) -> tuple[dict, ...]:
     """Every question, from ``data_dir/data.json`` or the hub; never empty."""
     if data_dir is not None:
         path = data_path(data_dir)
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"cannot read {path}: {err}") from err
+        rows = read_json(path)
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of questions, got {type(rows).__name__}")
         source = str(path)
@@ -126,7 +118,9 @@ def load_questions(data_dir: str | None) -> tuple[dict, ...]:
         source = HUB_DATASET
     if not rows:
         raise DataError(f"{source} has no questions")
-    return tuple(check_question(row, f"{source} question {i}") for i, row in enumerate(rows))
+    questions = tuple(check_question(row, f"{source} question {i}") for i, row in enumerate(rows))
+    unique_ids(((f"{source} question {i}", q["_id"]) for i, q in enumerate(questions)), source)
+    return questions
 
 
 def fill(template: str, question: dict) -> str:

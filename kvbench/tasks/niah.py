@@ -47,7 +47,7 @@ sample from a generator seeded by (seed, length, depth, index), so that the mode
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,11 @@ from typing import Any
 import yaml
 
 from kvbench.errors import ConfigError
+from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import SPEC, match_all
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task, files_fingerprint, location
+from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode, files_fingerprint, location
 from kvbench.tasks.passkey import depth_length_heatmap, grid_summary
 from kvbench.tasks.ruler import (
     DATA_FILES,
@@ -79,41 +80,35 @@ METRIC = "contains"
 @dataclass
 class NiahParams:
     #: target prompt lengths in tokens of the model's tokenizer (chat template included)
-    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    lengths: list[int] = param([512, 1024], ge=1)
     #: needle depths as fractions of the haystack's tokens (0 = start, 1 = end)
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    samples_per_cell: int = 1
+    depths: list[float] = param([0.0, 0.25, 0.5, 0.75, 1.0], ge=0, le=1)
+    samples_per_cell: int = param(1, ge=1)
     seed: int = 42
     #: noise: RULER's noise sentences (offline); essay: the Paul Graham essays from data_dir
-    haystack: str = "noise"
+    haystack: str = param("noise", choices=HAYSTACKS)
     #: folder holding RULER's PaulGrahamEssays.json (haystack=essay). Not part of the run identity:
     #: the content of the file is
     data_dir: str | None = location()
     #: chat: the model's chat template (Kamradt's test is a chat prompt); base: none
-    template: str = "chat"
+    template: str = param("chat", choices=TEMPLATES)
     #: the needle, the question and the answer looked for; null = Kamradt's (task_data/niah/niah.yaml)
     needle: str | None = None
     question: str | None = None
     answer: str | None = None
     #: Kamradt: 300; the answer needs about 20
-    max_new_tokens: int = 48
+    max_new_tokens: int = param(48, ge=1)
     #: whole: the question is compressed with the haystack; context: appended after, uncompressed
-    compress: str = "whole"
+    compress: str = compress_mode()
 
     def validate(self) -> None:
-        if not self.lengths or min(self.lengths) < 1:
-            raise ConfigError(f"niah lengths must be a non-empty list of positive token counts, got {self.lengths}")
-        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
-            raise ConfigError(f"niah depths must be fractions in [0, 1], got {self.depths}")
-        if self.samples_per_cell < 1:
-            raise ConfigError(f"niah samples_per_cell must be >= 1, got {self.samples_per_cell}")
-        if self.haystack not in HAYSTACKS:
-            raise ConfigError(f"niah haystack must be one of {HAYSTACKS}, got '{self.haystack}'")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"niah template must be one of {TEMPLATES}, got '{self.template}'")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"niah max_new_tokens must be >= 1, got {self.max_new_tokens}")
         texts = self.texts()
+        for name in ("needle", "question", "answer"):
+            try:
+                texts[name].format(value="0")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(f"niah.{name}={texts[name]!r}: braces other than {{value}} must be doubled "
+                                  f"({type(err).__name__}: {err})") from None
         if not texts["answer"].strip():
             raise ConfigError("niah answer must not be empty (an empty answer is contained in every output)")
         if "{value}" in texts["answer"] and "{value}" not in texts["needle"]:

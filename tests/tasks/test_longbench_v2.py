@@ -124,6 +124,11 @@ def test_data_errors_name_the_file_and_field(tmp_path):
     (bad / "data.json").write_text(json.dumps([{k: v for k, v in rows[0].items() if k != "difficulty"}]))
     with pytest.raises(DataError, match="missing field 'difficulty'"):
         load_questions(str(bad))
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "data.json").write_text(json.dumps([rows[0], rows[0]]))
+    with pytest.raises(DataError, match="question 1: duplicate sample id"):
+        load_questions(str(twice))
 
 
 def test_task_scores_records_and_summarizes():

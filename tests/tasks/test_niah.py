@@ -118,10 +118,12 @@ def test_bad_parameters_are_config_errors(tmp_path):
         build_task({**base, "haystack": "essay"})
     with pytest.raises(ConfigError, match="PaulGrahamEssays.json"):
         build_task({**base, "haystack": "essay", "data_dir": str(tmp_path)})
-    with pytest.raises(ConfigError, match="haystack must be one of"):
+    with pytest.raises(ConfigError, match="niah.haystack='grass': expected one of 'noise', 'essay'"):
         build_task({**base, "haystack": "grass"})
     with pytest.raises(ConfigError, match="depths"):
         build_task({**base, "depths": [1.5]})
+    with pytest.raises(ConfigError, match="niah.needle='The key is {key}.': braces other than"):
+        build_task({**base, "needle": "The key is {key}."})
     with pytest.raises(ConfigError, match="holds \\{value\\} but the needle does not"):
         build_task({**base, "answer": "{value}"})
     with pytest.raises(ConfigError, match="one haystack sentence already exceeds 20"):
