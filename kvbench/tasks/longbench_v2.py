@@ -153,6 +153,11 @@ class LongBenchV2(Task):
     Params = LongBenchV2Params
     main_metric = "accuracy"
 
+    def check_data(self) -> None:
+        """Every question of data.json (read once: they are cached)."""
+        if self.params.data_dir is not None:
+            load_questions(self.params.data_dir)
+
     def samples(self, tokenizer, model_cfg) -> list[Sample]:
         p = self.params
         questions = list(load_questions(p.data_dir))

@@ -163,6 +163,11 @@ class Niah(Task):
     Params = NiahParams
     main_metric = METRIC
 
+    def check_data(self) -> None:
+        """The essays (read once: they are cached)."""
+        if self.params.haystack == "essay":
+            essay_sentences(self.params.data_dir)
+
     def samples(self, tokenizer, model_cfg) -> list[Sample]:
         p = self.params
         texts = p.texts()

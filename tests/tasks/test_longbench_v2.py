@@ -118,7 +118,7 @@ def test_data_errors_name_the_file_and_field(tmp_path):
     rows = json.loads((DATA / "data.json").read_text())
     (tmp_path / "data.json").write_text(json.dumps([{**rows[0], "answer": "E"}]))
     with pytest.raises(DataError, match="question 0: field 'answer' must be one of"):
-        load_questions(str(tmp_path))
+        task(data_dir=str(tmp_path)).check_data()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "data.json").write_text(json.dumps([{k: v for k, v in rows[0].items() if k != "difficulty"}]))

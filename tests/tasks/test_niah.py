@@ -118,6 +118,9 @@ def test_bad_parameters_are_config_errors(tmp_path):
         build_task({**base, "haystack": "essay"})
     with pytest.raises(ConfigError, match="PaulGrahamEssays.json"):
         build_task({**base, "haystack": "essay", "data_dir": str(tmp_path)})
+    (tmp_path / "PaulGrahamEssays.json").write_text('{"text": 3}')
+    with pytest.raises(ConfigError, match="PaulGrahamEssays.json: field .text. has type int"):
+        build_task({**base, "haystack": "essay", "data_dir": str(tmp_path)}).check_data()
     with pytest.raises(ConfigError, match="niah.haystack='grass': expected one of 'noise', 'essay'"):
         build_task({**base, "haystack": "grass"})
     with pytest.raises(ConfigError, match="depths"):
