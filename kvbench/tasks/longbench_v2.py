@@ -12,6 +12,9 @@ Prompt building, per question (pred.py, zero-shot, no chain of thought):
 3. sent as one user message, so the runner applies the model's chat template;
 4. 128 new tokens. pred.py samples at temperature 0.1; kvbench decodes greedily, as for every task.
 
+pred.py's other modes (``--cot``: a 1024-token reasoning pass, then a second prompt for the answer;
+``--rag``; ``--no_context``) are not implemented.
+
 Scoring is :mod:`kvbench.scoring.longbench_v2` (extraction of "The correct answer is (X)"); the
 task's scores are result.py's accuracies, overall and by difficulty and length, and the report
 shows them as one table (:meth:`LongBenchV2.tables`).
