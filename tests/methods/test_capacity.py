@@ -108,9 +108,16 @@ def test_a_chunked_prefill_is_never_stored_or_reused(tiny_llama):
         generate(tiny_llama, cache, prompt, None, 2, set(), prefilled=stored, prefill_chunk=32)
 
 
-def spec(**top):
-    return RunSpec.from_config(load_config({"model": asdict(EMBEDDED), "method": {"name": "snapkv"},
+def spec(method="snapkv", **top):
+    return RunSpec.from_config(load_config({"model": asdict(EMBEDDED), "method": {"name": method},
                                             "task": {"name": "passkey", "kind": "passkey"}, **top}))
+
+
+def test_an_infeasible_budget_fails_before_the_model_loads_naming_the_smallest_feasible_one():
+    # LagKV's defaults: 16 sink tokens and an uncompressed window of up to 2 x 1024 - 1 tokens
+    with pytest.raises(ConfigError, match="smallest feasible budget is sink_tokens \\+ 2 x lag_size - 1 = 2063"):
+        spec("lagkv", ratio=None, budget=2062)
+    assert spec("lagkv", ratio=None, budget=2063).method.compression.budget == 2063
 
 
 def test_runs_with_a_chunked_prefill_do_not_share_prefills():
