@@ -34,11 +34,12 @@ Choices and differences (documented, all small):
   (its size is the same either way).
 - Redundancy follows R-KV's reference implementation (``cal_similarity_raw``: per key, zero the
   similarity to its *last* near-duplicate, mean over the n rows, softmax), computed in blocks so
-  the n x n matrix is never held (:func:`redundancy`). Two quirks are not copied: a key with no
-  near-duplicate does not zero its similarity to token 0 (R-KV's ``max`` of all-zero indices), and
-  the authors' Triton kernel (``cal_similarity_triton``, their default) is not followed where it
-  differs from that definition: it zeroes one near-duplicate per row in every 64-column block, and
-  only columns no earlier row block has zeroed.
+  the n x n matrix is never held (:func:`redundancy`). A quirk is not copied: a key with no
+  near-duplicate does not zero its similarity to token 0 (R-KV's ``max`` of all-zero indices). The
+  authors' default Triton kernel (``cal_similarity_triton``, 345e290) is not followed where it
+  departs from that definition: it zeroes a row's latest near-duplicate within every 64-column block
+  (not once per row), skipping columns already zeroed for rows it processed before (it walks row
+  blocks from the newest).
 - An appended question (phase ``append``, ``compress: context``) is not a generated token. In ratio
   mode it is added uncompressed, as the phase promises: the cache then holds up to ``budget +
   question + divide_length - 1`` tokens until the first decoding event. In budget mode an event also

@@ -19,7 +19,9 @@ No official code; this follows the methods reference (``shared/reference/methods
   with ``q / b`` over the stored ``k * b`` (``(q / b) . (k b) = q . k``), but exact SDPA, the mask and
   the attention scores all work unchanged. Keys stored in fp16 need no balancer and are stored as
   they are; values never get one. ``b`` is kept in fp32 and counted in ``bytes_held`` (``d`` floats
-  per layer, head and batch row: negligible). ``balancer: false`` turns it off.
+  per layer, head and batch row: negligible). ``balancer: false`` turns it off. With a chunked
+  prefill (``prefill_chunk``) the balancer comes from the first chunk's queries and keys, and each
+  chunk is then scored and demoted like a step of decoding.
 - Decoding (and an appended question): every new token enters the important set; while it holds more
   than ``C`` tokens the lowest-scoring important token outside the recent ``recent_fraction * C``
   positions is demoted to low precision. Tokens are never promoted back. A token demoted from int8 /
