@@ -49,7 +49,7 @@ import torch
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.storage import DenseStore
 
 

@@ -133,7 +133,7 @@ def test_chunk_and_evict_every_enter_the_identity_only_when_set():
     assert chunked.setting == "budget-64_every-4_prefill_chunk-32"
     assert chunked.identity(task).compression == {"ratio": None, "budget": 64, "label": chunked.setting,
                                                   "evict_every": 4, "prefill_chunk": 32}
-    with pytest.raises(ConfigError, match="prefill_chunk must be >= 1"):
+    with pytest.raises(ConfigError, match="prefill_chunk=0: expected an integer >= 1"):
         spec(ratio=2, prefill_chunk=0)
 
 
