@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 
@@ -30,6 +31,11 @@ class KVBenchConfig:
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = None
     seed: int = 0
+    #: how tokens are chosen: greedy (temperature 0, the default) or sampled, n samples per prompt
+    #: (``kvbench.decoding.Decoding``); part of the run identity
+    decoding: Decoding = field(default_factory=Decoding)
+    #: decoding steps between two points of each record's held-cache curve (``kv.curve``)
+    cache_curve_every: int = 16
     #: where results directories, the leaderboards and Hydra's job folders go
     results_dir: str = "results"
     #: run only the first N samples of each task (smoke tests)

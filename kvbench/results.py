@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from kvbench.decoding import Decoding
+
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples.jsonl"
@@ -178,6 +180,24 @@ class KVStats:
 
 
 @dataclass
+class HeldCurve:
+    """The cache held over a generation, after each step's compression: after ``steps[i]`` generated
+    tokens were fed back, the compressed layers' most loaded KV head held ``tokens[i]`` tokens and
+    the whole cache ``bytes[i]`` bytes. A point every ``every`` steps, plus the first (after
+    prefill, step 0) and the last (the end)."""
+
+    every: int
+    steps: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+
+    def add(self, step: int, tokens: int, nbytes: int) -> None:
+        self.steps.append(step)
+        self.tokens.append(tokens)
+        self.bytes.append(nbytes)
+
+
+@dataclass
 class KVUsage:
     after_prefill: KVStats
     at_end: KVStats
@@ -185,6 +205,24 @@ class KVUsage:
     peak_bytes_held: int
     #: most bytes held inside a step (before its compression)
     peak_bytes_in_step: int
+    #: most tokens a compressed layer's KV head held between steps (None: recorded before it was)
+    peak_tokens_held: int | None = None
+    curve: HeldCurve | None = None
+
+
+@dataclass
+class Completion:
+    """One of a record's ``decoding.n`` sampled generations (the record's own fields are the first's)."""
+
+    seed: int
+    pred: str
+    new_tokens: int
+    stopped_by: str
+    prefill_s: float
+    decode_s: float
+    peak_tokens_held: int
+    #: metric -> 0..1, by the task's scorer
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,8 +249,10 @@ class SampleRecord:
     decode_compress_s: float
     kv: KVUsage
     finished_at: str
-    #: metric -> 0..1, by the task's scorer (``Task.score``)
+    #: metric -> 0..1, by the task's scorer (``Task.score``); with n samples, the mean over them
     scores: dict[str, float] = field(default_factory=dict)
+    #: the n sampled generations, each scored (empty for one generation: the record is it)
+    completions: list[Completion] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -226,7 +266,11 @@ class SampleRecord:
         for step in ("after_prefill", "at_end"):
             if isinstance(kv.get(step), dict):
                 kv[step] = _build(KVStats, kv[step], f"{where}: kv.{step}")
+        if isinstance(kv.get("curve"), dict):
+            kv["curve"] = _build(HeldCurve, kv["curve"], f"{where}: kv.curve")
         values["kv"] = _build(KVUsage, kv, f"{where}: kv")
+        values["completions"] = [_build(Completion, c, f"{where}: completions[{i}]") if isinstance(c, dict) else c
+                                 for i, c in enumerate(values.get("completions") or [])]
         return _build(cls, values, where)
 
 
@@ -297,6 +341,8 @@ class RunIdentity:
     compression: dict[str, Any]
     #: ``Task.data_fingerprint()``: a content hash of the data files read; None: no such files
     data: dict[str, Any] | None = None
+    #: the ``decoding`` section (``kvbench.decoding.Decoding``); files without one were greedy
+    decoding: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Decoding()))
     #: 0: read from a file written before versions existed, whose data was not fingerprinted
     schema_version: int = dataclasses.field(default=SCHEMA_VERSION, compare=False)
 

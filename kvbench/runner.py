@@ -29,12 +29,14 @@ import torch
 import kvbench
 from kvbench.cache import KVCache, layer_windows
 from kvbench.config import KVBenchConfig
+from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord, sample_scores
+from kvbench.results import (Completion, KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord,
+                             sample_scores)
 from kvbench.stats import bootstrap_ci
 from kvbench.tasks import Sample, Task, build_task
 
@@ -103,6 +105,9 @@ class RunSpec:
     prefill_reuse_gb: float
     #: the resolved config, recorded in run.json
     config: dict[str, Any]
+    decoding: Decoding = dataclasses.field(default_factory=Decoding)
+    #: decoding steps between two points of the held-cache curve
+    curve_every: int = 16
 
     @classmethod
     def from_config(cls, cfg: KVBenchConfig) -> "RunSpec":
@@ -113,17 +118,22 @@ class RunSpec:
         method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
         if cfg.limit is not None and cfg.limit < 1:
             raise ConfigError(f"limit must be >= 1 sample (or null for all), got {cfg.limit}")
+        cfg.decoding.validate()
+        if cfg.cache_curve_every < 1:
+            raise ConfigError(f"cache_curve_every must be >= 1 decoding step, got {cfg.cache_curve_every}")
         return cls(
             model=cfg.model,
             method=method,
             task=build_task(cfg.task),
-            setting=method.setting(),
+            setting="_".join(filter(None, [method.setting(), cfg.decoding.label()])),
             results_dir=Path(cfg.results_dir),
             seed=cfg.seed,
             limit=cfg.limit,
             shard=parse_shard(cfg.shard),
             prefill_reuse_gb=cfg.prefill_reuse_gb,
             config=dataclasses.asdict(cfg),
+            decoding=cfg.decoding,
+            curve_every=cfg.cache_curve_every,
         )
 
     def run_dir(self, task: Task) -> RunDir:
@@ -138,6 +148,7 @@ class RunSpec:
             task=task.describe(),
             compression={"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting},
             data=task.data_fingerprint(),
+            decoding=dataclasses.asdict(self.decoding),
         )
 
 
@@ -246,7 +257,8 @@ _prefills = PrefillStore()
 
 
 def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> SampleRecord:
-    """Generate for one sample and return its result record (scored)."""
+    """Generate for one sample and return its result record (scored). With ``decoding.n`` samples
+    the record is the first one's, plus every sample in ``completions``; its scores are the means."""
     device = next(model.parameters()).device
     prompt_ids, question_ids = encode(sample, tokenizer, spec.model, task.params.compress)
     prompt_ids = prompt_ids.to(device)
@@ -254,17 +266,29 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     def stop_check(tokens):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in sample.stop_strings)
-    method = spec.method.new()
-    method.setup(model)
-    reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
-    prefilled = _prefills.get(spec, task, sample.id) if reuse else None
-    cache = KVCache(method, layer_windows(model.config))
-    gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
-                   eos_ids(model, tokenizer, sample.stop_tokens),
-                   stop_check if sample.stop_strings else None, sample.min_new_tokens,
-                   prefilled=prefilled, keep_prefill=reuse and prefilled is None)
-    if reuse and prefilled is None:
-        _prefills.put(spec, task, sample.id, gen.prefilled)
+    n = spec.decoding.n
+    gens, seeds, first_prefill = [], [], None
+    for index in range(n):
+        method = spec.method.new()
+        method.setup(model)
+        # the n samples of a prompt share its prefill (and so does the next ratio of a sweep)
+        reuse = method.shares_prefill and (spec.prefill_reuse_gb > 0 or n > 1)
+        prefilled = first_prefill or (_prefills.get(spec, task, sample.id) if spec.prefill_reuse_gb > 0 else None)
+        prefilled = prefilled if reuse else None
+        cache = KVCache(method, layer_windows(model.config))
+        seed = spec.decoding.sample_seed(spec.seed, sample.id, index)
+        gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
+                       eos_ids(model, tokenizer, sample.stop_tokens),
+                       stop_check if sample.stop_strings else None, sample.min_new_tokens,
+                       prefilled=prefilled, keep_prefill=reuse and prefilled is None,
+                       decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every)
+        if reuse and prefilled is None:
+            first_prefill = gen.prefilled
+            if spec.prefill_reuse_gb > 0:
+                _prefills.put(spec, task, sample.id, gen.prefilled)
+        gens.append((gen, prefilled is not None))
+        seeds.append(seed)
+    gen, reused = gens[0]
     appended = question_ids.shape[1] if question_ids is not None else 0
     record = SampleRecord(
         id=sample.id,
@@ -278,15 +302,22 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         stopped_by=gen.stopped_by[0],
         prefill_s=round(gen.prefill_s, 4),
         # a reused prefill's time is its restore and compression only: the forward ran for another ratio
-        prefill_reused=prefilled is not None,
+        prefill_reused=reused,
         decode_s=round(gen.decode_s, 4),
         compress_s=round(gen.compress_s, 4),
         decode_compress_s=round(gen.decode_compress_s, 4),
         kv=KVUsage(after_prefill=KVStats(**gen.after_prefill), at_end=KVStats(**gen.at_end),
-                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step),
+                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step,
+                   peak_tokens_held=gen.peak_tokens_held, curve=gen.curve),
         finished_at=_now(),
     )
-    record.scores = task.score(record)
+    if n > 1:
+        record.completions = [
+            Completion(seed=seed, pred=tokenizer.decode(g.tokens[0], skip_special_tokens=True),
+                       new_tokens=len(g.tokens[0]), stopped_by=g.stopped_by[0], prefill_s=round(g.prefill_s, 4),
+                       decode_s=round(g.decode_s, 4), peak_tokens_held=g.peak_tokens_held)
+            for (g, _), seed in zip(gens, seeds)]
+    record.scores = task.score_record(record)
     return record
 
 

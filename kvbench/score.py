@@ -181,7 +181,7 @@ def rescore(path: Path) -> dict[str, dict[str, Any]]:
         state = _file_state(run_dir.samples_path)
         records = run_dir.records()  # de-duplicated by id, torn lines skipped
         for record in records:
-            record.scores = task.score(record)
+            record.scores = task.score_record(record)
         planned.append((run_dir, state, records, summarize_run(task, records, n_expected)))
     written = {}
     for run_dir, state, records, scores in planned:

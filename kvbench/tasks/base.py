@@ -120,6 +120,17 @@ class Task:
         """Scores of one result record (``pred``, ``answers``, ``meta``), by metric name."""
         raise NotImplementedError
 
+    def score_record(self, record: SampleRecord) -> dict[str, float]:
+        """A record's scores: those of its prediction, or with n sampled completions, each
+        completion's (set on it) and their means per metric (pass@1 averaged over the n samples)."""
+        if not record.completions:
+            return self.score(record)
+        for c in record.completions:
+            c.scores = self.score(dataclasses.replace(record, pred=c.pred, new_tokens=c.new_tokens,
+                                                      stopped_by=c.stopped_by, completions=[]))
+        metrics = record.completions[0].scores
+        return {m: sum(c.scores[m] for c in record.completions) / len(record.completions) for m in metrics}
+
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Task-level scores: the mean of every metric over records, x100, rounded to 2 places."""
         metrics = sorted({m for r in records for m in r.scores})

@@ -198,12 +198,14 @@ class MathTask(Task):
                 "boxed": float(last_boxed(pred) is not None)}
 
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
-        """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens."""
+        """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens (over
+        every generation: the n samples of each record when sampling)."""
         summary = super().summarize(records)
-        if records:
-            cut = sum(r.stopped_by == "max_new_tokens" for r in records)
-            summary["truncated"] = round(100 * cut / len(records), 2)
-            summary["mean_new_tokens"] = round(sum(r.new_tokens for r in records) / len(records), 2)
+        outputs = [c for r in records for c in (r.completions or [r])]
+        if outputs:
+            cut = sum(o.stopped_by == "max_new_tokens" for o in outputs)
+            summary["truncated"] = round(100 * cut / len(outputs), 2)
+            summary["mean_new_tokens"] = round(sum(o.new_tokens for o in outputs) / len(outputs), 2)
         return summary
 
     def data_fingerprint(self) -> dict[str, Any] | None:
