@@ -368,6 +368,8 @@ class RunIdentity:
         if not isinstance(obj, dict):
             raise SchemaError(f"{where}: identity must be a JSON object")
         values = dict(obj)
+        if isinstance(values.get("model"), dict):  # model configs before chat-template variables had none
+            values["model"] = {"chat_template_kwargs": {}, **values["model"]}
         if version == 0:
             values["method"] = cls.method_of(values["method"])
             task = dict(values["task"])

@@ -201,7 +201,8 @@ def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> 
     if templated:
         # A marker between the parts survives templates that trim the message's ends (Llama 3.1's)
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False,
+            **model_cfg.chat_template_kwargs,
         )
         context, question = full.split(_SPLIT)
     ctx = tokenizer(context, add_special_tokens=not templated, return_tensors="pt").input_ids

@@ -65,14 +65,14 @@ def test_a_shard_draws_the_same_samples_as_the_whole_run(tiny_llama, tmp_path):
     assert second.scores == whole[1].scores
 
 
-def test_identities_written_before_decoding_was_recorded_are_greedy(tmp_path):
+def test_identities_written_before_decoding_and_template_variables_were_recorded_resume(tmp_path):
     from kvbench.results import RunIdentity
 
     spec = RunSpec.from_config(load_config({"model": MODEL, "method": {"name": "full"}, "task": TASK,
                                             "results_dir": str(tmp_path)}))
     current = spec.identity(spec.task)
     old = current.to_json()
-    del old["decoding"]
+    del old["decoding"], old["model"]["chat_template_kwargs"]
     assert current.differences(RunIdentity.from_json(old, version=1)) == []  # still resumable
     sampled = RunSpec.from_config(load_config({"model": MODEL, "method": {"name": "full"}, "task": TASK,
                                                "decoding": {"temperature": 0.6}}))
