@@ -282,7 +282,9 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
                        eos_ids(model, tokenizer, sample.stop_tokens),
                        stop_check if sample.stop_strings else None, sample.min_new_tokens,
                        prefilled=prefilled, keep_prefill=reuse and prefilled is None,
-                       decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every)
+                       decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every,
+                       followup_ids=tokenizer.encode(sample.followup, add_special_tokens=False) or None,
+                       followup_new_tokens=sample.followup_new_tokens)
         if reuse and prefilled is None:
             first_prefill = gen.prefilled
             if spec.prefill_reuse_gb > 0:

@@ -74,6 +74,10 @@ class Sample:
     stop_tokens: list[str] = field(default_factory=list)
     #: EOS and stop tokens are not allowed before this many new tokens
     min_new_tokens: int = 0
+    #: text fed after the generation stops, as if generated, before up to ``followup_new_tokens``
+    #: more tokens: a question asked after a long generation (``kvbench.generation.generate``)
+    followup: str = ""
+    followup_new_tokens: int = 0
     #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
     meta: dict[str, Any] = field(default_factory=dict)
 
