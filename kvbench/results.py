@@ -323,6 +323,22 @@ def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] 
     return {r.id: r.scores[metric] for r in records}
 
 
+def generations(record: SampleRecord) -> list[SampleRecord | Completion]:
+    """A record's generations: its n sampled completions, or the record itself (one generation).
+    Both carry ``new_tokens``, ``stopped_by``, ``prefill_s``, ``decode_s`` and ``scores``."""
+    return list(record.completions) or [record]
+
+
+def seconds_per_correct(records: list[SampleRecord], metric: str) -> float | None:
+    """Generation time (prefill and decoding) over all generations, divided by the number of correct
+    answers (the sum of their ``metric`` scores); None without a correct answer or a score."""
+    outputs = [g for r in records for g in generations(r)]
+    if not outputs or any(metric not in g.scores for g in outputs):
+        return None
+    correct = sum(g.scores[metric] for g in outputs)
+    return sum(g.prefill_s + g.decode_s for g in outputs) / correct if correct else None
+
+
 @dataclass
 class RunIdentity:
     """What determines a directory's results, so what must match for a run to resume it.

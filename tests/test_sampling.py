@@ -78,3 +78,19 @@ def test_identities_written_before_decoding_and_template_variables_were_recorded
                                                "decoding": {"temperature": 0.6}}))
     # the setting's label (its directory) says it too
     assert sampled.identity(sampled.task).differences(current) == ["compression", "decoding"]
+
+
+def test_time_per_correct_answer_counts_every_generation():
+    from conftest import sample_record
+    from kvbench.results import Completion, seconds_per_correct
+
+    one = sample_record("a", prefill_s=1.0, decode_s=3.0, scores={"acc": 1.0})
+    wrong = sample_record("b", prefill_s=1.0, decode_s=1.0, scores={"acc": 0.0})
+    assert seconds_per_correct([one, wrong], "acc") == 6.0  # 6 s for one correct answer
+    assert seconds_per_correct([wrong], "acc") is None
+    sampled = sample_record("c", completions=[
+        Completion(seed=1, pred="x", new_tokens=5, stopped_by="eos", prefill_s=0.5, decode_s=1.5,
+                   peak_tokens_held=9, scores={"acc": 1.0}),
+        Completion(seed=2, pred="y", new_tokens=9, stopped_by="eos", prefill_s=0.5, decode_s=3.5,
+                   peak_tokens_held=9, scores={"acc": 0.0})], scores={"acc": 0.5})
+    assert seconds_per_correct([sampled], "acc") == 6.0  # both samples' time, one correct

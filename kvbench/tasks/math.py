@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from kvbench.errors import ConfigError
-from kvbench.results import SampleRecord, read_jsonl_strict
+from kvbench.results import SampleRecord, generations, read_jsonl_strict
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
 from kvbench.tasks.base import Sample, Task, files_fingerprint, location, require_fields
@@ -201,7 +201,7 @@ class MathTask(Task):
         """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens (over
         every generation: the n samples of each record when sampling)."""
         summary = super().summarize(records)
-        outputs = [c for r in records for c in (r.completions or [r])]
+        outputs = [g for r in records for g in generations(r)]
         if outputs:
             cut = sum(o.stopped_by == "max_new_tokens" for o in outputs)
             summary["truncated"] = round(100 * cut / len(outputs), 2)
