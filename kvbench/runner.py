@@ -267,31 +267,32 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     def stop_check(tokens):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in sample.stop_strings)
-    n = spec.decoding.n
-    gens, seeds, first_prefill = [], [], None
+    followup_ids = tokenizer.encode(sample.followup, add_special_tokens=False) if sample.followup else None
+    n, keep = spec.decoding.n, spec.prefill_reuse_gb > 0
+    shared: Prefilled | None = None  # the prompt's prefill state, once there is one
+    gens = []  # (generation, whether its prefill was restored, seed) of each of the n samples
     for index in range(n):
         method = spec.method.new()
         method.setup(model)
-        # the n samples of a prompt share its prefill (and so does the next ratio of a sweep)
-        reuse = method.shares_prefill and (spec.prefill_reuse_gb > 0 or n > 1)
-        prefilled = first_prefill or (_prefills.get(spec, task, sample.id) if spec.prefill_reuse_gb > 0 else None)
-        prefilled = prefilled if reuse else None
+        # a prompt's prefill serves its n samples, and the other ratios of a sweep
+        share = method.shares_prefill and (keep or n > 1)
+        if share and shared is None and keep:
+            shared = _prefills.get(spec, task, sample.id)
+        restored = shared if share else None
         cache = KVCache(method, layer_windows(model.config))
         seed = spec.decoding.sample_seed(spec.seed, sample.id, index)
         gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
                        eos_ids(model, tokenizer, sample.stop_tokens),
                        stop_check if sample.stop_strings else None, sample.min_new_tokens,
-                       prefilled=prefilled, keep_prefill=reuse and prefilled is None,
+                       prefilled=restored, keep_prefill=share and restored is None,
                        decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every,
-                       followup_ids=tokenizer.encode(sample.followup, add_special_tokens=False) or None,
-                       followup_new_tokens=sample.followup_new_tokens)
-        if reuse and prefilled is None:
-            first_prefill = gen.prefilled
-            if spec.prefill_reuse_gb > 0:
-                _prefills.put(spec, task, sample.id, gen.prefilled)
-        gens.append((gen, prefilled is not None))
-        seeds.append(seed)
-    gen, reused = gens[0]
+                       followup_ids=followup_ids, followup_new_tokens=sample.followup_new_tokens)
+        if share and restored is None:
+            shared = gen.prefilled
+            if keep:
+                _prefills.put(spec, task, sample.id, shared)
+        gens.append((gen, restored is not None, seed))
+    gen, reused, _ = gens[0]
     appended = question_ids.shape[1] if question_ids is not None else 0
     record = SampleRecord(
         id=sample.id,
@@ -319,7 +320,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
             Completion(seed=seed, pred=tokenizer.decode(g.tokens[0], skip_special_tokens=True),
                        new_tokens=len(g.tokens[0]), stopped_by=g.stopped_by[0], prefill_s=round(g.prefill_s, 4),
                        decode_s=round(g.decode_s, 4), peak_tokens_held=g.peak_tokens_held)
-            for (g, _), seed in zip(gens, seeds)]
+            for g, _, seed in gens]
     record.scores = task.score_record(record)
     return record
 

@@ -53,3 +53,22 @@ def test_config_composes(compose):
     cfg = load_config(compose(["task=decode_recall", "method=h2o", "budget=64", "task.samples=4"]))
     t = build_task(cfg.task)
     assert (t.params.count_to, t.params.samples, cfg.budget) == ([40], 4, 64)
+
+
+@pytest.mark.embedded
+def test_full_recalls_the_word_and_streaming_at_a_decode_time_budget_loses_it(embedded, tmp_path):
+    """The prompt (26 tokens) fits budget 64, the count (about 125 tokens) does not: StreamingLLM
+    evicts the word while counting. Both count correctly; only the full cache still has the word."""
+    from conftest import EMBEDDED
+    from kvbench.runner import RunSpec, run_task
+
+    model, tokenizer = embedded
+    scores = {}
+    for method in ("full", "streaming"):
+        cfg = load_config({"model": vars(EMBEDDED), "method": {"name": method}, "task": {
+            "name": "decode_recall", "kind": "decode_recall", "samples": 2}, "budget": 64 if method != "full" else None,
+            "results_dir": str(tmp_path), "summary": False, "report": False})
+        spec = RunSpec.from_config(cfg)
+        scores[method] = run_task(model, tokenizer, spec, spec.task)["metrics"]
+    assert scores["full"] == {"recalled": 100.0, "counted": 100.0}
+    assert scores["streaming"] == {"recalled": 0.0, "counted": 100.0}
