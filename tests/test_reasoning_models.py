@@ -65,4 +65,5 @@ def test_the_thinking_switch_reaches_the_chat_template(compose):
     assert thinking == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
     assert plain == thinking + "<think>\n\n</think>\n\n"
     # a variable set on the command line reaches it too
-    assert prompt_text(load_config(compose(["model=qwen3-8b", "model.chat_template_kwargs.enable_thinking=false"])).model) == plain
+    switched = compose(["model=qwen3-8b", "model.chat_template_kwargs.enable_thinking=false"])
+    assert prompt_text(load_config(switched).model) == plain

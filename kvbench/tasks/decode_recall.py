@@ -14,8 +14,8 @@ The prompt is short (about 20 tokens) and the count long, so a decode-time budge
 keeps the whole prompt at prefill and evicts during the count: the word survives only if the method
 keeps it while decoding. StreamingLLM keeps its sinks and the most recent tokens, the count, and
 loses the word; score-based methods keep it when its attention (or other score) holds up against
-the count's tokens. The full cache recalls it (see the measured table in docs/tasks.md). What the
-count needs is local (the last numbers), so every method counts; ``counted`` checks it.
+the count's tokens. The full cache recalls it (measured table: README.md, "Long generations").
+What the count needs is local (the last numbers), so every method counts; ``counted`` checks it.
 
 Scores (:mod:`kvbench.scoring.decode_recall`): ``recalled`` (the answer's first word is the secret
 word; the main metric) and ``counted`` (the count reached ``count_to``, every number in order).

@@ -24,8 +24,10 @@ def test_samples_are_seeded_and_carry_the_followup():
     assert first.context == f"The secret word is {word}. Remember it.\nNow count to 12: 1, 2, 3,"
     assert (first.question, first.chat_template, first.meta) == ("", False, {"count_to": 12})
     assert first.stop_strings == [" 12,", "\n"] and first.followup == FOLLOWUP and first.followup_new_tokens == 4
-    assert [s.answers for s in samples] == [s.answers for s in task(count_to=[12, 40], samples=3, seed=1).samples(None, None)]
-    assert [s.answers for s in samples] != [s.answers for s in task(count_to=[12, 40], samples=3, seed=2).samples(None, None)]
+    def words(seed):
+        return [s.answers for s in task(count_to=[12, 40], samples=3, seed=seed).samples(None, None)]
+
+    assert [s.answers for s in samples] == words(1) and words(1) != words(2)
 
 
 def test_scorers():
@@ -41,9 +43,10 @@ def test_scorers():
     assert task().score(record) == {"recalled": 1.0, "counted": 1.0}
 
 
-@pytest.mark.parametrize("params,problem", [({"count_to": [3]}, "count_to must be a non-empty list of numbers >= 4"),
-                                            ({"count_to": []}, "count_to must be"), ({"samples": 0}, "samples must be >= 1"),
-                                            ({"answer_tokens": 0}, "answer_tokens must be >= 1")])
+@pytest.mark.parametrize("params,problem", [
+    ({"count_to": [3]}, "count_to must be a non-empty list of numbers >= 4"), ({"count_to": []}, "count_to must be"),
+    ({"samples": 0}, "samples must be >= 1"), ({"answer_tokens": 0}, "answer_tokens must be >= 1"),
+])
 def test_bad_parameters(params, problem):
     with pytest.raises(ConfigError, match=problem):
         task(**params)
