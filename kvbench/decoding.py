@@ -20,32 +20,29 @@ import hashlib
 from dataclasses import dataclass
 
 from kvbench.errors import ConfigError
+from kvbench.params import check_value, field_kinds, param
 
 
 @dataclass
 class Decoding:
     #: 0 = greedy; > 0 = sample from softmax(logits / temperature)
-    temperature: float = 0.0
+    temperature: float = param(0.0, ge=0)
     #: nucleus sampling: the smallest set of most likely tokens whose probability reaches top_p (1 = off)
-    top_p: float = 1.0
+    top_p: float = param(1.0, le=1)
     #: sample among the top_k most likely tokens only (0 = off)
-    top_k: int = 0
+    top_k: int = param(0, ge=0)
     #: samples per prompt; a record's scores are their means (pass@1 averaged over n)
-    n: int = 1
+    n: int = param(1, ge=1)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"decoding.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"decoding.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"decoding.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.n < 1:
-            raise ConfigError(f"decoding.n must be >= 1 sample per prompt, got {self.n}")
+        for name, kind in field_kinds(Decoding).items():
+            check_value(f"decoding.{name}", getattr(self, name), *kind)
+        if not self.top_p > 0:
+            raise ConfigError(f"decoding.top_p={self.top_p!r}: expected a number in (0, 1] (1 = off)")
         if self.greedy and (self.top_p != 1 or self.top_k != 0 or self.n != 1):
             raise ConfigError(
                 "decoding.top_p, top_k and n > 1 apply to sampling only, and decoding.temperature=0 is greedy "

@@ -247,8 +247,11 @@ def test_sample_seeds_depend_on_run_seed_sample_and_index_only():
 
 
 @pytest.mark.parametrize("values,problem", [
-    ({"temperature": -1.0}, "temperature must be >= 0"), ({"temperature": 1.0, "top_p": 0.0}, "top_p must be in"),
-    ({"temperature": 1.0, "top_k": -1}, "top_k must be >= 0"), ({"temperature": 1.0, "n": 0}, "n must be >= 1"),
+    ({"temperature": -1.0}, r"decoding.temperature=-1.0: expected a number >= 0"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"decoding.top_p=0.0: expected a number in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": 1.5}, r"decoding.top_p=1.5: expected a number <= 1"),
+    ({"temperature": 1.0, "top_k": -1}, r"decoding.top_k=-1: expected an integer >= 0"),
+    ({"temperature": 1.0, "n": 0}, r"decoding.n=0: expected an integer >= 1"),
     ({"n": 4}, "apply to sampling only"), ({"top_k": 5}, "apply to sampling only"),
 ])
 def test_bad_decoding_is_a_config_error(values, problem):

@@ -43,7 +43,7 @@ def run(model, tmp_path, **over):
 
 def test_n_samples_are_recorded_with_their_seeds_and_scored_as_means(tiny_llama, tmp_path):
     spec, records, info = run(tiny_llama, tmp_path)
-    assert spec.setting == "budget-32_temperature-1_n-3"
+    assert spec.setting == "budget-32_seed-5_temperature-1_n-3"
     assert info.identity.decoding == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "n": 3}
     assert len(records) == 3
     for r in records:

@@ -26,36 +26,29 @@ Samples: for each entry of ``count_to``, ``samples`` words drawn from the word l
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
-from kvbench.errors import ConfigError
+from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.decode_recall import counted, recalled
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task
+from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode
 
 
 @dataclass
 class DecodeRecallParams:
     #: the numbers counted to (one group of samples each): the generation's length
-    count_to: list[int] = field(default_factory=lambda: [40])
+    count_to: list[int] = param([40], ge=4)
     #: samples per count_to
-    samples: int = 20
+    samples: int = param(20, ge=1)
     seed: int = 0
     #: cap on the count's tokens (about 4 per number); the answer gets its own answer_tokens
-    max_new_tokens: int = 400
-    answer_tokens: int = 4
+    max_new_tokens: int = param(400, ge=1)
+    answer_tokens: int = param(4, ge=1)
     #: whole: the prompt is prefilled and compressed (there is no question to append)
-    compress: str = "whole"
-
-    def validate(self):
-        if not self.count_to or min(self.count_to) < 4:
-            raise ConfigError(f"decode_recall count_to must be a non-empty list of numbers >= 4, got {self.count_to}")
-        for name in ("samples", "max_new_tokens", "answer_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"decode_recall {name} must be >= 1, got {getattr(self, name)}")
+    compress: str = compress_mode()
 
 
 def load_texts() -> dict:

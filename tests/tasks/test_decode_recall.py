@@ -44,8 +44,10 @@ def test_scorers():
 
 
 @pytest.mark.parametrize("params,problem", [
-    ({"count_to": [3]}, "count_to must be a non-empty list of numbers >= 4"), ({"count_to": []}, "count_to must be"),
-    ({"samples": 0}, "samples must be >= 1"), ({"answer_tokens": 0}, "answer_tokens must be >= 1"),
+    ({"count_to": [3]}, r"decode_recall.count_to=\[3\]: expected a non-empty list of distinct integers >= 4"),
+    ({"count_to": []}, "decode_recall.count_to=.*expected a non-empty list"),
+    ({"samples": 0}, "decode_recall.samples=0: expected an integer >= 1"),
+    ({"answer_tokens": 0}, "decode_recall.answer_tokens=0: expected an integer >= 1"),
 ])
 def test_bad_parameters(params, problem):
     with pytest.raises(ConfigError, match=problem):
