@@ -55,7 +55,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import plots
-from kvbench.results import RunDir, find_runs, sample_scores
+from kvbench.results import RunDir, find_runs, generations, sample_scores, seconds_per_correct
 from kvbench.stats import bootstrap_ci, detectable_drop_unpaired, indistinguishable_from_best, paired_comparison
 from kvbench.tasks import Task, TaskGroup, task_from_identity
 from kvbench.tasks import ReportRun, registered
@@ -71,6 +71,8 @@ BENCH_PAGE = Path("bench") / "bench_methods.md"
 FORMATS = ("md", "csv", "parquet", "png", "svg")
 MIB = 2**20
 
+#: mean output tokens (every generation), its change against the full cache in %, seconds per correct answer
+GENERATION = ["mean_new_tokens", "new_tokens_vs_full", "s_per_correct"]
 #: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison),
 #: on the ``vs_full_n`` samples both runs hold
 VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained", "vs_full_n"]
@@ -79,12 +81,12 @@ COLUMNS = [
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
     "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held",
     "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
-    "metrics", "run_dir", "sample_scores",
+    *GENERATION, "metrics", "run_dir", "sample_scores",
 ]
 FLOAT_COLUMNS = [
     "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention",
     "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean",
-    "decode_s_mean",
+    "decode_s_mean", *GENERATION,
 ]
 INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained", "vs_full_n"]
 
@@ -151,6 +153,8 @@ def _run_row(run: RunDir) -> dict:
         "decode_tokens_per_s": scores.decode_tokens_per_s if scores else None,
         "prefill_s_mean": _mean(r.prefill_s for r in records),
         "decode_s_mean": _mean(r.decode_s for r in records),
+        "mean_new_tokens": _mean(g.new_tokens for r in records for g in generations(r)),
+        "s_per_correct": seconds_per_correct(records, metric) if metric else None,
         "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
         "sample_scores": per_sample,
@@ -194,6 +198,8 @@ def _add_baselines(rows: list[dict]) -> None:
         row["retention"] = 100 * row["score"] / base["score"] if usable else None
         row["bytes_vs_full"] = (row["bytes_held"] / base["bytes_held"]
                                 if row["bytes_held"] is not None and base.get("bytes_held") else None)
+        row["new_tokens_vs_full"] = (100 * (row["mean_new_tokens"] / base["mean_new_tokens"] - 1)
+                                     if row["mean_new_tokens"] is not None and base.get("mean_new_tokens") else None)
         paired = row["method"] != BASELINE_METHOD and row["sample_scores"] and base.get("sample_scores")
         shared = paired and row["sample_scores"].keys() & base["sample_scores"].keys()
         if shared:
@@ -394,6 +400,20 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
     return markdown_table(header, body)
 
 
+def _generation_table(runs: pd.DataFrame) -> str:
+    """Per method and setting of one task: the score, the mean output length, its change against
+    the full cache (compression can make outputs longer) and the generation time per correct answer."""
+    header = ["method", "setting", "score", "output tokens", "vs full", "s per correct answer"]
+    body = []
+    for row in _ordered(runs, "row", _row_key):
+        for column in _ordered(runs, "column", _column_key):
+            for run in runs[(runs.row == row) & (runs.column == column)].itertuples():
+                change = "–" if pd.isna(run.new_tokens_vs_full) else f"{run.new_tokens_vs_full:+.1f}%"
+                body.append([row, column, _fmt(run.score, ".1f"), _fmt(run.mean_new_tokens, ".1f"), change,
+                             _fmt(run.s_per_correct, ".2f")])
+    return markdown_table(header, body)
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown documents
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +494,7 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
     for task in tasks:
         task_runs = runs[runs.task == task]
         parts += [f"### {task}\n\n{_task_about(task_runs)}\n\n{_score_table(task_runs, _run_cell)}",
-                  _images(images.get(task, []))]
+                  f"Generation:\n\n{_generation_table(task_runs)}", _images(images.get(task, []))]
     return "\n\n".join(filter(None, parts)) + "\n"
 
 

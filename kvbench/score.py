@@ -205,7 +205,7 @@ def _rescored(run_dir: RunDir) -> _Rescored:
     state = _file_state(run_dir.samples_path)
     samples = run_dir.read_samples()
     for record in samples.records:
-        record.scores = task.score(record)
+        record.scores = task.score_record(record)
     return _Rescored(run_dir, state, samples, summarize_run(task, samples.records, n_expected))
 
 

@@ -101,6 +101,10 @@ class Sample:
     stop_tokens: list[str] = field(default_factory=list)
     #: EOS and stop tokens are not allowed before this many new tokens
     min_new_tokens: int = 0
+    #: text fed after the generation stops, as if generated, before up to ``followup_new_tokens``
+    #: more tokens: a question asked after a long generation (``kvbench.generation.generate``)
+    followup: str = ""
+    followup_new_tokens: int = 0
     #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +147,17 @@ class Task:
     def score(self, record: SampleRecord) -> dict[str, float]:
         """Scores of one result record (``pred``, ``answers``, ``meta``), by metric name."""
         raise NotImplementedError
+
+    def score_record(self, record: SampleRecord) -> dict[str, float]:
+        """A record's scores: those of its prediction, or with n sampled completions, each
+        completion's (set on it) and their means per metric (pass@1 averaged over the n samples)."""
+        if not record.completions:
+            return self.score(record)
+        for c in record.completions:
+            c.scores = self.score(dataclasses.replace(record, pred=c.pred, new_tokens=c.new_tokens,
+                                                      stopped_by=c.stopped_by, completions=[]))
+        metrics = record.completions[0].scores
+        return {m: sum(c.scores[m] for c in record.completions) / len(record.completions) for m in metrics}
 
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Task-level scores: the mean of every metric over records, x100, rounded to 2 places."""
