@@ -12,6 +12,7 @@ Decoding records the cache held over the generation (``kvbench.results.HeldCurve
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Generation:
     stopped_by: list[str] = field(default_factory=list)
     #: the uncompressed prefill state, when asked for (``keep_prefill``) or reused
     prefilled: "Prefilled | None" = None
+    #: the cache as decoding started, when asked for (``keep_compressed``)
+    compressed: "Compressed | None" = None
 
 
 @dataclass
@@ -71,6 +74,19 @@ class Prefilled:
 
     def nbytes(self) -> int:
         return sum(state.nbytes() for state in self.layers)
+
+
+@dataclass
+class Compressed:
+    """A copy of the cache as decoding starts: the prompt prefilled and compressed, and the question
+    (if any) appended and compressed, as the method does. A deep copy (the method's instance
+    included), so using it leaves the generation's cache alone."""
+
+    cache: KVCache
+    #: (batch, vocab) the next-token logits decoding starts from
+    logits: torch.Tensor
+    #: the sequence's logical length: the position of the next token
+    seen: int
 
 
 def max_tokens_held(cache: KVCache) -> int:
@@ -135,6 +151,7 @@ def generate(
     curve_every: int = 16,
     followup_ids: list[int] | None = None,
     followup_new_tokens: int = 0,
+    keep_compressed: bool = False,
 ) -> Generation:
     """Decoding of ``prompt_ids`` (batch, n) with ``cache``: greedy, or sampled as ``decoding``
     says, each sequence drawing from a generator seeded with its entry of ``seeds``.
@@ -156,6 +173,8 @@ def generate(
     ``keep_prefill`` the result carries that state (``Generation.prefilled``) for the next ratio.
     ``prefill_chunk`` feeds the prompt that many tokens per prefill step (None: all at once); a
     prefill of several chunks depends on the compression between them, so it is never stored or reused.
+    With ``keep_compressed`` the result carries a copy of the cache as decoding starts
+    (``Generation.compressed``), taken outside the timed parts.
 
     The cache held is recorded after prefill, after every ``curve_every``-th decoding step and at the
     end (``Generation.curve``); its peak is tracked at every step.
@@ -196,6 +215,7 @@ def generate(
             in_step = max(in_step, appended)
             seen += question_ids.shape[1]
         prefill_s = time.perf_counter() - t0
+        compressed = Compressed(copy.deepcopy(cache), logits, seen) if keep_compressed else None
         after_prefill = cache.stats()
         peak = max([after_prefill["bytes_held"], *between_chunks])
         peak_tokens = max_tokens_held(cache)
@@ -263,4 +283,5 @@ def generate(
         curve=curve,
         stopped_by=stopped_by,
         prefilled=prefilled,
+        compressed=compressed,
     )

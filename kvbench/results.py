@@ -248,6 +248,25 @@ class Completion:
 
 
 @dataclass
+class Fidelity:
+    """How close the compressed cache's next-token distributions stay to the full cache's,
+    teacher-forced over the gold answer's tokens (``kvbench.fidelity``): means over those tokens."""
+
+    #: KL(full || compressed) in nats
+    kl: float
+    #: the gold answer's negative log-likelihood per token, compressed minus full, in nats
+    nll_delta: float
+    #: share of tokens where both caches' most likely next token is the same
+    top1_agreement: float
+    #: the gold answer's tokens
+    tokens: int
+
+
+#: the per-sample fidelity metrics summarised in scores.json
+FIDELITY_METRICS = ("kl", "nll_delta", "top1_agreement")
+
+
+@dataclass
 class SampleRecord:
     """One line of samples.jsonl: a finished sample's prediction, gold answers, scores and costs."""
 
@@ -275,6 +294,9 @@ class SampleRecord:
     scores: dict[str, float] = field(default_factory=dict)
     #: the n sampled generations, each scored (empty for one generation: the record is it)
     completions: list[Completion] = field(default_factory=list)
+    #: the compressed cache against the full cache over the gold answer; None for the full method,
+    #: without a gold answer, with a chunked prefill, with ``fidelity=false``, and in older records
+    fidelity: Fidelity | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -293,6 +315,8 @@ class SampleRecord:
         values["kv"] = _build(KVUsage, kv, f"{where}: kv")
         values["completions"] = [_build(Completion, c, f"{where}: completions[{i}]") if isinstance(c, dict) else c
                                  for i, c in enumerate(values.get("completions") or [])]
+        if isinstance(values.get("fidelity"), dict):
+            values["fidelity"] = _build(Fidelity, values["fidelity"], f"{where}: fidelity")
         return _build(cls, values, where)
 
 
@@ -322,6 +346,9 @@ class RunScores:
     ci_method: str | None = None
     ci_resamples: int | None = None
     ci_seed: int | None = None
+    #: per fidelity metric (:data:`FIDELITY_METRICS`): ``mean``, ``ci95`` (same bootstrap as ``ci95``,
+    #: on the metric's own scale) and ``n``, over the records that hold fidelity; None when none does
+    fidelity: dict[str, dict[str, Any]] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -31,12 +31,13 @@ from kvbench.cache import KVCache, layer_windows
 from kvbench.config import KVBenchConfig, check_config, check_folder_name
 from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError, DataError
-from kvbench.generation import Prefilled, generate
+from kvbench.fidelity import measure
+from kvbench.generation import Generation, Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import (Completion, KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord,
-                             sample_scores)
+from kvbench.results import (FIDELITY_METRICS, Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo,
+                             RunScores, SampleRecord, sample_scores)
 from kvbench.stats import bootstrap_ci
 from kvbench.tasks import Sample, Task, build_task
 
@@ -113,6 +114,8 @@ class RunSpec:
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
     #: decoding steps between two points of the held-cache curve
     curve_every: int = 16
+    #: record fidelity to the full cache over the gold answer (:meth:`measures_fidelity`)
+    fidelity: bool = True
 
     @classmethod
     def from_config(cls, cfg: KVBenchConfig) -> "RunSpec":
@@ -140,12 +143,20 @@ class RunSpec:
             config=dataclasses.asdict(cfg),
             decoding=cfg.decoding,
             curve_every=cfg.cache_curve_every,
+            fidelity=cfg.fidelity,
         )
 
     def shares_prefill(self, method: Method) -> bool:
         """Whether a prompt's prefill state may serve other runs of it: never for a chunked prefill,
         which depends on the compression between its chunks."""
         return method.shares_prefill and self.prefill_chunk is None
+
+    def measures_fidelity(self, sample: Sample) -> bool:
+        """Whether a sample's record gets fidelity to the full cache: with ``fidelity`` on, for a
+        method that compresses, a gold answer that follows the prompt (not a follow-up), and a
+        one-step prefill (a chunked one has no uncompressed state to compare with)."""
+        return (self.fidelity and self.method.compression is not None and self.prefill_chunk is None
+                and bool(sample.answers) and bool(sample.answers[0]) and not sample.followup)
 
     def reuses_prefill(self, method: Method) -> bool:
         """Whether samples share prefill states with the other ratios of a sweep (:class:`PrefillStore`)."""
@@ -293,6 +304,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     n = spec.decoding.n
     shared: Prefilled | None = None  # the prompt's prefill state, once there is one
     gens = []  # (generation, whether its prefill was restored, seed) of each of the n samples
+    fidelity = spec.measures_fidelity(sample)
+    sample_fidelity: Fidelity | None = None
     for index in range(n):
         method = spec.method.new()
         method.setup(model)
@@ -307,10 +320,14 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
                        eos_ids(model, tokenizer, sample.stop_tokens),
                        stop_check if sample.stop_strings else None, sample.min_new_tokens,
-                       prefilled=restored, keep_prefill=share and restored is None,
+                       prefilled=restored, keep_prefill=(share or fidelity) and restored is None,
                        decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every,
                        followup_ids=followup_ids, followup_new_tokens=sample.followup_new_tokens,
-                       prefill_chunk=spec.prefill_chunk)
+                       prefill_chunk=spec.prefill_chunk,
+                       keep_compressed=fidelity and index == 0)
+        if fidelity and index == 0:
+            sample_fidelity = measure_fidelity(model, tokenizer, spec, sample, question_ids, gen,
+                                               restored or gen.prefilled)
         if share and restored is None:
             shared = gen.prefilled
             if keep:
@@ -338,6 +355,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
                    peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step,
                    peak_tokens_held=gen.peak_tokens_held, curve=gen.curve),
         finished_at=_now(),
+        fidelity=sample_fidelity,
     )
     if n > 1:
         record.completions = [
@@ -347,6 +365,21 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
             for g, _, seed in gens]
     record.scores = task.score_record(record)
     return record
+
+
+def measure_fidelity(model, tokenizer, spec: RunSpec, sample: Sample, question_ids: torch.Tensor | None,
+                     gen: Generation, prefilled: Prefilled) -> Fidelity | None:
+    """The fidelity of the cache ``gen`` decoded from (``keep_compressed``) to the full cache of
+    the prompt ``prefilled`` (its uncompressed prefill state), over the first gold answer, tokenised
+    on its own as the continuation of the prompt and question (None if it has no tokens)."""
+    device = next(model.parameters()).device
+    answer_ids = tokenizer(sample.answers[0], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    if answer_ids.shape[1] == 0:
+        return None
+    method = spec.method.new()
+    method.setup(model)
+    return measure(model, KVCache(method, layer_windows(model.config)), prefilled, question_ids,
+                   gen.compressed, answer_ids)
 
 
 def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> RunScores:
@@ -375,7 +408,21 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
         decode_tokens_per_s=sum(r.new_tokens for r in records) / decode_s if decode_s else None,
         **({"ci95": [round(v, 2) for v in interval.columns().values()], "ci_method": interval.method,
             "ci_resamples": interval.resamples, "ci_seed": interval.seed} if interval else {}),
+        fidelity=summarize_fidelity(records),
     )
+
+
+def summarize_fidelity(records: list[SampleRecord]) -> dict[str, dict] | None:
+    """scores.json's ``fidelity``: each metric's mean over the records that hold fidelity, with its
+    bootstrap 95% interval (on the metric's own scale, unlike ``ci95``); None when none holds it."""
+    measured = [r.fidelity for r in records if r.fidelity is not None]
+    if not measured:
+        return None
+    summary = {}
+    for name in FIDELITY_METRICS:
+        interval = bootstrap_ci([getattr(f, name) for f in measured])
+        summary[name] = {"mean": interval.estimate, "ci95": [interval.low, interval.high], "n": interval.n}
+    return summary
 
 
 #: the signals that stop a job, and the handler each must still have for kvbench to take it over
