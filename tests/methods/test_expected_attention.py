@@ -1,0 +1,95 @@
+"""ExpectedAttention: the RoPE algebra, the score on hand-made statistics, and the query statistics
+recovered from a real model's queries (before RoPE, Gemma 3's query norm included)."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from conftest import random_prompt
+from kvbench.cache import KVCache, layer_windows
+from kvbench.generation import generate
+from kvbench.methods import Compression, build_method
+from kvbench.methods.expected_attention import (ExpectedAttention, average_rotation, expected_attention_scores,
+                                                unrotate)
+
+
+def test_average_rotation_by_hand():
+    # d = 2, two future positions at angles 0 and 90 degrees: the mean of [[1, 0], [0, 1]] and
+    # [[0, -1], [1, 0]]
+    cos = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    sin = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    rotation = average_rotation(cos, sin)
+    torch.testing.assert_close(rotation, torch.tensor([[0.5, -0.5], [0.5, 0.5]]))
+    torch.testing.assert_close(torch.tensor([1.0, 0.0]) @ rotation.T, torch.tensor([0.5, 0.5]))
+
+
+def test_unrotate_inverts_transformers_rope_even_with_scaled_cos_and_sin():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 5, 4, generator=g)
+    angles = torch.randn(5, 2, generator=g)
+    for scale in (1.0, 1.3):  # RoPE variants that scale cos and sin (YaRN's attention factor)
+        cos, sin = (torch.cat([f(angles), f(angles)], dim=-1) * scale for f in (torch.cos, torch.sin))
+        rotated, _ = apply_rotary_pos_emb(query, query, cos[None], sin[None])
+        torch.testing.assert_close(unrotate(rotated, cos, sin), query)
+
+
+def test_expected_attention_scores_by_hand():
+    # one KV head, two query heads; token 0 is a sink; keys [1, 0], [0, 1], [0, 0] after it.
+    # Head 0: mean (ln 2, 0), covariance diag(0, 2 ln 3), scaling 1: expected logits ln 2, ln 3, 0,
+    # softmax 2/6, 3/6, 1/6. Head 1: mean 0, covariance 0: 1/3 each. Mean over the heads:
+    # 1/3, 5/12, 1/4; times the value norms 1, 2, 6: 1/3, 5/6, 3/2; the sink gets the largest, 3/2.
+    keys = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])[None, None]
+    values = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 2.0], [6.0, 0.0]])[None, None]
+    mean = torch.tensor([[math.log(2), 0.0], [0.0, 0.0]])[None]
+    cov = torch.zeros(1, 2, 2, 2)
+    cov[0, 0, 1, 1] = 2 * math.log(3)
+    params = ExpectedAttention.Params(n_sink=1)
+    scores = expected_attention_scores(keys, values, mean, cov, 1.0, params)
+    torch.testing.assert_close(scores[0, 0], torch.tensor([3 / 2, 1 / 3, 5 / 6, 3 / 2]))
+    # without the covariance head 0 gives 2/4, 1/4, 1/4; without value norms the probabilities stay
+    plain = expected_attention_scores(keys, values, mean, None, 1.0,
+                                      ExpectedAttention.Params(n_sink=1, use_vnorm=False))
+    torch.testing.assert_close(plain[0, 0], torch.tensor([5 / 12, 5 / 12, 7 / 24, 7 / 24]))
+    # epsilon is added before the value norms: (p + 0.1) * ||v||
+    eps = expected_attention_scores(keys, values, mean, cov, 1.0, ExpectedAttention.Params(n_sink=1, epsilon=0.1))
+    torch.testing.assert_close(eps[0, 0, 1:], torch.tensor([1 / 3 + 0.1, 5 / 6 + 0.2, 3 / 2 + 0.6]))
+
+
+def prerope_queries(model, fixture, prompt):
+    """The last layer's queries before RoPE (batch, heads, n, d), as the model computes them."""
+    attention = model.model.layers[-1].self_attn
+    got = []
+    module = attention.q_norm if fixture == "tiny_gemma" else attention.q_proj
+    hook = module.register_forward_hook(lambda m, i, out: got.append(out))
+    try:
+        cache = make_cache(model, ratio=4)
+        generate(model, cache, prompt, None, 3, eos_ids=set())
+    finally:
+        hook.remove()
+    first = got[0]
+    if fixture == "tiny_llama":  # q_proj's output (batch, n, heads * d)
+        first = first.view(*prompt.shape, -1, attention.head_dim).transpose(1, 2)
+    return first, cache
+
+
+def make_cache(model, **comp):
+    method = build_method("expected_attention", {}, Compression(**comp))
+    method.setup(model)
+    return KVCache(method, layer_windows(model.config))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_statistics_are_those_of_the_prompt_queries_before_rope(fixture, request):
+    model = request.getfixturevalue(fixture)
+    prompt = random_prompt(60, batch=2)
+    queries, cache = prerope_queries(model, fixture, prompt)
+    layer = cache.layers[-1]
+    q = queries[:, :, 4:].float()  # the 4 sinks' queries are left out
+    torch.testing.assert_close(layer.query_mean, q.mean(dim=2), atol=1e-5, rtol=1e-4)
+    centred = q - q.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(layer.query_cov, centred.transpose(-1, -2) @ centred / 56, atol=1e-5, rtol=1e-4)
+    # the three decoding steps (one query each) left the prompt's statistics alone, and the prompt
+    # was cut to a quarter, the 4 sinks kept
+    assert layer.get_seq_length() == 15 + 2 and (layer.positions[..., :4] == torch.arange(4)).all()
