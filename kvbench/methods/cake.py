@@ -116,7 +116,11 @@ class CakeLayer(ScoreKeepLayer):
             scores = self.indicator
         else:
             scores = self.score()
-        self.keep(top_and_recent(scores, n, self.capacity, window))
+        self.keep(self.choose(scores))
+
+    def choose(self, scores):
+        """The ``capacity - window`` best of the tokens before the window, and the window."""
+        return top_and_recent(scores, self.get_seq_length(), self.capacity, self.method.params.window)
 
 
 @register

@@ -41,7 +41,7 @@ def chunk_choice(token_scores: torch.Tensor, chunk_length: int, keep: int) -> to
 
 
 class ChunkKVLayer(ScoreKeepLayer):
-    """Mixed into the base's layer class (:meth:`ChunkKV.make_layer`): the base's ``score``, ChunkKV's
+    """Mixed into the base's layer class (``ChunkKV.__init__``): the base's ``score``, ChunkKV's
     ``choose``. ``self.method`` is the base method object, so the base layer finds its parameters."""
 
     chunk_length: int
@@ -87,8 +87,9 @@ class ChunkKV(Method):
       chooses its own;
     * a prompt shorter than one chunk is chunked like any other (kvpress hands it to the base).
 
-    The base's own per-layer budgets (PyramidKV's) and its own choice of tokens are not used: only its
-    scores. The paper's layer-wise index reuse (later layers reuse an earlier layer's kept indices, a
+    Only the base's scores are used, not its own choice of tokens; its per-layer budgets are used where
+    the base sets them before choosing (CAKE's), not PyramidKV's (kvpress's ChunkKV over PyramidKV
+    also keeps the same number in every layer). The paper's layer-wise index reuse (later layers reuse an earlier layer's kept indices, a
     speed optimisation that changes results) is not implemented, as in kvpress. Compresses the prefill
     only, whatever the base does during decoding.
     """
@@ -107,15 +108,16 @@ class ChunkKV(Method):
     def __init__(self, params, compression, seed=0):
         super().__init__(params, compression, seed)
         self.base = build_method(params.base, {}, compression, seed)
-        # ChunkKV compresses the prefill only, whatever the base does in other phases
-        self.base.phases = self.phases
+        # the base builds its layers (CAKE groups those of a cache) with ChunkKV's choice mixed in, and
+        # they compress the prefill only, whatever the base does in other phases
         base_layer = type(self.base).layer
-        self.layer_class = type(f"ChunkKV{base_layer.__name__}", (ChunkKVLayer, base_layer),
-                                {"chunk_length": params.chunk_length})
+        self.base.layer = type(f"ChunkKV{base_layer.__name__}", (ChunkKVLayer, base_layer),
+                               {"chunk_length": params.chunk_length})
+        self.base.phases = self.phases
 
     def setup(self, model) -> None:
         super().setup(model)
         self.base.setup(model)
 
     def make_layer(self, layer_idx: int):
-        return self.layer_class(self.base, layer_idx)
+        return self.base.make_layer(layer_idx)

@@ -53,6 +53,22 @@ def test_chunkkv_over_snapkv_keeps_the_observation_window(tiny_llama):
         assert set(range(280, 301)) <= set(held[0, 0].tolist())  # chunk 280-299 and the new token
 
 
+def test_chunkkv_over_cake_keeps_cakes_layer_budgets(tiny_llama):
+    def per_layer(name, params):
+        method = build_method(name, params, Compression(ratio=4))
+        method.setup(tiny_llama)
+        cache = KVCache(method, layer_windows(tiny_llama.config))
+        generate(tiny_llama, cache, random_prompt(400), None, 1, eos_ids=set())
+        return [kv.positions[0, 0].tolist() for kv in cache.layers]
+
+    cake, chunked = per_layer("cake", {}), per_layer("chunkkv", {"base": "cake"})
+    assert [len(p) for p in chunked] == [len(p) for p in cake] and sum(map(len, cake)) == 2 * 100
+    for kept in chunked:  # whole chunks of 20, but for one that fills the last places
+        counts = torch.bincount(torch.tensor(kept) // 20, minlength=20)
+        assert ((counts > 0) & (counts < 20)).sum() <= 1
+    assert chunked != cake
+
+
 def test_chunkkv_base_must_be_a_registered_scorer():
     with pytest.raises(ConfigError, match=r"did you mean 'snapkv'\?.*valid: .*knorm"):
         build_method("chunkkv", {"base": "snapk"}, Compression(ratio=2))
