@@ -93,3 +93,36 @@ def test_statistics_are_those_of_the_prompt_queries_before_rope(fixture, request
     # the three decoding steps (one query each) left the prompt's statistics alone, and the prompt
     # was cut to a quarter, the 4 sinks kept
     assert layer.get_seq_length() == 15 + 2 and (layer.positions[..., :4] == torch.arange(4)).all()
+
+
+def test_scores_equal_kvpress_formula_from_hidden_states(tiny_llama):
+    """kvpress's way: query statistics from the attention's input hidden states (after the sinks)
+    through the query projection, RoPE rotations averaged over the 512 positions after the prompt,
+    scores from the expected logits, group mean, value norms, sinks at the maximum."""
+    attention = tiny_llama.model.layers[0].self_attn
+    hidden = []
+    hook = attention.q_proj.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+    try:
+        cache = make_cache(tiny_llama, budget=1000)  # nothing evicted: score the whole prompt
+        generate(tiny_llama, cache, random_prompt(80), None, 1, eos_ids=set())
+    finally:
+        hook.remove()
+    layer = cache.layers[0]
+    b, n, d, heads = 1, 80, attention.head_dim, tiny_llama.config.num_attention_heads
+    h = hidden[0][:, 4:].float()
+    weight = attention.q_proj.weight.float()
+    mean_h = h.mean(dim=1, keepdim=True)
+    mu = (mean_h @ weight.T).view(b, heads, d)
+    cov_h = (h - mean_h).transpose(1, 2) @ (h - mean_h) / h.shape[1]
+    cov = (weight @ cov_h @ weight.T).view(b, heads, d, heads, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    cos, sin = tiny_llama.model.rotary_emb(mu, torch.arange(n, n + 512)[None])
+    pairing = torch.zeros(d, d)
+    pairing[d // 2:, : d // 2], pairing[: d // 2, d // 2:] = torch.eye(d // 2), -torch.eye(d // 2)
+    rotation = (cos[0][:, :, None] * torch.eye(d) + sin[0][:, :, None] * pairing).mean(0)
+    mu, cov = mu @ rotation.T, rotation @ cov @ rotation.T
+    keys = layer.keys[:, :, 4:].repeat_interleave(heads // layer.keys.shape[1], dim=1).transpose(2, 3)
+    logits = (mu[:, :, None] @ keys)[:, :, 0] / math.sqrt(d)
+    logits = logits + torch.einsum("bhin,bhij,bhjn->bhn", keys, cov, keys) / d / 2
+    scores = logits.softmax(-1).view(b, layer.keys.shape[1], -1, n - 4).mean(2) * layer.values[:, :, 4:].norm(dim=-1)
+    expected = torch.nn.functional.pad(scores, (4, 0), value=scores.max().item())
+    torch.testing.assert_close(layer.score(), expected, atol=1e-6, rtol=1e-4)
