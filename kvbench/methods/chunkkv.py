@@ -49,8 +49,8 @@ class ChunkKVLayer(ScoreKeepLayer):
     def choose(self, scores):
         scores = scores.float() if self.keep_highest else -scores.float()
         n = self.get_seq_length()
-        if scores.shape[-1] < n:  # the base's always-kept window: its best score
-            top = scores.amax(dim=-1, keepdim=True)
+        if scores.shape[-1] < n:  # the base's always-kept window: the best score of any head (kvpress)
+            top = scores.amax(dim=(1, 2), keepdim=True)
             scores = torch.cat([scores, top.expand(*scores.shape[:2], n - scores.shape[-1])], dim=-1)
         return chunk_choice(scores.sum(dim=1), self.chunk_length, self.capacity)[:, None]
 
@@ -68,9 +68,9 @@ class ChunkKV(Method):
     * per token, the base's score summed over the layer's KV heads (kvpress: ``scores.sum(dim=1)``), so
       every head of a layer keeps the same chunks; a base that keeps the lowest scores (KNorm) is
       negated first, as kvpress's ``KnormPress`` scores minus the norm;
-    * a base that scores only the tokens before the window it always keeps (SnapKV, PyramidKV) has that
-      window scored with its maximum score, as kvpress's ``SnapKVPress`` pads it, so the window's chunks
-      are kept;
+    * a base that scores only the tokens before the window it always keeps (SnapKV, PyramidKV, CAKE)
+      has that window scored with the layer's maximum score (over all its heads), as kvpress's
+      ``SnapKVPress`` pads it, so chunks inside the window are kept;
     * a chunk's score is the mean of its tokens' scores; the chunks are cut from the first token, the
       last one shorter when ``chunk_length`` does not divide the prompt (as kvpress);
     * the best chunks are kept whole until ``capacity`` tokens are held.
