@@ -73,26 +73,34 @@ def layer_budgets(preferences: list[float], total: int, cap: int) -> list[int]:
 
 
 class CakeLayer(ScoreKeepLayer):
-    state_fields = ScoreKeepLayer.state_fields + ("preference", "indicator", "query", "scaling")
+    state_fields = ScoreKeepLayer.state_fields + ("window_query", "query", "scaling", "preference", "indicator")
 
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
         #: the other layers of the same cache (:meth:`Cake.make_layer`), this one included
         self.group: list[CakeLayer] = [self]
-        self.preference: float | None = None  # of the last prompt step
-        self.indicator: torch.Tensor | None = None  # (batch, kv_heads, n - window) of the last prompt step
-        self.query, self.scaling = None, 1.0  # the last step's last window of queries, and the scaling
+        self.window_query = None  # the sequence's last ``window`` queries: the observation window
+        self.query, self.scaling = None, 1.0  # the step's own last ``window`` queries, and the scaling
+        #: the step's preference (a float) and indicator (batch, kv_heads, n - window), computed when a
+        #: layer of the cache first needs them (:meth:`statistics`)
+        self.preference = self.indicator = None
 
     def observe(self, query, keys, scaling):
-        p = self.method.params
-        self.query, self.scaling = last_queries(query, p.window), scaling
-        n = keys.shape[2]
-        if query.shape[2] <= p.window:
-            self.preference = self.indicator = None  # nothing before the window to score
-            return
-        probs = attention_probs(query[:, :, -p.window:], keys, scaling, reduce="none")[..., : n - p.window]
-        self.preference = layer_preference(probs, p.tau1, p.tau2)
-        self.indicator = eviction_indicator(probs, p.gamma, p.kernel)
+        window = self.method.params.window
+        self.query, self.scaling = last_queries(query, window), scaling
+        self.window_query = self.query
+        self.preference = self.indicator = None
+
+    def statistics(self) -> float:
+        """The layer's preference for this step, computed with its indicator on first use: by the
+        cache's first layer to compress, before any layer has evicted."""
+        if self.preference is None:
+            p = self.method.params
+            older = self.get_seq_length() - p.window
+            probs = attention_probs(self.window_query, self.keys, self.scaling, reduce="none")[..., :older]
+            self.preference = layer_preference(probs, p.tau1, p.tau2)
+            self.indicator = eviction_indicator(probs, p.gamma, p.kernel)
+        return self.preference
 
     def score(self):
         """After the prefill: the step's last (up to ``window``) queries' mean attention to the tokens
@@ -110,7 +118,7 @@ class CakeLayer(ScoreKeepLayer):
             return
         if phase == "prefill":
             # every layer of the cache holds the same prompt: their preferences share out the total
-            selected = layer_budgets([layer.preference for layer in self.group],
+            selected = layer_budgets([layer.statistics() for layer in self.group],
                                      len(self.group) * (self.capacity - window), n - window)
             self.capacity = window + selected[self.group.index(self)]
             scores = self.indicator

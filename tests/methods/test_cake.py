@@ -81,7 +81,7 @@ def test_layers_share_the_budget_by_preference():
     spread[0, 0, 1, 0] = -0.1
     layers = two_layers()
     step(layers, [spread, focused], "prefill")
-    assert layers[1].preference < 1e-12 < layers[0].preference
+    assert layers[1].preference < 1e-12 < layers[0].preference  # computed by the first layer to compress
     # layer 0's indicator is about the same for tokens 0-7 before pooling; the zero padding of the
     # 5-wide pooling lowers the 2 tokens at each end, so tokens 1-6 are kept (0 and 7 have 3 of 5 taps)
     assert layers[0].positions.tolist() == [[[1, 2, 3, 4, 5, 6, 8, 9]]]
