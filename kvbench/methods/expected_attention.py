@@ -72,36 +72,62 @@ def expected_attention_scores(keys, values, mean, cov, scaling, params) -> torch
     return F.pad(scores, (sink, 0), value=scores.max().item())
 
 
+def merge_moments(first, second):
+    """The (count, mean, centred sum of outer products or None) of two sets of queries from each set's
+    own (Chan et al.'s pairwise update: no large sums that cancel)."""
+    if first is None:
+        return second
+    (n1, mean1, m1), (n2, mean2, m2) = first, second
+    delta = mean2 - mean1
+    mean = mean1 + delta * (n2 / (n1 + n2))
+    if m1 is not None:
+        m2 = m1 + m2 + delta[..., :, None] * delta[..., None, :] * (n1 * n2 / (n1 + n2))
+    return n1 + n2, mean, m2
+
+
 class ExpectedAttentionLayer(ScoreKeepLayer):
-    state_fields = ScoreKeepLayer.state_fields + ("query_mean", "query_cov", "scaling")
+    state_fields = ScoreKeepLayer.state_fields + ("moments", "step_moments", "scaling")
 
     def __init__(self, method, layer_idx):
         super().__init__(method, layer_idx)
-        #: mean (batch, q_heads, d) and covariance (or None) of the last prompt step's queries before RoPE
-        self.query_mean = self.query_cov = None
+        #: (count, mean (batch, q_heads, d), centred sum of outer products (batch, q_heads, d, d) or
+        #: None) of the prompt's queries before RoPE, the sinks' left out; and of the step's, merged
+        #: into them at the end of a prefill step
+        self.moments = self.step_moments = None
         self.scaling = 1.0
 
     def observe(self, query, keys, scaling):
-        q_len = query.shape[2]
-        if q_len == 1:
-            return  # a decoding step: the statistics stay those of the prompt
-        first = self.seen - q_len  # position of the step's first query
-        skip = min(max(0, self.method.params.n_sink - first), q_len - 1)  # the sinks' queries are left out
+        first = self.seen - query.shape[2]  # position of the step's first query
+        skip = max(0, self.method.params.n_sink - first)  # the sinks' queries are left out
+        self.scaling, self.step_moments = scaling, None
+        if skip >= query.shape[2]:
+            return
         cos, sin = self.method.rope(self.layer_idx, torch.arange(first + skip, self.seen, device=query.device))
         q = unrotate(query[:, :, skip:].float(), cos, sin)
-        self.query_mean, self.scaling = q.mean(dim=2), scaling
-        if self.method.params.use_covariance:
-            centred = q - self.query_mean[:, :, None]
-            self.query_cov = centred.transpose(-1, -2) @ centred / q.shape[2]
+        mean = q.mean(dim=2)
+        centred = q - mean[:, :, None]
+        m2 = centred.transpose(-1, -2) @ centred if self.method.params.use_covariance else None
+        self.step_moments = (q.shape[2], mean, m2)
+
+    def end_step(self, phase):
+        # the statistics are the prompt's (every prefill step: chunks too), not an appended question's
+        # or a decoded token's
+        if phase == "prefill" and self.step_moments is not None:
+            self.moments = merge_moments(self.moments, self.step_moments)
+        self.step_moments = None
+        super().end_step(phase)
 
     def score(self):
         """Expected attention of the queries to come (:func:`expected_attention_scores`): the prompt's
         query statistics rotated by RoPE averaged over the next ``n_future_positions`` positions."""
+        if self.moments is None:  # a prompt of sinks only: nothing to tell the tokens apart
+            return torch.zeros(self.keys.shape[:3], device=self.keys.device)
+        count, mean, m2 = self.moments
         future = torch.arange(self.seen, self.seen + self.method.params.n_future_positions, device=self.keys.device)
         rotation = average_rotation(*self.method.rope(self.layer_idx, future))
-        mean = self.query_mean @ rotation.T
-        cov = rotation @ self.query_cov @ rotation.T if self.query_cov is not None else None
-        return expected_attention_scores(self.keys, self.values, mean, cov, self.scaling, self.method.params)
+        cov = rotation @ (m2 / count) @ rotation.T if m2 is not None else None
+        return expected_attention_scores(self.keys, self.values, mean @ rotation.T, cov, self.scaling,
+                                         self.method.params)
 
 
 @register
@@ -109,16 +135,17 @@ class ExpectedAttention(Method):
     """ExpectedAttention (Devoto et al. 2025, NVIDIA kvpress's ``ExpectedAttentionPress``): keep the
     tokens the queries to come are expected to attend to.
 
-    Queries are modelled as Gaussian. Their mean and covariance per query head are those of the prompt
-    step's queries before RoPE, the first ``n_sink`` positions left out (population covariance, divided
-    by the count, as kvpress). The future queries' RoPE is replaced by its rotation averaged over the
+    Queries are modelled as Gaussian. Their mean and covariance per query head are those of the
+    prompt's queries before RoPE (every prefill step's, so a chunked prefill gathers them all; not an
+    appended question's or a decoded token's), the first ``n_sink`` positions left out (population
+    covariance, divided by the count, as kvpress). The future queries' RoPE is replaced by its rotation averaged over the
     positions ``n .. n + n_future_positions - 1`` that follow the ``n``-token prompt, applied to the
     mean and the covariance. A key's score is the softmax over the non-sink tokens of the expected
     logit ``s mu.k + s^2 k' S k / 2`` (``s`` = the attention scaling), averaged over the query heads of
     the KV head's group, times the value's norm; the ``n_sink`` first tokens get the largest score, so
     they are kept. Defaults are kvpress's (512 future positions, 4 sinks, covariance and value norms
     on, epsilon 0). Compresses the prefill, as kvpress; appended and decoded tokens are added
-    uncompressed (a decoding step's single query never replaces the prompt's statistics).
+    uncompressed.
 
     How the queries are obtained: kvpress recomputes them from the layer's hidden states with the
     query projection (and Qwen 3's / Gemma 3's query norm); kvbench sees the step's queries after RoPE

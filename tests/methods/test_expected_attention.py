@@ -12,7 +12,7 @@ from kvbench.cache import KVCache, layer_windows
 from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.methods.expected_attention import (ExpectedAttention, average_rotation, expected_attention_scores,
-                                                unrotate)
+                                                merge_moments, unrotate)
 
 
 def test_average_rotation_by_hand():
@@ -57,6 +57,21 @@ def test_expected_attention_scores_by_hand():
     torch.testing.assert_close(eps[0, 0, 1:], torch.tensor([1 / 3 + 0.1, 5 / 6 + 0.2, 3 / 2 + 0.6]))
 
 
+def test_merged_moments_equal_those_of_all_queries():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 11, 4, generator=g) + 5.0  # a large mean: a naive sum of squares would cancel
+
+    def moments(part):
+        centred = part - part.mean(dim=2, keepdim=True)
+        return part.shape[2], part.mean(dim=2), centred.transpose(-1, -2) @ centred
+
+    count, mean, m2 = merge_moments(merge_moments(None, moments(q[:, :, :4])), moments(q[:, :, 4:]))
+    whole = moments(q)
+    assert count == 11
+    torch.testing.assert_close(mean, whole[1])
+    torch.testing.assert_close(m2, whole[2])
+
+
 def prerope_queries(model, fixture, prompt):
     """The last layer's queries before RoPE (batch, heads, n, d), as the model computes them."""
     attention = model.model.layers[-1].self_attn
@@ -87,9 +102,11 @@ def test_statistics_are_those_of_the_prompt_queries_before_rope(fixture, request
     queries, cache = prerope_queries(model, fixture, prompt)
     layer = cache.layers[-1]
     q = queries[:, :, 4:].float()  # the 4 sinks' queries are left out
-    torch.testing.assert_close(layer.query_mean, q.mean(dim=2), atol=1e-5, rtol=1e-4)
+    count, mean, m2 = layer.moments
+    assert count == 56
+    torch.testing.assert_close(mean, q.mean(dim=2), atol=1e-5, rtol=1e-4)
     centred = q - q.mean(dim=2, keepdim=True)
-    torch.testing.assert_close(layer.query_cov, centred.transpose(-1, -2) @ centred / 56, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m2 / count, centred.transpose(-1, -2) @ centred / 56, atol=1e-5, rtol=1e-4)
     # the three decoding steps (one query each) left the prompt's statistics alone, and the prompt
     # was cut to a quarter, the 4 sinks kept
     assert layer.get_seq_length() == 15 + 2 and (layer.positions[..., :4] == torch.arange(4)).all()
