@@ -7,7 +7,7 @@ import torch
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import Method, Phase, ScoreKeepLayer
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import attention_probs, last_queries, pool, top_and_recent
 
 

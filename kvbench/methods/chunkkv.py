@@ -8,7 +8,7 @@ import torch
 
 from kvbench.methods import build_method, register, registered
 from kvbench.methods.base import Method, ScoreKeepLayer
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.registry import unknown_name
 
 

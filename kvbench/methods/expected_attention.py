@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import Method, ScoreKeepLayer, layer_windows
-from kvbench.methods.params import param
+from kvbench.params import param
 
 
 @dataclass
