@@ -84,6 +84,8 @@ class CakeLayer(ScoreKeepLayer):
         #: the step's preference (a float) and indicator (batch, kv_heads, n - window), computed when a
         #: layer of the cache first needs them (:meth:`statistics`)
         self.preference = self.indicator = None
+        #: the capacity every layer has before the layers share it out (``capacity`` becomes this layer's)
+        self.mean_capacity: int | None = None
 
     def observe(self, query, keys, scaling):
         window = self.method.params.window
@@ -111,15 +113,17 @@ class CakeLayer(ScoreKeepLayer):
 
     def compress(self, phase: Phase) -> None:
         n, window = self.get_seq_length(), self.method.params.window
+        if self.mean_capacity is None:
+            self.mean_capacity = self.capacity
         if n <= self.capacity:
             return
-        if self.capacity <= window:  # the window alone fills the capacity: every layer keeps its last tokens
+        if self.mean_capacity <= window:  # the window alone fills the capacity: every layer keeps its last tokens
             self.keep(torch.arange(n - self.capacity, n, device=self.keys.device).expand(*self.keys.shape[:2], -1))
             return
         if phase == "prefill":
             # every layer of the cache holds the same prompt: their preferences share out the total
             selected = layer_budgets([layer.statistics() for layer in self.group],
-                                     len(self.group) * (self.capacity - window), n - window)
+                                     len(self.group) * (self.mean_capacity - window), n - window)
             self.capacity = window + selected[self.group.index(self)]
             scores = self.indicator
         else:
@@ -174,6 +178,8 @@ class Cake(Method):
     Params = CakeParams
     layer = CakeLayer
     phases = ("prefill", "append", "decode")
+    budget_unit = "tokens, mean over layers (per-layer shares by layer preference)"
+    budget_per_layer = False
 
     @classmethod
     def check_params(cls, params) -> None:

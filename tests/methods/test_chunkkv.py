@@ -42,13 +42,13 @@ def test_chunkkv_over_knorm_sums_heads_and_keeps_the_same_chunks_in_every_head()
 def test_chunkkv_over_snapkv_keeps_the_observation_window(tiny_llama):
     # SnapKV scores only the tokens before its window; ChunkKV scores the window at SnapKV's best
     # score (as kvpress's SnapKVPress pads it), so a chunk inside the window is the best chunk
-    method = build_method("chunkkv", {"base": "snapkv"}, Compression(budget=100))
+    method = build_method("chunkkv", {"base": "snapkv"}, Compression(ratio=3))
     method.setup(tiny_llama)
     cache = KVCache(method, layer_windows(tiny_llama.config))
     generate(tiny_llama, cache, random_prompt(300, batch=2), None, 2, eos_ids=set())
     for kv in cache.layers:
         held = kv.positions
-        assert held.shape[-1] == 101  # 100 after the prompt, one decoded token added
+        assert held.shape[-1] == 101  # 100 after the prompt, one decoded token added (ratio mode)
         assert (held == held[:, :1]).all()  # every head keeps the same tokens
         assert set(range(280, 301)) <= set(held[0, 0].tolist())  # chunk 280-299 and the new token
 

@@ -16,12 +16,12 @@ def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
     c, s = math.cos(math.radians(67.5)), math.cos(math.radians(22.5))
     step(layer, keys, values=values, phase="decode")  # not a compressing phase: scores only
     torch.testing.assert_close(layer.score()[0, 0], torch.tensor([-c, -s, -s, c]))
-    layer = make_layer("keydiff", budget=2)
+    layer = make_layer("keydiff", ratio=2)
     step(layer, keys, values=values)
     # the two least typical directions, whatever their norm (KNorm would keep tokens 1 and 3)
     assert layer.positions.tolist() == [[[0, 3]]]
     assert torch.equal(layer.values[0, 0], values[0, 0, [0, 3]])
-    step(layer, torch.ones(1, 1, 1, 2), phase="decode")  # prefill only: decoding adds, never evicts
+    step(layer, torch.ones(1, 1, 1, 2), phase="decode")  # ratio mode: decoding adds, never evicts
     assert layer.positions.tolist() == [[[0, 3, 4]]]
 
 
