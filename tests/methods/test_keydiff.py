@@ -12,9 +12,9 @@ def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
     # (0.177, 0.427), at 67.5 degrees, so the similarities are cos 67.5, cos 22.5, cos 22.5, cos 112.5
     keys = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])[None, None]
     values = torch.arange(8.0).reshape(1, 1, 4, 2)
-    layer = make_layer("keydiff", budget=2)
+    layer = make_layer("keydiff", ratio=2)
     c, s = math.cos(math.radians(67.5)), math.cos(math.radians(22.5))
-    step(layer, keys, values=values, phase="decode")  # not a compressing phase: scores only
+    step(layer, keys, values=values, phase="decode")  # not compressing in ratio mode: scores only
     torch.testing.assert_close(layer.score()[0, 0], torch.tensor([-c, -s, -s, c]))
     layer = make_layer("keydiff", ratio=2)
     step(layer, keys, values=values)
