@@ -159,28 +159,36 @@ def retention_vs_ratio(points: pd.DataFrame, title: str, palette: Palette | None
     return fig
 
 
+def _byte_unit(largest: float) -> tuple[str, int]:
+    """The largest binary unit in which ``largest`` bytes is at least 1 (B up to GiB)."""
+    units = [("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)]
+    return next(((name, size) for name, size in reversed(units) if largest >= size), units[0])
+
+
 def score_vs_bytes(points: pd.DataFrame, title: str, metric: str, palette: Palette | None = None) -> Figure:
     """Pareto plot: score (with 95% error bars from ``ci_low``/``ci_high``) against the measured KV
-    bytes held after prefill (``bytes_mib``), one series per method (``row``), and the frontier of
-    :func:`kvbench.stats.pareto_frontier` over all points drawn as a staircase: for any amount of
-    memory, the best score a point at or below it reaches."""
+    bytes held after prefill (``bytes_held``, shown in B, KiB, MiB or GiB), one series per method
+    (``row``), and the frontier of :func:`kvbench.stats.pareto_frontier` over all points drawn as a
+    staircase: for any amount of memory, the best score a point at or below it reaches."""
     palette = palette or Palette(points.row)
+    unit, size = _byte_unit(points.bytes_held.max() if not points.empty else 1)
+    points = points.assign(held=points.bytes_held / size)
     fig = _figure()
     ax = fig.add_subplot()
     if not points.empty:
-        frontier = points.iloc[pareto_frontier(list(points.score), list(points.bytes_mib))]
-        ax.step(list(frontier.bytes_mib) + [points.bytes_mib.max()], list(frontier.score) + [frontier.score.iloc[-1]],
+        frontier = points.iloc[pareto_frontier(list(points.score), list(points.held))]
+        ax.step(list(frontier.held) + [points.held.max()], list(frontier.score) + [frontier.score.iloc[-1]],
                 where="post", color="grey", linewidth=4, alpha=0.35, label=FRONTIER_LABEL, zorder=1)
     for label, line in points.groupby("row", sort=False):
-        line = line.sort_values("bytes_mib")
-        ax.errorbar(line.bytes_mib, line.score, yerr=_yerr(line, "score"), capsize=2, elinewidth=0.8, linewidth=1,
+        line = line.sort_values("held")
+        ax.errorbar(line.held, line.score, yerr=_yerr(line, "score"), capsize=2, elinewidth=0.8, linewidth=1,
                     markersize=11 if label == palette.reference else 6, label=label, zorder=2, **palette[label].line())
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(LogLocator(base=2))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     _score_axis(ax, list(points.get("ci_high", points.score)) + list(points.score))
-    ax.set_xlabel("KV cache held after prefill, measured (MiB, mean per sample)")
+    ax.set_xlabel(f"KV cache held after prefill, measured ({unit}, mean per sample)")
     ax.set_ylabel(f"score ({metric})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -213,7 +221,8 @@ def heatmap(grid: list[list[float]], columns: list[float], rows: list[float], xl
             metric: str, title: str) -> Figure:
     """A 0-100 score grid (``grid[row][column]``, NaN where missing), each cell written in it, in
     the colour-blind-safe :data:`HEATMAP_CMAP`."""
-    fig = _figure(width=1.2 + 0.9 * len(columns), height=1.4 + 0.5 * len(rows))
+    # at least room for the axis labels, which small grids would crop
+    fig = _figure(width=max(4.0, 1.2 + 0.9 * len(columns)), height=max(3.4, 1.4 + 0.5 * len(rows)))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps[HEATMAP_CMAP]
     image = ax.imshow(grid, vmin=0, vmax=100, cmap=cmap, aspect="auto")

@@ -608,7 +608,7 @@ def _auc_markdown(table: pd.DataFrame) -> str:
 
 def _bytes_points(runs: pd.DataFrame) -> pd.DataFrame:
     done = runs[(runs.state == "complete") & runs.bytes_held.notna() & runs.score.notna()]
-    return done.assign(bytes_mib=done.bytes_held / MIB)[["row", "bytes_mib", "score", "ci_low", "ci_high"]]
+    return done[["row", "bytes_held", "score", "ci_low", "ci_high"]]
 
 
 def palette(df: pd.DataFrame) -> plots.Palette:
