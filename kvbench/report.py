@@ -35,7 +35,7 @@ How numbers are compared:
   scores), so directories whose scores.json predates intervals report them too; ``docs/statistics.md``.
 * bold, in per-task tables: the best complete run of each column and every run not significantly
   below it (``kvbench.stats.indistinguishable_from_best``), where at least two compete; averages over
-  tasks carry no interval and no bold.
+  tasks are not bolded; their interval resamples every task's samples (``kvbench.stats.task_mean_ci``).
 * order: ``full`` first, then methods alphabetically, a method's default parameters before its
   variants (the setting's suffix, e.g. ``ratio-4_lag-128``); nominal ratios ascending, then token
   budgets ascending. Tasks by suite, then group order (``Task.groups``), then name.
@@ -79,6 +79,7 @@ from kvbench.stats import (
     retention_auc,
     retention_auc_ci,
     retention_ci,
+    task_mean_ci,
 )
 from kvbench.tasks import Task, TaskGroup, task_from_identity
 
@@ -316,7 +317,8 @@ def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
 
 
 def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
-    """Mean score and mean retention over the complete runs among ``tasks``."""
+    """Mean score and mean retention over the complete runs among ``tasks``; the score's interval is
+    :func:`kvbench.stats.task_mean_ci` over those runs' samples (none where a run lacks them)."""
     complete = runs[runs.state == "complete"]
     left_out = [f"{t} ({_left_out_reason(runs, t)})" for t in tasks if t not in set(complete.task)]
     notes = []
@@ -326,7 +328,10 @@ def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
     if no_baseline:
         notes.append(f"retention n/a: no usable full-cache baseline for {', '.join(no_baseline)}")
     retention = complete.retention.mean() if not no_baseline else math.nan
-    return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty)
+    samples = list(complete.sample_scores)
+    interval = task_mean_ci([list(s.values()) for s in samples]) if samples and all(samples) else None
+    return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty,
+                half_width=(interval.high - interval.low) * 50 if interval else None)
 
 
 def _cells(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> dict[tuple[str, str], Cell]:
@@ -429,7 +434,8 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
 CELL_LEGEND = (
     "Cells: score ±half-width of its 95% bootstrap interval over samples (retention = score / score of "
     "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
-    "over complete runs only, without intervals; partial and failed runs are footnoted and left out. "
+    "over complete runs only, each task weighted equally, their interval from resampling every task's "
+    "samples; partial and failed runs are footnoted and left out. "
     "Bold, in per-task tables: the column's best complete run and every run not significantly below it "
     "(paired test on the shared samples, Holm-corrected over the column, p > 0.05); a lone bold cell "
     "beats every other run of its column significantly. Averages are not marked."

@@ -5,7 +5,8 @@ returns numbers on the same scale; ``columns(scale=100)`` converts to the 0-100 
 Resampling is seeded (``SEED``), so the same scores always give the same interval and p-value.
 ``docs/statistics.md`` explains the choices; ``python -m kvbench.stats`` prints its sample-size tables.
 
-- :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered.
+- :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered; :func:`task_mean_ci`: of a
+  mean over tasks (each task resampled apart).
 - :func:`paired_comparison`: one run against a reference, sample by sample (mean difference with a
   paired-bootstrap CI, McNemar or sign-flip p-value, samples lost and gained).
 - :func:`mcnemar_p`, :func:`sign_flip_p`, :func:`holm`: the tests and the family-wise correction;
@@ -507,6 +508,33 @@ def retention_auc(ratios: Sequence[float], retention: Sequence[float]) -> float:
     return float(_mean_height(x, np.asarray(retention, dtype=np.float64)))
 
 
+def _resampled_means(table: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """(resamples, columns): the column means of ``table`` (samples x columns) over ``resamples``
+    draws of its rows with replacement, each draw shared by all columns (the pairing)."""
+    means = np.empty((resamples, table.shape[1]))
+    rows = max(1, _CHUNK_ELEMENTS // len(table))
+    for start in range(0, resamples, rows):
+        draw = rng.integers(0, len(table), size=(min(rows, resamples - start), len(table)), dtype=np.int32)
+        means[start : start + len(draw)] = table[draw].mean(axis=1)
+    return means
+
+
+def task_mean_ci(
+    tasks: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> Interval:
+    """Percentile bootstrap CI of the mean over tasks of each task's mean score (an average over a
+    leaderboard's tasks, each task weighted equally whatever its size). Each resample draws every
+    task's samples with replacement, independently per task (a stratified bootstrap)."""
+    if not tasks:
+        raise ConfigError("task_mean_ci: no tasks given")
+    rng = np.random.default_rng(seed)
+    arrays = [_scores_array(scores, "task_mean_ci") for scores in tasks]
+    resampled = sum(_resampled_means(values[:, None], rng, resamples)[:, 0] for values in arrays) / len(arrays)
+    estimate = sum(values.mean() for values in arrays) / len(arrays)
+    return _percentile_interval(estimate, resampled, sum(map(len, arrays)), "stratified percentile bootstrap (tasks)",
+                                resamples, seed, level)
+
+
 def _resampled_retention(
     tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]], resamples: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -528,13 +556,8 @@ def _resampled_retention(
             raise ConfigError("retention runs: scores must be finite numbers (found NaN or infinity)")
         if ref.mean() == 0:
             raise ConfigError("retention interval: the reference's mean score is 0, so retention is undefined")
-        means = np.empty((resamples, table.shape[1]))
-        ref_means = np.empty(resamples)
-        rows = max(1, _CHUNK_ELEMENTS // len(ref))
-        for start in range(0, resamples, rows):
-            draw = rng.integers(0, len(ref), size=(min(rows, resamples - start), len(ref)), dtype=np.int32)
-            means[start : start + len(draw)] = table[draw].mean(axis=1)
-            ref_means[start : start + len(draw)] = ref[draw].mean(axis=1)
+        means = _resampled_means(np.column_stack([ref, table]), rng, resamples)
+        ref_means, means = means[:, 0], means[:, 1:]
         with np.errstate(divide="ignore", invalid="ignore"):
             resampled = resampled + 100 * means / np.where(ref_means == 0, np.nan, ref_means)[:, None]
         estimate = estimate + 100 * table.mean(axis=0) / ref.mean()

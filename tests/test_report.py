@@ -151,13 +151,13 @@ def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
     average = table_blocks(markdown)[0]
     alpha = cells_of(next(line for line in average if line.startswith("| alpha |")))
     # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, footnoted, not bold
-    assert alpha[2].startswith("60.0 (75.0%) [")
+    assert alpha[2].startswith("60.0 ±0 (75.0%) [")
     assert "mean over 1 of 2 tasks; left out: passkey_long (partial, 2 of 4)" in markdown
     assert "passkey_long (failed)" in markdown and "passkey_long (not run)" in markdown
     # zeta 2x covers both tasks (mean of 40 and 25, of 50% and 50%); the only such cell of its
     # column, so there is nothing to bold
     zeta = cells_of(next(line for line in average if line.startswith("| zeta |")))
-    assert zeta[2] == "32.5 (50.0%)"
+    assert zeta[2] == "32.5 ±0 (50.0%)"  # every record scores 1: no spread to resample
 
 
 def test_rows_and_columns_in_a_stable_order(sweep):

@@ -261,3 +261,11 @@ def test_pareto_plot_draws_the_frontier_over_measured_bytes(tree):
     segment = zeta.lines[2][0].get_segments()[0]
     assert [y for _, y in segment] == pytest.approx([df.ci_low[df.method == "zeta"].iloc[0],
                                                      df.ci_high[df.method == "zeta"].iloc[0]])
+
+
+def test_averages_over_tasks_carry_an_interval(tree):
+    markdown = report.leaderboard_markdown(report.collect(tree), "m")
+    average = markdown[markdown.index("## Average over tasks"):markdown.index("## Area under")]
+    # one task: the average's interval is the task's own
+    half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
+    assert f"| alpha | – | 33.3 ±{half} (40.0%) |" in average

@@ -26,6 +26,7 @@ from kvbench.stats import (
     samples_needed_paired,
     samples_needed_unpaired,
     sign_flip_p,
+    task_mean_ci,
 )
 
 
@@ -333,3 +334,17 @@ def test_retention_auc_interval_on_a_hand_computed_curve():
         retention_auc_ci([1, 2, 4], [(reference, [[1.0, 1.0], [1.0, 0.0]])])
     with pytest.raises(ConfigError, match="distinct positive"):
         retention_auc_ci([2, 2], [(reference, [[1.0, 1.0], [1.0, 0.0]])])
+
+
+def test_mean_over_tasks_resamples_each_task_apart():
+    # task 1's resampled mean is 0, 0.5 or 1 (1/4, 1/2, 1/4), task 2's always 1: the average is 0.5, 0.75 or 1
+    interval = task_mean_ci([[1.0, 0.0], [1.0, 1.0]])
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (0.75, 0.5, 1.0, 4)
+    # tasks weigh equally: a large task does not swamp a small one
+    assert task_mean_ci([[1.0] * 50, [0.0]]).estimate == 0.5
+    # one task: the plain bootstrap (the same draws)
+    scores = [0.2, 0.9, 0.4, 1.0, 0.0]
+    one = task_mean_ci([scores])
+    assert (one.low, one.high) == (bootstrap_ci(scores).low, bootstrap_ci(scores).high)
+    with pytest.raises(ConfigError):
+        task_mean_ci([])
