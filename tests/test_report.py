@@ -268,8 +268,11 @@ def test_every_figure_gives_a_method_the_same_distinct_colour_and_marker(tmp_pat
     assert len(styles) == 15
     assert len({palette[name].color for name in names}) == len(plots.COLORS)  # every colour before any repeats
     assert pareto["full"].get_color() == plots.REFERENCE_STYLE_COLOR
-    # a method keeps its style when other methods come and go (preferences come from the name)
-    assert plots.Palette(names[:3])[names[0]] == plots.Palette([names[0]])[names[0]]
+    # a style comes from the name, not from a position: alone, two names get different colours, and
+    # together (free colours) each keeps its own
+    first, last = (plots.Palette([name])[name] for name in (names[0], names[-1]))
+    assert first.color != last.color
+    assert plots.Palette([names[0], names[-1]])[names[-1]] == last
     with pytest.raises(KeyError, match="not in this palette"):
         palette["unknown"]
 

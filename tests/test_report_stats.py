@@ -194,6 +194,11 @@ def test_compare_names_the_choices_for_unknown_names(tree):
     write_run(tree, "beta", [1.0] * 12, "ratio-8", 8)
     with pytest.raises(ConfigError, match="share no model and task .* at the same compression"):
         report.compare(report.collect(tree), "alpha", "beta")
+    write_run(tree, "gamma", [1.0] * 12, "ratio-4_lag-128", 4)  # only a variant: name its setting
+    with pytest.raises(ConfigError, match="gamma has no runs at its default parameters here; name a setting: "
+                                          "gamma/ratio-4_lag-128"):
+        report.compare(report.collect(tree), "alpha", "gamma")
+    assert report.compare(report.collect(tree), "alpha", "gamma/ratio-4_lag-128").n.tolist() == [12]
 
 
 def test_compare_cli_prints_the_table_and_writes_csv(tree, capsys):
