@@ -59,6 +59,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -690,8 +691,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     files written.
 
     Everything is written into a hidden staging folder in ``out_dir`` first and swapped in when
-    complete (:func:`_swap_in`), so a report that fails or is killed leaves the previous one whole (a
-    killed one also leaves its ``.report-*`` staging folder, which may be deleted). What ``formats``
+    complete (:func:`_swap_in`), so a report that fails or is killed leaves the previous one whole.
+    Staging folders older than :data:`STALE_STAGING_S` were left by killed reports and are removed.
+    What ``formats``
     does not regenerate (say the figures, for ``--format md csv``) is carried over from the previous
     report; what it does regenerate is replaced as a whole, so no figure or page outlives its runs."""
     results_dir = Path(results_dir)
@@ -699,6 +701,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     formats = list(formats)
     df = collect(results_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(STAGING_PREFIX + "*"):
+        if time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         written = _write_all(df, results_dir, out, staging, formats)
@@ -734,6 +739,9 @@ def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, fo
 
 #: the hidden folder a report is written into before it is swapped in
 STAGING_PREFIX = ".report-"
+#: a staging folder untouched for this long (seconds) was left by a killed report: no report runs
+#: that long, so removing it cannot disturb one still writing (no lock, which NFS would not honour)
+STALE_STAGING_S = 3600
 
 
 def _regenerated(name: str, formats: list[str]) -> bool:

@@ -1,9 +1,11 @@
 """kvbench.report on synthetic results directories written here with the runner's schema."""
 
 import json
+import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -356,6 +358,18 @@ def test_a_failing_report_leaves_the_previous_one_whole(sweep, monkeypatch):
         report.write_report(sweep, formats=["md", "csv", "png"])
     assert report_files(sweep) == before
     assert not list(sweep.glob(report.STAGING_PREFIX + "*"))  # no staging folder left behind
+
+
+def test_a_killed_reports_staging_folder_is_removed_by_a_later_report(sweep):
+    killed, running = sweep / f"{report.STAGING_PREFIX}killed", sweep / f"{report.STAGING_PREFIX}running"
+    for folder in (killed, running):
+        (folder / report.REPORT_DIR).mkdir(parents=True)
+        (folder / report.INDEX).write_text("half a report")
+    stale = time.time() - report.STALE_STAGING_S - 60
+    os.utime(killed, (stale, stale))
+    report.write_report(sweep, formats=["md"])
+    assert not killed.exists() and "half a report" not in (sweep / report.INDEX).read_text()
+    assert (running / report.INDEX).is_file()  # possibly another report's, still writing
 
 
 def test_a_partial_format_report_keeps_what_it_does_not_rewrite(sweep):
