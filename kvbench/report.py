@@ -586,20 +586,26 @@ def _retention_samples(runs: pd.DataFrame, ratios: list[float]) -> list[tuple[li
 
 def retention_auc_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """Per method row of the averaged retention curve (:func:`retention_points`): the area under it
-    from 1x (the full cache, 100%) through the row's ratios (:func:`kvbench.stats.retention_auc`, in %
-    of the full cache's score) and its 95% interval (:func:`kvbench.stats.retention_auc_ci`, NaN where
-    a run lacks per-sample scores). ``ratios`` names the range: only rows with the same compare."""
+    from 1x (the full cache, 100%) through the row's ratios, in % of the full cache's score, with its
+    95% interval. Both come from :func:`kvbench.stats.retention_auc_ci` on the per-sample scores, so
+    the value lies in its interval even where a task's score is not the plain mean of its samples;
+    where a run lacks per-sample scores, the area of the plotted points
+    (:func:`kvbench.stats.retention_auc`) without interval. ``ratios`` names the range: only rows
+    with the same compare."""
     points = retention_points(df, model)
     runs = df[(df.model == model) & (df.state == "complete") & df.budget.isna()]
     rows = []
     for row, line in points.groupby("row", sort=False):
-        ratios = list(line.nominal_ratio)
-        paired = _retention_samples(runs[runs.row == row], ratios)
-        # the full cache itself at 1x: retention exactly 100 in every resample
-        interval = retention_auc_ci([1.0, *ratios], [(ref, [[r, *s] for r, s in zip(ref, scores)])
-                                                     for ref, scores in paired]).columns(1) if paired else {}
-        rows.append({"row": row, "ratios": "1-" + "/".join(f"{r:g}" for r in ratios) + "x",
-                     "auc": retention_auc([1.0, *ratios], [100.0, *line.retention]), **interval})
+        ratios = [1.0, *line.nominal_ratio]
+        paired = _retention_samples(runs[runs.row == row], ratios[1:])
+        if paired:
+            # the full cache itself at 1x: retention exactly 100 in every resample
+            interval = retention_auc_ci(ratios, [(ref, [[r, *at] for r, at in zip(ref, scores)])
+                                                 for ref, scores in paired])
+            values = {"auc": interval.estimate, "ci_low": interval.low, "ci_high": interval.high}
+        else:
+            values = {"auc": retention_auc(ratios, [100.0, *line.retention])}
+        rows.append({"row": row, "ratios": "1-" + "/".join(f"{r:g}" for r in ratios[1:]) + "x", **values})
     return pd.DataFrame(rows, columns=["row", "ratios", "auc", "ci_low", "ci_high"]).astype(
         {"ci_low": float, "ci_high": float})
 

@@ -239,7 +239,7 @@ def test_auc_table_and_figure_with_intervals(tree):
     df = report.collect(tree)
     table = report.retention_auc_table(df, "m").set_index("row")
     # alpha: 100% at 1x (the full cache), 40% at 4x, 20% at 8x
-    assert table.auc["alpha"] == pytest.approx(retention_auc([1, 4, 8], [100, 40, 20]))
+    assert table.auc["alpha"] == pytest.approx(retention_auc([1, 4, 8], [100, 40, 20]))  # samples agree with scores
     assert table.ratios["alpha"] == "1-4/8x" and table.ratios["zeta"] == "1-4x"
     expected = retention_auc_ci([1, 4, 8], [(FULL, list(zip(FULL, ALPHA, [1.0] * 2 + [0.0] * 10)))])
     assert (table.ci_low["alpha"], table.ci_high["alpha"]) == (expected.low, expected.high)
