@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> list[dict]:
         overrides = " ".join(HydraConfig.get().overrides.task)
         print(f"kvbench: configuration error ({overrides}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the sample loop (while loading); inside it the runner stops
+        print("kvbench: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,13 @@ class KVBenchConfig:
     ratio: Optional[float] = None
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = None
+    #: in the run identity; a seed other than this default is also in the setting name (``_seed-N``)
     seed: int = 0
-    #: where results directories, the leaderboards and Hydra's job folders go
+    #: where results directories, the leaderboards and Hydra's job folders go: scratch, git-ignored
+    #: (the published board, leaderboard/, is written only by ``kvbench.report results --out leaderboard``)
     results_dir: str = "results"
-    #: run only the first N samples of each task (smoke tests)
+    #: run only the first N samples of each task (smoke tests); the results directory still expects
+    #: every sample of the task, so the run is partial until a run without limit completes it
     limit: Optional[int] = None
     #: "i/n": run only the i-th of n disjoint slices of the samples, into the configuration's one
     #: results directory (sweep shard=0/4,1/4,2/4,3/4 to split a configuration over jobs); null = all

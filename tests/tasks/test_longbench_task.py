@@ -428,10 +428,10 @@ def test_rescore_write_round_trip(tmp_path):
     assert scores.metrics["score_e"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 0.0}
     assert json.loads(proc.stdout)[str(run_dir.path)]["score"] == 33.33
 
-    # the read-only CLI pools the same records (all_classes and length from meta) to the same score
+    # the read-only CLI scores the same records with the same task to the same score, writing nothing
     proc = _score_cli(str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["trec_e"]["score"] == 33.33
+    assert json.loads(proc.stdout)[str(run_dir.path)]["score"] == 33.33
 
 
 def test_rescore_needs_a_results_directory(tmp_path):
