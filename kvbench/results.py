@@ -112,13 +112,18 @@ def record_line(record: dict) -> str:
 
 
 def read_jsonl_strict(path: Path, error: type[Exception]) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, object) for every non-blank line of an input file; a malformed line raises
-    ``error`` naming its file and line number (input data must be whole, unlike results)."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """(``file:line``, object) for every non-blank line of an input file; a line that is not UTF-8
+    or not JSON raises ``error`` naming its file and line number (input data must be whole, unlike
+    results)."""
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error has its line number
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:

@@ -28,8 +28,8 @@ import torch
 
 import kvbench
 from kvbench.cache import KVCache, layer_windows
-from kvbench.config import KVBenchConfig
-from kvbench.errors import ConfigError
+from kvbench.config import KVBenchConfig, check_config, check_folder_name
+from kvbench.errors import ConfigError, DataError
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
@@ -111,15 +111,16 @@ class RunSpec:
         for group in ("method", "task"):
             if not isinstance(getattr(cfg, group), Mapping):
                 raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
+        check_config(cfg)
         cfg.model.validate()
         method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
-        if cfg.limit is not None and cfg.limit < 1:
-            raise ConfigError(f"limit must be >= 1 sample (or null for all), got {cfg.limit}")
+        task = build_task(cfg.task)
+        task.check_data()  # bad data files fail before the model loads
         return cls(
             model=cfg.model,
             method=method,
-            task=build_task(cfg.task),
-            setting=method.setting(),
+            task=task,
+            setting=check_folder_name("setting", method.setting()),
             results_dir=Path(cfg.results_dir),
             seed=cfg.seed,
             limit=cfg.limit,
@@ -390,7 +391,8 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
     samples = task.samples(tokenizer, spec.model)
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
-        raise RuntimeError(f"task {task.name} produced duplicate sample ids")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"task {task.name} produced duplicate sample ids: {', '.join(map(repr, repeated))}")
     # limit runs the first samples of the task's own list: the directory expects every sample of the
     # task, so a limited run is partial and a later run without limit completes it
     chosen = samples if spec.limit is None else samples[: spec.limit]
