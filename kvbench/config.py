@@ -37,6 +37,12 @@ class KVBenchConfig:
     ratio: Optional[float] = param(None, ge=1)
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = param(None, ge=1)
+    #: with a budget: methods that compress only their prompt re-score and evict every k decoding
+    #: steps, holding at most budget + k - 1 tokens (1: a hard capacity after every step)
+    evict_every: int = param(1, ge=1)
+    #: feed the prompt N tokens per prefill step, each compressed by the method, so no step holds the
+    #: whole prompt (peak KV about the capacity + N); null = the whole prompt in one step
+    prefill_chunk: Optional[int] = param(None, ge=1)
     #: in the run identity; a seed other than this default is also in the setting name (``_seed-N``)
     seed: int = 0
     #: where results directories, the leaderboards and Hydra's job folders go: scratch, git-ignored

@@ -1,8 +1,11 @@
-"""Generation owned by kvbench: prefill, optional uncompressed append, greedy decoding.
+"""Generation owned by kvbench: prefill (whole or in chunks), optional uncompressed append, greedy decoding.
 
 Every forward step passes explicit ``position_ids``: positions continue from the original
 (uncompressed) sequence length whatever the cache holds, so RoPE sees the true positions. After every
-step the cache's layers get ``end_step(phase)``, which is where methods compress.
+step the cache's layers get ``end_step(phase)``, which is where methods compress. A chunked prefill
+(``prefill_chunk=N``) feeds the prompt ``N`` tokens at a time, each chunk a ``prefill`` step that the
+method compresses, so no step holds the whole prompt: a method holding ``C`` between steps holds at
+most ``C + N`` tokens inside one. With ``N`` at least the prompt's length it is the one-step prefill.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ class Generation:
     at_end: dict
     #: most bytes held between steps (after each step's compression): what the method guarantees
     peak_bytes_held: int
-    #: most bytes held inside a step (before its compression: the prompt during prefill, +1 token
-    #: during decoding): the transient real memory of use-then-compress
+    #: most bytes held inside a step (before its compression: the prompt, or with a chunked prefill
+    #: what the previous chunks left plus one chunk, during prefill; +1 token during decoding): the
+    #: transient real memory of use-then-compress
     peak_bytes_in_step: int
     stopped_by: list[str] = field(default_factory=list)
     #: the uncompressed prefill state, when asked for (``keep_prefill``) or reused
@@ -87,6 +91,7 @@ def generate(
     min_new_tokens: int = 0,
     prefilled: Prefilled | None = None,
     keep_prefill: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Greedy decoding of ``prompt_ids`` (batch, n) with ``cache``.
 
@@ -98,22 +103,35 @@ def generate(
 
     ``prefilled`` replaces the prefill forward by a stored state of the same prompt; with
     ``keep_prefill`` the result carries that state (``Generation.prefilled``) for the next ratio.
+    ``prefill_chunk`` feeds the prompt that many tokens per prefill step (None: all at once); a
+    prefill of several chunks depends on the compression between them, so it is never stored or reused.
     """
-    batch = prompt_ids.shape[0]
+    batch, seen = prompt_ids.shape
+    chunk = seen if prefill_chunk is None else prefill_chunk
+    if chunk < seen and (prefilled is not None or keep_prefill):
+        raise ValueError(f"a prefill in chunks of {chunk} tokens ({seen}-token prompt) depends on the compression "
+                         "between its chunks: it cannot be stored or reused")
+    cache.begin(seen)
     with cache.active():
         t0 = time.perf_counter()
+        between_chunks = []  # bytes held after each chunk but the last
         if prefilled is not None:
             for layer, state in zip(cache.layers, prefilled.layers):
                 layer.restore(state)
             logits, in_step = prefilled.logits, prefilled.in_step
+            compress_s = _end_step(cache, "prefill")
         else:
-            logits, in_step = _forward(model, cache, prompt_ids, 0)
-            if keep_prefill:
-                forward_s = time.perf_counter() - t0
-                prefilled = Prefilled([layer.snapshot() for layer in cache.layers], logits, in_step, forward_s)
-                t0 = time.perf_counter() - forward_s  # the snapshot's copy is not prefill time
-        compress_s = _end_step(cache, "prefill")
-        seen = prompt_ids.shape[1]
+            in_step, compress_s = 0, 0.0
+            for start in range(0, seen, chunk):
+                if start:
+                    between_chunks.append(cache.bytes_held())
+                logits, chunk_bytes = _forward(model, cache, prompt_ids[:, start:start + chunk], start)
+                in_step = max(in_step, chunk_bytes)
+                if keep_prefill:  # one chunk (checked above)
+                    forward_s = time.perf_counter() - t0
+                    prefilled = Prefilled([layer.snapshot() for layer in cache.layers], logits, in_step, forward_s)
+                    t0 = time.perf_counter() - forward_s  # the snapshot's copy is not prefill time
+                compress_s += _end_step(cache, "prefill")
         if question_ids is not None and question_ids.shape[1] > 0:
             logits, appended = _forward(model, cache, question_ids, seen)
             compress_s += _end_step(cache, "append")
@@ -121,7 +139,7 @@ def generate(
             seen += question_ids.shape[1]
         prefill_s = time.perf_counter() - t0
         after_prefill = cache.stats()
-        peak = after_prefill["bytes_held"]
+        peak = max([after_prefill["bytes_held"], *between_chunks])
 
         out: list[list[int]] = [[] for _ in range(batch)]
         stopped_by = [""] * batch

@@ -45,7 +45,8 @@ How numbers are compared:
 e.g. ``snapkv/ratio-4``); see :func:`compare`.
 
 What is task-specific comes from the task classes, rebuilt from each run's identity: the groups of
-tasks averaged in tables of their own (``Task.groups``) and a run's own figures (``Task.figures``).
+tasks averaged in tables of their own (``Task.groups``), a run's own figures (``Task.figures``) and a
+task kind's own tables over a model's complete runs (``Task.tables``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ from kvbench.stats import (
     task_mean_ci,
 )
 from kvbench.tasks import Task, TaskGroup, task_from_identity
+from kvbench.tasks import ReportRun, registered
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +476,20 @@ def _task_about(task_runs: pd.DataFrame) -> str:
     return ", ".join(f"{name} `{value}`" for name, value in facts if isinstance(value, str))
 
 
+def _kind_tables(runs: pd.DataFrame) -> list[str]:
+    """Each task kind's own tables (``Task.tables``) over the complete runs of one model."""
+    done = runs[runs.state == "complete"]
+    rows, columns = _ordered(done, "row", _row_key), _ordered(done, "column", _column_key)
+    parts = []
+    for kind in sorted(done.suite.unique()):
+        cls = registered().get(kind)
+        ordered = sorted(done[done.suite == kind].itertuples(),
+                         key=lambda r: (rows.index(r.row), columns.index(r.column), r.task))
+        tables = cls.tables([ReportRun(r.row, r.column, r.task, r.metrics) for r in ordered]) if cls else {}
+        parts += [f"## {title}\n\n{t.caption}\n\n{markdown_table(t.header, t.rows)}" for title, t in tables.items()]
+    return parts
+
+
 def average_table(df: pd.DataFrame, model: str) -> str:
     """The model's headline table: score (retention) averaged over all its tasks."""
     runs = df[df.model == model]
@@ -510,6 +526,7 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
         group_tasks = _tasks(in_group)
         parts.append(f"## {group.title}\n\nMean over {', '.join(group_tasks)}.\n\n"
                      + _score_table(in_group, partial(_average_cell, tasks=group_tasks)))
+    parts += _kind_tables(runs)
     parts.append("## Per task")
     for task in tasks:
         task_runs = runs[runs.task == task]

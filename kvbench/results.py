@@ -421,7 +421,7 @@ def read_samples(path: Path, warn: bool = True) -> Samples:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    corrupt.append(f"{where}: not UTF-8 ({err.reason} at byte {err.start})")
+                    corrupt.append(f"{where}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})")
                     continue
                 if not text.strip():
                     continue

@@ -54,12 +54,13 @@ class MethodSpec:
     description: dict[str, Any]
 
     @classmethod
-    def from_config(cls, values: dict[str, Any], ratio: float | None, budget: int | None, seed: int) -> "MethodSpec":
+    def from_config(cls, values: dict[str, Any], ratio: float | None, budget: int | None, seed: int,
+                    evict_every: int = 1) -> "MethodSpec":
         values = dict(values)
         name = values.pop("name", None)
         method_cls = method_class(name)
         if method_cls.uses_compression:
-            compression = Compression(ratio=ratio, budget=budget)
+            compression = Compression(ratio=ratio, budget=budget, evict_every=evict_every)
         else:
             if ratio is not None or budget is not None:
                 Compression(ratio=ratio, budget=budget)  # still reject ratio < 1, or both given
@@ -103,6 +104,8 @@ class RunSpec:
     shard: tuple[int, int] | None
     #: memory for prefill states shared between the ratios of a sweep (0: prefill every run)
     prefill_reuse_gb: float
+    #: prompt tokens per prefill step (None: the whole prompt in one step)
+    prefill_chunk: int | None
     #: the resolved config, recorded in run.json
     config: dict[str, Any]
 
@@ -113,21 +116,28 @@ class RunSpec:
                 raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
         check_config(cfg)
         cfg.model.validate()
-        method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
+        method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed, cfg.evict_every)
         task = build_task(cfg.task)
         task.check_data()  # bad data files fail before the model loads
+        chunked = f"_prefill_chunk-{cfg.prefill_chunk}" if cfg.prefill_chunk else ""
         return cls(
             model=cfg.model,
             method=method,
             task=task,
-            setting=check_folder_name("setting", method.setting()),
+            setting=check_folder_name("setting", method.setting() + chunked),
             results_dir=Path(cfg.results_dir),
             seed=cfg.seed,
             limit=cfg.limit,
             shard=parse_shard(cfg.shard),
             prefill_reuse_gb=cfg.prefill_reuse_gb,
+            prefill_chunk=cfg.prefill_chunk,
             config=dataclasses.asdict(cfg),
         )
+
+    def reuses_prefill(self, method: Method) -> bool:
+        """Whether samples share prefill states with the other ratios of a sweep (:class:`PrefillStore`):
+        never for a chunked prefill, which depends on the compression between its chunks."""
+        return method.shares_prefill and self.prefill_reuse_gb > 0 and self.prefill_chunk is None
 
     def run_dir(self, task: Task) -> RunDir:
         return RunDir(self.results_dir / self.model.name / task.name / self.method.name / self.setting)
@@ -135,11 +145,17 @@ class RunSpec:
     def identity(self, task: Task) -> RunIdentity:
         """What must match for a results directory to be resumed instead of rejected."""
         c = self.method.compression
+        compression = {"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting}
+        # recorded only when set, so identities written before these settings existed still match
+        if c and c.evict_every != 1:
+            compression["evict_every"] = c.evict_every
+        if self.prefill_chunk is not None:
+            compression["prefill_chunk"] = self.prefill_chunk
         return RunIdentity(
             model=dataclasses.asdict(self.model),
             method=self.method.description,
             task=task.describe(),
-            compression={"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting},
+            compression=compression,
             data=task.data_fingerprint(),
             seed=self.seed,
         )
@@ -260,13 +276,13 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         return any(s in text for s in sample.stop_strings)
     method = spec.method.new()
     method.setup(model)
-    reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
+    reuse = spec.reuses_prefill(method)
     prefilled = _prefills.get(spec, task, sample.id) if reuse else None
     cache = KVCache(method, layer_windows(model.config))
     gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
                    eos_ids(model, tokenizer, sample.stop_tokens),
                    stop_check if sample.stop_strings else None, sample.min_new_tokens,
-                   prefilled=prefilled, keep_prefill=reuse and prefilled is None)
+                   prefilled=prefilled, keep_prefill=reuse and prefilled is None, prefill_chunk=spec.prefill_chunk)
     if reuse and prefilled is None:
         _prefills.put(spec, task, sample.id, gen.prefilled)
     appended = question_ids.shape[1] if question_ids is not None else 0

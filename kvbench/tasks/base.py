@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from kvbench.errors import DataError
 from kvbench.params import param, parse_params
@@ -59,6 +59,26 @@ class TaskGroup:
     @property
     def title(self) -> str:
         return f"{self.kind}: {self.name}"
+
+
+class ReportRun(NamedTuple):
+    """A complete run as a task kind's report tables (``Task.tables``) see it."""
+
+    #: the leaderboard's row and column labels: method (with non-default parameters) and setting
+    method: str
+    setting: str
+    #: the task's name (a suite's subtask: ``ruler/vt``)
+    task: str
+    #: the run's scores.json ``metrics`` (``Task.summarize``)
+    metrics: dict[str, Any]
+
+
+class TaskTable(NamedTuple):
+    """A table of a task kind's own in the report: a caption, column names and rows of cells."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
 
 
 @dataclass
@@ -150,6 +170,12 @@ class Task:
 
     def figures(self, metrics: dict[str, Any], title: str) -> dict[str, "Figure"]:
         """This task's own figures of one run, from its scores.json ``metrics``, by name."""
+        return {}
+
+    @classmethod
+    def tables(cls, runs: list[ReportRun]) -> dict[str, TaskTable]:
+        """This task kind's own tables over one model's complete runs of it (in leaderboard order),
+        by title; the report adds them to the model's page (RULER: its per-length table)."""
         return {}
 
     @classmethod
