@@ -9,6 +9,10 @@ method), so drift of a shared machine hits every method alike, and summarised by
 The sweep measurement times what the runner does for a ratio sweep of a method that shares its
 prefill (``Method.shares_prefill``): the first ratio prefills and keeps the state, the others
 restore it (``runner.PrefillStore``), against one ratio's run alone.
+
+The chunked-prefill measurement runs every case at the longest length again with the prompt fed in
+chunks (``prefill_chunk``), each compressed by the method before the next: the peak KV bytes inside
+a step and the peak process memory, with and without chunks.
 """
 
 from __future__ import annotations
@@ -103,11 +107,12 @@ def _generate(model, method_name: str, compression: Compression | None, prompt_i
 
 
 def measure(model, method_name: str, ratio: float | None, prompt_ids: torch.Tensor, new_tokens: int,
-            params: dict | None = None) -> dict:
-    """One generation of ``new_tokens`` tokens: its timings, KV bytes and peak process memory."""
+            params: dict | None = None, prefill_chunk: int | None = None) -> dict:
+    """One generation of ``new_tokens`` tokens (the prompt in chunks of ``prefill_chunk`` tokens if
+    given): its timings, KV bytes and peak process memory."""
     compression = Compression(ratio=ratio) if ratio is not None else None
     with PeakMemory(prompt_ids.device) as memory:
-        gen = _generate(model, method_name, compression, prompt_ids, new_tokens, params)
+        gen = _generate(model, method_name, compression, prompt_ids, new_tokens, params, prefill_chunk=prefill_chunk)
     steps = max(1, len(gen.tokens[0]) - 1)  # the first token comes from the prefill's logits
     return {
         "method": method_name,
@@ -168,6 +173,17 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def chunk_summary(table: pd.DataFrame, chunk_raw: pd.DataFrame) -> pd.DataFrame:
+    """Medians of the chunked-prefill cases next to the same cases' medians with the whole prompt in
+    one step (``table``, at the same length)."""
+    keys = ["length", "method", "ratio"]
+    chunked = chunk_raw.groupby([*keys, "prefill_chunk"], sort=False).agg(
+        prompt_tokens=("prompt_tokens", "first"),
+        **{f"chunked_{m}": (m, "median") for m in ("prefill_s", "peak_kv_bytes", "peak_process_bytes")}).reset_index()
+    one_step = table[[*keys, "prefill_s", "peak_kv_bytes", "peak_process_bytes"]]
+    return chunked.merge(one_step, on=keys, how="left")
+
+
 def sweep_summary(raw: pd.DataFrame) -> pd.DataFrame:
     table = raw.groupby(["method", "ratios"], sort=False).agg(
         prompt_tokens=("prompt_tokens", "first"), repeats=("repeat", "nunique"),
@@ -205,7 +221,25 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None or pd.isna(value) else format(value, spec)
 
 
-def markdown(table: pd.DataFrame, sweeps: pd.DataFrame, machine: dict) -> str:
+def chunk_markdown(chunks: pd.DataFrame) -> list[str]:
+    """The chunked-prefill section of the page: peak KV in a step and peak process memory, one step
+    against chunks."""
+    mib = 2**20
+
+    def mb(value):
+        return _fmt(None if value is None or pd.isna(value) else value / mib, ".1f")
+
+    return ["## Chunked prefill", "The longest prompt again, fed `prefill_chunk` tokens per step, each chunk "
+            "compressed before the next. peak KV = most KV bytes held inside a step; peak process = the "
+            "process's peak memory during the sample above its level before it.", markdown_table(
+                ["prompt tokens", "method", "ratio", "chunk", "prefill s", "chunked prefill s", "peak KV MiB",
+                 "chunked peak KV MiB", "peak process MiB", "chunked peak process MiB"],
+                [[str(int(r.prompt_tokens)), r.method, f"{r.ratio:g}", str(int(r.prefill_chunk)), f"{r.prefill_s:.2f}",
+                  f"{r.chunked_prefill_s:.2f}", mb(r.peak_kv_bytes), mb(r.chunked_peak_kv_bytes),
+                  mb(r.peak_process_bytes), mb(r.chunked_peak_process_bytes)] for r in chunks.itertuples()])]
+
+
+def markdown(table: pd.DataFrame, sweeps: pd.DataFrame, machine: dict, chunks: pd.DataFrame | None = None) -> str:
     header = ["length", "method", "ratio", "measured", "prefill s", "compress s", "decode ms/tok",
               "sample s", "vs full", "decode vs full", "peak KV MiB", "peak KV vs full",
               "peak process MiB", "process vs full"]
@@ -230,6 +264,8 @@ def markdown(table: pd.DataFrame, sweeps: pd.DataFrame, machine: dict) -> str:
             ["method", "ratios", "prompt tokens", "one ratio s", "sweep s", "sweep / one"],
             [[r.method, str(r.ratios), str(int(r.prompt_tokens)), f"{r.one_ratio_s:.2f}", f"{r.sweep_s:.2f}",
               f"{r.sweep_vs_one:.2f}"] for r in sweeps.itertuples()])]
+    if chunks is not None and not chunks.empty:
+        parts += chunk_markdown(chunks)
     parts += ["## Targets", "\n".join(target_lines(table, sweeps)),
               "## Machine", "\n".join(f"- {k}: {v}" for k, v in machine.items())]
     return "\n\n".join(parts) + "\n"
@@ -243,7 +279,7 @@ def machine_info(model, args: argparse.Namespace) -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "model": f"{args.model} ({next(model.parameters()).dtype})",
-        "new tokens per sample": args.new_tokens, "repeats": args.repeats,
+        "new tokens per sample": args.new_tokens, "repeats": args.repeats, "prefill chunk": args.prefill_chunk,
         "method parameters": " ".join(args.param) if args.param else "the defaults",
     }
     if device.type == "cuda":
@@ -301,12 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-methods", default="streaming,snapkv,lagkv",
                         help="prefill-sharing methods whose ratio sweep is timed ('' for none)")
     parser.add_argument("--sweep-ratios", default="2,4,6,8", help="the sweep's ratios (default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="also run the longest length with the prompt in chunks of this many tokens "
+                             "(0: not; default: %(default)s)")
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method parameter other than its default (repeatable), e.g. lagkv.lag_size=128")
     parser.add_argument("--out", type=Path, default=Path("results") / BENCH_PAGE.parent, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 1:
         parser.error(f"--repeats and --new-tokens must be >= 1, got {args.repeats} and {args.new_tokens}")
+    if args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk must be >= 0 (0: no chunked runs), got {args.prefill_chunk}")
 
     methods = sorted(registered()) if args.methods == "all" else args.methods.split(",")
     methods = [BASELINE] + [m for m in methods if m != BASELINE]
@@ -327,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     measure(model, BASELINE, None, prompts[max(lengths)], args.new_tokens)  # warm-up, not recorded
 
     args.out.mkdir(parents=True, exist_ok=True)
-    raw, sweeps = [], []
+    raw, sweeps, chunked = [], [], []
+    longest = max(lengths)
     for repeat in range(args.repeats):
         for length in lengths:
             for method, ratio in cases:
@@ -335,25 +377,35 @@ def main(argv: list[str] | None = None) -> int:
                        **measure(model, method, ratio, prompts[length], args.new_tokens, params[method])}
                 raw.append(row)
                 print(json.dumps(row), flush=True)
+        for method, ratio in cases if args.prefill_chunk else []:
+            row = {"repeat": repeat, "length": longest, "prefill_chunk": args.prefill_chunk,
+                   **measure(model, method, ratio, prompts[longest], args.new_tokens, params[method],
+                             prefill_chunk=args.prefill_chunk)}
+            chunked.append(row)
+            print(json.dumps(row), flush=True)
         for method in sweep_methods:
             row = {"repeat": repeat, **measure_sweep(model, method, _numbers(args.sweep_ratios), prompts[max(lengths)],
                                                       args.new_tokens, params[method])}
             sweeps.append(row)
             print(json.dumps(row), flush=True)
         # written after every repeat, so a stopped benchmark keeps what it measured
-        _write(args, model, pd.DataFrame(raw), pd.DataFrame(sweeps))
+        _write(args, model, pd.DataFrame(raw), pd.DataFrame(sweeps), pd.DataFrame(chunked))
     return 0
 
 
-def _write(args, model, raw: pd.DataFrame, sweep_raw: pd.DataFrame) -> None:
+def _write(args, model, raw: pd.DataFrame, sweep_raw: pd.DataFrame, chunk_raw: pd.DataFrame) -> None:
     table = summarize(raw)
     sweeps = sweep_summary(sweep_raw) if not sweep_raw.empty else pd.DataFrame()
+    chunks = chunk_summary(table, chunk_raw) if not chunk_raw.empty else pd.DataFrame()
     raw.to_csv(args.out / "bench_methods_raw.csv", index=False)
     table.to_csv(args.out / "bench_methods.csv", index=False)
     if not sweeps.empty:
         sweep_raw.to_csv(args.out / "bench_sweep_raw.csv", index=False)
         sweeps.to_csv(args.out / "bench_sweep.csv", index=False)
+    if not chunks.empty:
+        chunk_raw.to_csv(args.out / "bench_chunked_raw.csv", index=False)
+        chunks.to_csv(args.out / "bench_chunked.csv", index=False)
     machine = machine_info(model, args)
     (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
-    (args.out / BENCH_PAGE.name).write_text(markdown(table, sweeps, machine))
+    (args.out / BENCH_PAGE.name).write_text(markdown(table, sweeps, machine, chunks))
     print(f"wrote {args.out / BENCH_PAGE.name}", flush=True)

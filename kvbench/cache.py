@@ -75,6 +75,12 @@ class KVCache(Cache):
         finally:
             _active.reset(token)
 
+    def begin(self, prompt_tokens: int) -> None:
+        """Tell every layer the prompt's length before its prefill (a chunked prefill's first step
+        sees only the first chunk, and capacities follow the whole prompt)."""
+        for layer in self.layers:
+            layer.prompt_tokens = prompt_tokens
+
     def end_step(self, phase: Phase) -> None:
         for layer in self.layers:
             layer.end_step(phase)

@@ -8,6 +8,7 @@ composes the config, and :func:`check_config` the composed config before anythin
 the message format of method and task parameters (``ratio=0.5: expected a number >= 1, or null``).
 Names that become folders of ``results_dir`` are checked by :func:`check_folder_name`."""
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError
 from kvbench.models import ModelConfig
 from kvbench.params import allowed, check_value, field_kinds, param
@@ -37,8 +39,19 @@ class KVBenchConfig:
     ratio: Optional[float] = param(None, ge=1)
     #: tokens kept per layer and KV head: the predefined-capacity mode (exclusive with ratio)
     budget: Optional[int] = param(None, ge=1)
+    #: with a budget: methods that compress only their prompt re-score and evict every k decoding
+    #: steps, holding at most budget + k - 1 tokens (1: a hard capacity after every step)
+    evict_every: int = param(1, ge=1)
+    #: feed the prompt N tokens per prefill step, each compressed by the method, so no step holds the
+    #: whole prompt (peak KV about the capacity + N); null = the whole prompt in one step
+    prefill_chunk: Optional[int] = param(None, ge=1)
     #: in the run identity; a seed other than this default is also in the setting name (``_seed-N``)
     seed: int = 0
+    #: how tokens are chosen: greedy (temperature 0, the default) or sampled, n samples per prompt
+    #: (``kvbench.decoding.Decoding``); part of the run identity
+    decoding: Decoding = field(default_factory=Decoding)
+    #: decoding steps between two points of each record's held-cache curve (``kv.curve``)
+    cache_curve_every: int = param(16, ge=1)
     #: where results directories, the leaderboards and Hydra's job folders go: scratch, git-ignored
     #: (the published board, leaderboard/, is written only by ``kvbench.report results --out leaderboard``)
     results_dir: str = "results"
@@ -96,14 +109,17 @@ def compose_config(overrides: list[str]) -> dict:
 
 
 #: the schema's fields checked here; ``method`` and ``task`` are checked by their classes, ``model`` by
-#: ``ModelConfig.validate``
-_CHECKED = {name: kind for name, kind in field_kinds(KVBenchConfig).items() if name not in ("model", "method", "task")}
+#: ``ModelConfig.validate``, ``decoding`` by ``Decoding.validate``
+_CHECKED = {name: kind for name, kind in field_kinds(KVBenchConfig).items()
+            if name not in ("model", "method", "task", "decoding")}
 
 
 def _schema_field(key: str) -> tuple | None:
-    """(type, optional, metadata) of a top-level key or of ``model.<key>``; None for others."""
+    """(type, optional, metadata) of a top-level key or of ``model.<key>``; None for others (and for
+    mappings such as ``model.chat_template_kwargs``, whose type Hydra's schema checks)."""
     if key.startswith("model."):
-        return field_kinds(ModelConfig).get(key[len("model."):])
+        kind = field_kinds(ModelConfig).get(key[len("model."):])
+        return None if kind is None or typing.get_origin(kind[0]) is dict else kind
     return _CHECKED.get(key)
 
 
@@ -137,6 +153,7 @@ def check_config(cfg: KVBenchConfig) -> None:
     the runner)."""
     for name, kind in _CHECKED.items():
         check_value(name, getattr(cfg, name), *kind)
+    cfg.decoding.validate()
     check_results_dir(cfg.results_dir)
     check_folder_name("model.name", cfg.model.name)
     if isinstance(cfg.task, Mapping):

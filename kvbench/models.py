@@ -6,8 +6,9 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,9 @@ class ModelConfig:
     max_prompt_tokens: int = 7500
     #: whether tasks that use a chat template apply this model's template
     chat_template: bool = True
+    #: extra variables for the chat template (``apply_chat_template``'s keyword arguments), e.g.
+    #: Qwen3's ``enable_thinking: false``
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
 
     def validate(self) -> None:

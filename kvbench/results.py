@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from kvbench.decoding import Decoding
+
 log = logging.getLogger(__name__)
 
 SAMPLES = "samples.jsonl"
@@ -200,6 +202,24 @@ class KVStats:
 
 
 @dataclass
+class HeldCurve:
+    """The cache held over a generation, after each step's compression: after ``steps[i]`` generated
+    tokens were fed back, the compressed layers' most loaded KV head held ``tokens[i]`` tokens and
+    the whole cache ``bytes[i]`` bytes. A point every ``every`` steps, plus the first (after
+    prefill, step 0) and the last (the end)."""
+
+    every: int
+    steps: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+
+    def add(self, step: int, tokens: int, nbytes: int) -> None:
+        self.steps.append(step)
+        self.tokens.append(tokens)
+        self.bytes.append(nbytes)
+
+
+@dataclass
 class KVUsage:
     after_prefill: KVStats
     at_end: KVStats
@@ -207,6 +227,24 @@ class KVUsage:
     peak_bytes_held: int
     #: most bytes held inside a step (before its compression)
     peak_bytes_in_step: int
+    #: most tokens a compressed layer's KV head held between steps (None: recorded before it was)
+    peak_tokens_held: int | None = None
+    curve: HeldCurve | None = None
+
+
+@dataclass
+class Completion:
+    """One of a record's ``decoding.n`` sampled generations (the record's own fields are the first's)."""
+
+    seed: int
+    pred: str
+    new_tokens: int
+    stopped_by: str
+    prefill_s: float
+    decode_s: float
+    peak_tokens_held: int
+    #: metric -> 0..1, by the task's scorer
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,8 +271,10 @@ class SampleRecord:
     decode_compress_s: float
     kv: KVUsage
     finished_at: str
-    #: metric -> 0..1, by the task's scorer (``Task.score``)
+    #: metric -> 0..1, by the task's scorer (``Task.score``); with n samples, the mean over them
     scores: dict[str, float] = field(default_factory=dict)
+    #: the n sampled generations, each scored (empty for one generation: the record is it)
+    completions: list[Completion] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -248,7 +288,11 @@ class SampleRecord:
         for step in ("after_prefill", "at_end"):
             if isinstance(kv.get(step), dict):
                 kv[step] = _build(KVStats, kv[step], f"{where}: kv.{step}")
+        if isinstance(kv.get("curve"), dict):
+            kv["curve"] = _build(HeldCurve, kv["curve"], f"{where}: kv.curve")
         values["kv"] = _build(KVUsage, kv, f"{where}: kv")
+        values["completions"] = [_build(Completion, c, f"{where}: completions[{i}]") if isinstance(c, dict) else c
+                                 for i, c in enumerate(values.get("completions") or [])]
         return _build(cls, values, where)
 
 
@@ -301,6 +345,22 @@ def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] 
     return {r.id: r.scores[metric] for r in records}
 
 
+def generations(record: SampleRecord) -> list[SampleRecord | Completion]:
+    """A record's generations: its n sampled completions, or the record itself (one generation).
+    Both carry ``new_tokens``, ``stopped_by``, ``prefill_s``, ``decode_s`` and ``scores``."""
+    return list(record.completions) or [record]
+
+
+def seconds_per_correct(records: list[SampleRecord], metric: str) -> float | None:
+    """Generation time (prefill and decoding) over all generations, divided by the number of correct
+    answers (the sum of their ``metric`` scores); None without a correct answer or a score."""
+    outputs = [g for r in records for g in generations(r)]
+    if not outputs or any(metric not in g.scores for g in outputs):
+        return None
+    correct = sum(g.scores[metric] for g in outputs)
+    return sum(g.prefill_s + g.decode_s for g in outputs) / correct if correct else None
+
+
 @dataclass
 class RunIdentity:
     """What determines a directory's results, so what must match for a run to resume it.
@@ -321,6 +381,8 @@ class RunIdentity:
     data: dict[str, Any] | None = None
     #: the run's seed (``KVBenchConfig.seed``): it seeds torch and every method that draws (random)
     seed: int = 0
+    #: the ``decoding`` section (``kvbench.decoding.Decoding``); files without one were greedy
+    decoding: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Decoding()))
     #: 0: read from a file written before versions existed, whose data was not fingerprinted
     schema_version: int = dataclasses.field(default=SCHEMA_VERSION, compare=False)
 
@@ -346,6 +408,8 @@ class RunIdentity:
         if not isinstance(obj, dict):
             raise SchemaError(f"{where}: identity must be a JSON object")
         values = dict(obj)
+        if isinstance(values.get("model"), dict):  # model configs before chat-template variables had none
+            values["model"] = {"chat_template_kwargs": {}, **values["model"]}
         if version == 0:
             values["method"] = cls.method_of(values["method"])
             task = dict(values["task"])
@@ -421,7 +485,7 @@ def read_samples(path: Path, warn: bool = True) -> Samples:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    corrupt.append(f"{where}: not UTF-8 ({err.reason} at byte {err.start})")
+                    corrupt.append(f"{where}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})")
                     continue
                 if not text.strip():
                     continue

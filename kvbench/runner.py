@@ -29,12 +29,14 @@ import torch
 import kvbench
 from kvbench.cache import KVCache, layer_windows
 from kvbench.config import KVBenchConfig, check_config, check_folder_name
+from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError, DataError
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord, sample_scores
+from kvbench.results import (Completion, KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores, SampleRecord,
+                             sample_scores)
 from kvbench.stats import bootstrap_ci
 from kvbench.tasks import Sample, Task, build_task
 
@@ -54,12 +56,13 @@ class MethodSpec:
     description: dict[str, Any]
 
     @classmethod
-    def from_config(cls, values: dict[str, Any], ratio: float | None, budget: int | None, seed: int) -> "MethodSpec":
+    def from_config(cls, values: dict[str, Any], ratio: float | None, budget: int | None, seed: int,
+                    evict_every: int = 1) -> "MethodSpec":
         values = dict(values)
         name = values.pop("name", None)
         method_cls = method_class(name)
         if method_cls.uses_compression:
-            compression = Compression(ratio=ratio, budget=budget)
+            compression = Compression(ratio=ratio, budget=budget, evict_every=evict_every)
         else:
             if ratio is not None or budget is not None:
                 Compression(ratio=ratio, budget=budget)  # still reject ratio < 1, or both given
@@ -103,8 +106,13 @@ class RunSpec:
     shard: tuple[int, int] | None
     #: memory for prefill states shared between the ratios of a sweep (0: prefill every run)
     prefill_reuse_gb: float
+    #: prompt tokens per prefill step (None: the whole prompt in one step)
+    prefill_chunk: int | None
     #: the resolved config, recorded in run.json
     config: dict[str, Any]
+    decoding: Decoding = dataclasses.field(default_factory=Decoding)
+    #: decoding steps between two points of the held-cache curve
+    curve_every: int = 16
 
     @classmethod
     def from_config(cls, cfg: KVBenchConfig) -> "RunSpec":
@@ -113,21 +121,35 @@ class RunSpec:
                 raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
         check_config(cfg)
         cfg.model.validate()
-        method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
+        method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed, cfg.evict_every)
         task = build_task(cfg.task)
         task.check_data()  # bad data files fail before the model loads
+        chunked = f"_prefill_chunk-{cfg.prefill_chunk}" if cfg.prefill_chunk else ""
         return cls(
             model=cfg.model,
             method=method,
             task=task,
-            setting=check_folder_name("setting", method.setting()),
+            setting=check_folder_name("setting", "_".join(filter(None, [method.setting() + chunked,
+                                                                        cfg.decoding.label()]))),
             results_dir=Path(cfg.results_dir),
             seed=cfg.seed,
             limit=cfg.limit,
             shard=parse_shard(cfg.shard),
             prefill_reuse_gb=cfg.prefill_reuse_gb,
+            prefill_chunk=cfg.prefill_chunk,
             config=dataclasses.asdict(cfg),
+            decoding=cfg.decoding,
+            curve_every=cfg.cache_curve_every,
         )
+
+    def shares_prefill(self, method: Method) -> bool:
+        """Whether a prompt's prefill state may serve other runs of it: never for a chunked prefill,
+        which depends on the compression between its chunks."""
+        return method.shares_prefill and self.prefill_chunk is None
+
+    def reuses_prefill(self, method: Method) -> bool:
+        """Whether samples share prefill states with the other ratios of a sweep (:class:`PrefillStore`)."""
+        return self.shares_prefill(method) and self.prefill_reuse_gb > 0
 
     def run_dir(self, task: Task) -> RunDir:
         return RunDir(self.results_dir / self.model.name / task.name / self.method.name / self.setting)
@@ -135,13 +157,20 @@ class RunSpec:
     def identity(self, task: Task) -> RunIdentity:
         """What must match for a results directory to be resumed instead of rejected."""
         c = self.method.compression
+        compression = {"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting}
+        # recorded only when set, so identities written before these settings existed still match
+        if c and c.evict_every != 1:
+            compression["evict_every"] = c.evict_every
+        if self.prefill_chunk is not None:
+            compression["prefill_chunk"] = self.prefill_chunk
         return RunIdentity(
             model=dataclasses.asdict(self.model),
             method=self.method.description,
             task=task.describe(),
-            compression={"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting},
+            compression=compression,
             data=task.data_fingerprint(),
             seed=self.seed,
+            decoding=dataclasses.asdict(self.decoding),
         )
 
 
@@ -194,7 +223,8 @@ def encode(sample: Sample, tokenizer, model_cfg: ModelConfig, compress: str) -> 
     if templated:
         # A marker between the parts survives templates that trim the message's ends (Llama 3.1's)
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False,
+            **model_cfg.chat_template_kwargs,
         )
         context, question = full.split(_SPLIT)
     ctx = tokenizer(context, add_special_tokens=not templated, return_tensors="pt").input_ids
@@ -250,7 +280,8 @@ _prefills = PrefillStore()
 
 
 def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> SampleRecord:
-    """Generate for one sample and return its result record (scored)."""
+    """Generate for one sample and return its result record (scored). With ``decoding.n`` samples
+    the record is the first one's, plus every sample in ``completions``; its scores are the means."""
     device = next(model.parameters()).device
     prompt_ids, question_ids = encode(sample, tokenizer, spec.model, task.params.compress)
     prompt_ids = prompt_ids.to(device)
@@ -258,17 +289,34 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     def stop_check(tokens):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in sample.stop_strings)
-    method = spec.method.new()
-    method.setup(model)
-    reuse = method.shares_prefill and spec.prefill_reuse_gb > 0
-    prefilled = _prefills.get(spec, task, sample.id) if reuse else None
-    cache = KVCache(method, layer_windows(model.config))
-    gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
-                   eos_ids(model, tokenizer, sample.stop_tokens),
-                   stop_check if sample.stop_strings else None, sample.min_new_tokens,
-                   prefilled=prefilled, keep_prefill=reuse and prefilled is None)
-    if reuse and prefilled is None:
-        _prefills.put(spec, task, sample.id, gen.prefilled)
+    followup_ids = tokenizer.encode(sample.followup, add_special_tokens=False) if sample.followup else None
+    n = spec.decoding.n
+    shared: Prefilled | None = None  # the prompt's prefill state, once there is one
+    gens = []  # (generation, whether its prefill was restored, seed) of each of the n samples
+    for index in range(n):
+        method = spec.method.new()
+        method.setup(model)
+        # a prompt's prefill serves its n samples, and (keep) the other ratios of a sweep
+        keep = spec.reuses_prefill(method)
+        share = keep or (n > 1 and spec.shares_prefill(method))
+        if share and shared is None and keep:
+            shared = _prefills.get(spec, task, sample.id)
+        restored = shared if share else None
+        cache = KVCache(method, layer_windows(model.config))
+        seed = spec.decoding.sample_seed(spec.seed, sample.id, index)
+        gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
+                       eos_ids(model, tokenizer, sample.stop_tokens),
+                       stop_check if sample.stop_strings else None, sample.min_new_tokens,
+                       prefilled=restored, keep_prefill=share and restored is None,
+                       decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every,
+                       followup_ids=followup_ids, followup_new_tokens=sample.followup_new_tokens,
+                       prefill_chunk=spec.prefill_chunk)
+        if share and restored is None:
+            shared = gen.prefilled
+            if keep:
+                _prefills.put(spec, task, sample.id, shared)
+        gens.append((gen, restored is not None, seed))
+    gen, reused, _ = gens[0]
     appended = question_ids.shape[1] if question_ids is not None else 0
     record = SampleRecord(
         id=sample.id,
@@ -282,15 +330,22 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         stopped_by=gen.stopped_by[0],
         prefill_s=round(gen.prefill_s, 4),
         # a reused prefill's time is its restore and compression only: the forward ran for another ratio
-        prefill_reused=prefilled is not None,
+        prefill_reused=reused,
         decode_s=round(gen.decode_s, 4),
         compress_s=round(gen.compress_s, 4),
         decode_compress_s=round(gen.decode_compress_s, 4),
         kv=KVUsage(after_prefill=KVStats(**gen.after_prefill), at_end=KVStats(**gen.at_end),
-                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step),
+                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step,
+                   peak_tokens_held=gen.peak_tokens_held, curve=gen.curve),
         finished_at=_now(),
     )
-    record.scores = task.score(record)
+    if n > 1:
+        record.completions = [
+            Completion(seed=seed, pred=tokenizer.decode(g.tokens[0], skip_special_tokens=True),
+                       new_tokens=len(g.tokens[0]), stopped_by=g.stopped_by[0], prefill_s=round(g.prefill_s, 4),
+                       decode_s=round(g.decode_s, 4), peak_tokens_held=g.peak_tokens_held)
+            for g, _, seed in gens]
+    record.scores = task.score_record(record)
     return record
 
 

@@ -10,9 +10,12 @@ task's scorer (the one generation used), and the runner's ``summarize_run`` give
 scores. The scores.json contents are printed as JSON keyed by directory; nothing is written.
 
 Anything else, a JSONL file or a directory of them, is scored with the official LongBench metrics,
-and records of RULER tasks (``task`` ``ruler/<name>``) with RULER's
-(:func:`kvbench.scoring.ruler.summarize`), pooled by ``task`` across files. In a directory, only
-``samples.jsonl`` files are read if there are any, otherwise every ``*.jsonl`` file. Each non-blank
+records of RULER tasks (``task`` ``ruler/<name>``) with RULER's
+(:func:`kvbench.scoring.ruler.summarize`) and records of ``longbench_v2`` (the gold letter in
+``answers``, plus ``difficulty`` and ``length`` strings, read from ``meta`` in kvbench records) with
+LongBench v2's (:func:`kvbench.scoring.longbench_v2.summarize`), pooled by ``task`` across files.
+In a directory, only ``samples.jsonl`` files are read if there are any, otherwise every ``*.jsonl``
+file. Each non-blank
 line is a JSON object with ``task``, ``pred``, ``answers`` (list of str) and optionally
 ``all_classes`` (list of str or null) and ``length`` (number); records that keep them in ``meta``
 are read from there (``length`` only for ``_e`` tasks, the only ones eval.py buckets by length).
@@ -46,6 +49,7 @@ from kvbench.results import (SAMPLES, RunDir, RunScores, Samples, find_runs, rea
                              write_atomic)
 from kvbench.scoring import ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
+from kvbench.scoring import longbench_v2
 
 RESULTS_FILE = SAMPLES
 
@@ -88,6 +92,12 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
     all_classes = record.get("all_classes")
     if all_classes is not None and not _is_str_list(all_classes):
         raise InputError(f"{where}: field 'all_classes' must be a list of strings or null")
+    if record["task"] == longbench_v2.TASK:
+        try:
+            longbench_v2.check_record(record)
+        except ValueError as err:
+            raise InputError(f"{where}: {err}") from None
+        return record
     length = record.get("length")
     if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))):
         raise InputError(f"{where}: field 'length' must be a number")
@@ -123,6 +133,10 @@ def _lift_meta(record: dict[str, Any]) -> None:
     # eval.py computes the length buckets only for LongBench-E; don't add them to v1 tasks
     if "length" in meta and record["task"].endswith("_e"):
         record.setdefault("length", meta["length"])
+    if record["task"] == longbench_v2.TASK:
+        for name in longbench_v2.RECORD_FIELDS:
+            if name in meta:
+                record.setdefault(name, meta[name])
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -140,8 +154,10 @@ def score_path(path: Path) -> dict[str, dict[str, Any]]:
     if not records:
         raise InputError(f"{path}: no records")
     is_ruler = [r["task"].startswith(ruler.PREFIX) for r in records]
-    return {**summarize([r for r, x in zip(records, is_ruler) if not x]),
-            **ruler.summarize([r for r, x in zip(records, is_ruler) if x])}
+    is_v2 = [r["task"] == longbench_v2.TASK for r in records]
+    return {**summarize([r for r, x, v2 in zip(records, is_ruler, is_v2) if not (x or v2)]),
+            **ruler.summarize([r for r, x in zip(records, is_ruler) if x]),
+            **longbench_v2.summarize([r for r, v2 in zip(records, is_v2) if v2])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +205,7 @@ def _rescored(run_dir: RunDir) -> _Rescored:
     state = _file_state(run_dir.samples_path)
     samples = run_dir.read_samples()
     for record in samples.records:
-        record.scores = task.score(record)
+        record.scores = task.score_record(record)
     return _Rescored(run_dir, state, samples, summarize_run(task, samples.records, n_expected))
 
 

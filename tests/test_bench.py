@@ -92,6 +92,21 @@ def test_method_parameters_reach_the_measured_cache(tiny_llama):
     assert default["measured_ratio"] == 1.0
 
 
+def test_a_chunked_prefill_lowers_the_peak_kv_in_a_step(tiny_llama):
+    prompt = random_prompt(200)
+    one_step = bench.measure(tiny_llama, "streaming", 4.0, prompt, new_tokens=3)
+    chunked = bench.measure(tiny_llama, "streaming", 4.0, prompt, new_tokens=3, prefill_chunk=32)
+    token = 2 * 2 * 2 * 16 * 4  # key + value, 2 KV heads x 16 channels in float32, 2 layers
+    # capacity round(200 / 4) = 50: the whole prompt in one step; with chunks at most 50 + 32
+    assert (one_step["peak_kv_bytes"], chunked["peak_kv_bytes"]) == (200 * token, 82 * token)
+    raw = pd.DataFrame([{"length": 200, "repeat": 0, "prefill_chunk": 32, **chunked}])
+    table = bench.summarize(pd.DataFrame([{"length": 200, "repeat": 0, **one_step},
+                                          {"length": 200, "repeat": 0, **bench.measure(tiny_llama, "full", None, prompt, 3)}]))
+    row = bench.chunk_summary(table, raw).iloc[0]
+    assert (row.peak_kv_bytes, row.chunked_peak_kv_bytes) == (200 * token, 82 * token)
+    assert "| 200 | streaming | 4 | 32 |" in "\n".join(bench.chunk_markdown(bench.chunk_summary(table, raw)))
+
+
 def test_a_real_run_writes_tables_and_the_report_links_them(embedded, tmp_path):
     out = tmp_path / "results" / "bench"
     assert bench.main(["--methods", "streaming", "--ratios", "2", "--lengths", "96", "--new-tokens", "3",
@@ -104,6 +119,7 @@ def test_a_real_run_writes_tables_and_the_report_links_them(embedded, tmp_path):
     assert len(pd.read_csv(out / "bench_sweep.csv")) == 1
     page = (out / "bench_methods.md").read_text()
     assert "| streaming | 2 |" in page and "## Targets" in page and "sweep over 2 ratios" in page
+    assert "## Chunked prefill" in page and len(pd.read_csv(out / "bench_chunked.csv")) == 2  # full, streaming
     assert json.loads((out / "machine.json").read_text())["device"] == "cpu"
     write_report(tmp_path / "results", formats=["md"])
     assert "(bench/bench_methods.md)" in (tmp_path / "results" / "LEADERBOARD.md").read_text()

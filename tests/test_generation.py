@@ -5,7 +5,9 @@ import torch
 
 from conftest import random_prompt
 from kvbench.cache import KVCache, layer_windows
-from kvbench.generation import generate
+from kvbench.decoding import Decoding
+from kvbench.errors import ConfigError
+from kvbench.generation import choose_tokens, generate
 from kvbench.methods import Compression, build_method
 
 
@@ -186,3 +188,122 @@ def test_snapshot_is_unaffected_by_later_appends():
     layer.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
     assert torch.equal(layer.keys[:, :, -1], torch.ones(1, 1, 4)) and layer.keys.shape[2] == 7
     assert state.stores["keys"].tokens == 6 and layer.positions[0, 0].tolist() == list(range(7))
+
+
+# -- decoding: greedy or sampled -----------------------------------------------------------------------
+
+def sampled(model, prompt, decoding, seeds, new_tokens=12, method="full", **comp):
+    compression = Compression(**comp) if comp else None
+    cache = KVCache(build_method(method, {}, compression), layer_windows(model.config))
+    return generate(model, cache, prompt, None, new_tokens, eos_ids=set(), decoding=decoding, seeds=seeds).tokens
+
+
+def test_temperature_zero_is_greedy(tiny_llama):
+    prompt = random_prompt(30, batch=2)
+    greedy = sampled(tiny_llama, prompt, Decoding(temperature=0.0), None)
+    assert greedy == reference_generate(tiny_llama, prompt, 12)
+
+
+def test_top_k_one_samples_the_greedy_tokens(tiny_llama):
+    prompt = random_prompt(30, batch=2)
+    assert sampled(tiny_llama, prompt, Decoding(temperature=1.5, top_k=1), [3, 4]) == \
+        reference_generate(tiny_llama, prompt, 12)
+
+
+def test_sampling_is_reproducible_per_seed_and_independent_of_the_batch(tiny_llama):
+    prompt = random_prompt(30, batch=2)
+    decoding = Decoding(temperature=1.0)
+    both = sampled(tiny_llama, prompt, decoding, [11, 12], new_tokens=20)
+    assert both == sampled(tiny_llama, prompt, decoding, [11, 12], new_tokens=20)
+    # a sequence's draws depend on its own seed only, not on the batch it runs in
+    assert both[1] == sampled(tiny_llama, prompt[1:], decoding, [12], new_tokens=20)[0]
+    assert sampled(tiny_llama, prompt[:1], decoding, [13], new_tokens=20)[0] != both[0]
+    assert both[0] != sampled(tiny_llama, prompt[:1], Decoding(), None, new_tokens=20)[0]  # not greedy
+
+
+def support(logits, decoding, draws=400):
+    """The tokens ``choose_tokens`` draws from ``logits`` (one row) in ``draws`` seeded draws."""
+    g = torch.Generator().manual_seed(0)
+    return {int(choose_tokens(logits[None], decoding, [g])) for _ in range(draws)}
+
+
+def test_top_k_and_top_p_cut_the_distribution():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # probabilities at temperature 1
+    assert support(logits, Decoding(temperature=1.0)) == {0, 1, 2, 3}
+    assert support(logits, Decoding(temperature=1.0, top_k=2)) == {0, 1}
+    # the nucleus: the most likely tokens until their mass reaches top_p (0.5 + 0.3 reaches 0.8)
+    assert support(logits, Decoding(temperature=1.0, top_p=0.8)) == {0, 1}
+    assert support(logits, Decoding(temperature=1.0, top_p=0.81)) == {0, 1, 2}
+    assert support(logits, Decoding(temperature=1.0, top_p=0.3)) == {0}  # the most likely always stays
+    assert support(logits, Decoding(temperature=1.0, top_k=3, top_p=0.99)) == {0, 1, 2}  # top_k first
+    assert support(logits, Decoding(temperature=0.01)) == {0}  # a cold temperature is nearly greedy
+
+
+def test_sample_seeds_depend_on_run_seed_sample_and_index_only():
+    d = Decoding(temperature=0.7, n=4)
+    seeds = {d.sample_seed(run, sid, i) for run in (0, 1) for sid in ("a", "b") for i in range(4)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+    assert d.sample_seed(0, "a", 2) == Decoding(temperature=1.0).sample_seed(0, "a", 2)
+
+
+@pytest.mark.parametrize("values,problem", [
+    ({"temperature": -1.0}, r"decoding.temperature=-1.0: expected a number >= 0"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"decoding.top_p=0.0: expected a number in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": 1.5}, r"decoding.top_p=1.5: expected a number <= 1"),
+    ({"temperature": 1.0, "top_k": -1}, r"decoding.top_k=-1: expected an integer >= 0"),
+    ({"temperature": 1.0, "n": 0}, r"decoding.n=0: expected an integer >= 1"),
+    ({"n": 4}, "apply to sampling only"), ({"top_k": 5}, "apply to sampling only"),
+])
+def test_bad_decoding_is_a_config_error(values, problem):
+    with pytest.raises(ConfigError, match=problem):
+        Decoding(**values).validate()
+
+
+def test_decoding_label_names_what_differs_from_greedy():
+    assert Decoding().label() == ""
+    assert Decoding(temperature=0.6, top_p=0.95, n=4).label() == "temperature-0.6_top_p-0.95_n-4"
+
+
+# -- the cache held over a generation --------------------------------------------------------------
+
+def test_curve_of_the_full_cache_grows_one_token_per_step(tiny_llama):
+    cache = KVCache(build_method("full", {}, None), layer_windows(tiny_llama.config))
+    gen = generate(tiny_llama, cache, random_prompt(20), None, 40, eos_ids=set(), curve_every=16)
+    curve = gen.curve
+    assert curve.every == 16 and curve.steps == [0, 16, 32, 39]  # 40 tokens, the last is not fed back
+    assert curve.tokens == [20, 36, 52, 59]
+    per_token = 2 * 2 * 16 * 2 * 4  # layers x KV heads x head_dim x (K, V) x float32
+    assert curve.bytes == [t * per_token for t in curve.tokens]
+    assert gen.peak_tokens_held == 59 and gen.peak_bytes_held == 59 * per_token
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming", "tova"])
+@pytest.mark.parametrize("budget", [128, 350])
+def test_decode_time_methods_hold_the_budget_over_a_long_generation(tiny_llama, method, budget):
+    """300-token prompt, 400 generated tokens: no layer's KV head ever holds more than the budget,
+    whether the prompt fits it (350: decoding fills it, then evicts) or not (128)."""
+    cache = KVCache(build_method(method, {}, Compression(budget=budget)), layer_windows(tiny_llama.config))
+    gen = generate(tiny_llama, cache, random_prompt(300), None, 400, eos_ids=set(), curve_every=16)
+    assert len(gen.tokens[0]) == 400
+    assert gen.peak_tokens_held == budget  # checked after every step, per layer and head
+    assert max(gen.curve.tokens) == budget and gen.curve.steps[-1] == 399
+    assert gen.curve.tokens[0] == min(budget, 300)
+    assert all(int(layer.tokens_held().max()) <= budget for layer in cache.layers)
+    assert gen.peak_bytes_held == budget * 2 * 2 * 16 * 2 * 4
+
+
+def test_a_followup_is_fed_after_the_stop_and_answered(tiny_llama):
+    prompt, followup = random_prompt(20), [7, 8, 9]
+    cache = KVCache(build_method("full", {}, None), layer_windows(tiny_llama.config))
+    gen = generate(tiny_llama, cache, prompt, None, 6, eos_ids=set(), stop_check=lambda part: len(part) == 2,
+                   followup_ids=followup, followup_new_tokens=5)
+    first, fed, answer = gen.tokens[0][:2], gen.tokens[0][2:5], gen.tokens[0][5:]
+    assert fed == followup and len(answer) == 2  # the stop rule holds for each part on its own
+    assert gen.stopped_by == ["stop"]
+    # the follow-up fed one token at a time gives what a prompt ending with it gives
+    whole, _ = run(tiny_llama, "full", torch.cat([prompt, torch.tensor([first + followup])], dim=1), 2)
+    assert answer == whole.tokens[0]
+    cache = KVCache(build_method("full", {}, None), layer_windows(tiny_llama.config))
+    capped = generate(tiny_llama, cache, prompt, None, 4, eos_ids=set(), followup_ids=followup, followup_new_tokens=3)
+    assert len(capped.tokens[0]) == 4 + 3 + 3 and capped.stopped_by == ["max_new_tokens"]
+    assert capped.curve.steps[-1] == 9  # every token but the last was fed back

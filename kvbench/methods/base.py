@@ -54,6 +54,10 @@ class Compression:
 
     ratio: float | None = None
     budget: int | None = None
+    #: k: in budget mode, a method that compresses only its prompt re-scores and evicts once it holds
+    #: ``k`` tokens more than the budget, so it holds at most ``budget + k - 1`` between steps (1:
+    #: every step, a hard capacity)
+    evict_every: int = 1
 
     def __post_init__(self):
         if (self.ratio is None) == (self.budget is None):
@@ -65,6 +69,9 @@ class Compression:
             raise ConfigError(f"ratio must be >= 1 (uncompressed bytes / held bytes), got {self.ratio}")
         if self.budget is not None and not self.budget >= 1:
             raise ConfigError(f"budget must be >= 1 token per layer and head, got {self.budget}")
+        if not self.evict_every >= 1 or (self.evict_every > 1 and self.budget is None):
+            raise ConfigError(f"evict_every must be an integer >= 1 and above 1 only with a budget (it bounds the "
+                              f"cache by budget + evict_every - 1); got {self.evict_every} with ratio={self.ratio}")
 
     def capacity(self, n_tokens: int) -> int:
         """Tokens a layer may hold per head, fixed once the ``n_tokens`` of the prompt are in.
@@ -79,7 +86,7 @@ class Compression:
     def label(self) -> str:
         """Directory-safe name of the setting: ``ratio-4`` or ``budget-256``."""
         if self.budget is not None:
-            return f"budget-{self.budget}"
+            return f"budget-{self.budget}" + (f"_every-{self.evict_every}" if self.evict_every > 1 else "")
         return f"ratio-{self.ratio:g}"
 
 
@@ -170,6 +177,13 @@ class KVLayer(CacheLayerProtocol):
         self.seen = 0  # tokens ever written to this layer: the logical length of the sequence
         #: (batch, kv_heads, head_dim, dtype) of the model's keys: what the full cache holds per token
         self.kv_shape: tuple[int, int, int, torch.dtype] | None = None
+        #: tokens of the prompt, told by generation before the prefill (``KVCache.begin``): with a
+        #: chunked prefill the first step sees only the first chunk
+        self.prompt_tokens: int | None = None
+
+    def prompt_length(self) -> int:
+        """Tokens of the prompt: as told by generation, else what the layer has seen (its first step)."""
+        return self.seen if self.prompt_tokens is None else self.prompt_tokens
 
     def make_stores(self) -> dict[str, Store]:
         """The layer's stores, all aligned token by token (``keep`` and ``evict_one`` act on all)."""
@@ -259,8 +273,17 @@ class KVLayer(CacheLayerProtocol):
 
     def bytes_full(self) -> int:
         """Bytes the uncompressed cache would hold for the same sequence."""
+        return self.full_tokens() * self.token_bytes()
+
+    def token_bytes(self) -> int:
+        """Bytes of one uncompressed token (its key and value for every batch row and KV head)."""
         b, h, d, dtype = self.kv_shape
-        return 2 * b * h * self.full_tokens() * d * dtype.itemsize
+        return 2 * b * h * d * dtype.itemsize
+
+    def capacity_bytes(self, capacity: int) -> int:
+        """Most bytes the layer holds between steps when it holds at most ``capacity`` in its
+        method's ``budget_unit``: what a capacity of that many tokens costs in its stores."""
+        return capacity * self.token_bytes()
 
     # -- snapshots ----------------------------------------------------------------------------------
     def snapshot(self) -> LayerState:
@@ -278,8 +301,9 @@ class KVLayer(CacheLayerProtocol):
 class EvictionLayer(KVLayer):
     """Base for methods that keep a subset of tokens: computes the capacity once the prompt is in.
 
-    ``capacity`` is fixed at the end of the first prefill step from the prompt length and then kept
-    for the rest of the sample, so decode-time evictions hold the cache at the same size.
+    ``capacity`` is fixed at the end of the first prefill step from the prompt length (the whole
+    prompt's, also when it is prefilled in chunks) and then kept for the rest of the sample, so
+    decode-time evictions hold the cache at the same size.
     """
 
     def __init__(self, method: "Method", layer_idx: int):
@@ -288,14 +312,21 @@ class EvictionLayer(KVLayer):
 
     def end_step(self, phase: Phase) -> None:
         if self.capacity is None:
-            self.capacity = self.method.compression.capacity(self.seen)
+            self.capacity = self.method.compression.capacity(self.prompt_length())
         super().end_step(phase)
 
 
 class ScoreKeepLayer(EvictionLayer):
-    """Eviction by score: once the cache holds more than its capacity, it keeps the ``capacity``
-    tokens with the highest :meth:`score` (the lowest with ``keep_highest = False``). A method writes
-    ``score`` and, if its choice is not a plain top-k, :meth:`choose`."""
+    """Eviction by score: once the cache holds more than its capacity, it keeps the
+    :meth:`kept_tokens` (the capacity) tokens with the highest :meth:`score` (the lowest with
+    ``keep_highest = False``). A method writes ``score`` and, if its choice is not a plain top-k,
+    :meth:`choose`.
+
+    Budget mode holds the budget in every phase: a method that compresses only in some phases
+    (SnapKV: the prefill) re-scores the held tokens and keeps ``kept_tokens()`` again after a step of
+    another phase (an appended question, a decoding step) once the layer holds ``evict_every`` tokens
+    more than that, so between steps it holds at most ``budget + evict_every - 1``. In ratio mode
+    only the declared phases compress."""
 
     keep_highest: ClassVar[bool] = True
 
@@ -303,13 +334,28 @@ class ScoreKeepLayer(EvictionLayer):
         """A score (batch, kv_heads or 1, n) for every held token: 1 head = the same tokens for all heads."""
         raise NotImplementedError
 
+    def kept_tokens(self) -> int:
+        """Tokens this layer keeps when it compresses: the capacity (PyramidKV: its layer's share)."""
+        return self.capacity
+
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Indices (batch, heads or 1, k) of the tokens to keep."""
-        return scores.topk(self.capacity, dim=-1, largest=self.keep_highest).indices
+        return scores.topk(self.kept_tokens(), dim=-1, largest=self.keep_highest).indices
+
+    def end_step(self, phase: Phase) -> None:
+        super().end_step(phase)
+        compression = self.method.compression
+        if (phase not in self.method.phases and compression.budget is not None
+                and self.get_seq_length() >= self.kept_tokens() + compression.evict_every):
+            self.evict()
 
     def compress(self, phase: Phase) -> None:
         if self.get_seq_length() <= self.capacity:
             return
+        self.evict()
+
+    def evict(self) -> None:
+        """Keep the tokens :meth:`choose` picks by :meth:`score`."""
         # scores may be on another device (random's CPU generator) or shared by all heads (TOVA)
         idx = self.choose(self.score()).to(self.keys.device)
         self.keep(idx.expand(*self.keys.shape[:2], -1))
@@ -351,6 +397,13 @@ class Method:
     #: matrix checks decoding against a reference forward masked to the kept tokens. A
     #: ``lossy_note`` implies it.
     approximation_note: ClassVar[str | None] = None
+    #: what ``budget`` counts, per layer and KV head (the capacity table of the docs); methods whose
+    #: memory is not a number of tokens say what it is instead (bytes, token-equivalents)
+    budget_unit: ClassVar[str] = "tokens"
+    #: whether every layer holds the bound (False: the mean over layers does, PyramidKV's shares)
+    budget_per_layer: ClassVar[bool] = True
+    #: why the method takes no budget (a ConfigError when given one); None: it holds one
+    budget_refusal: ClassVar[str | None] = None
 
     def __init__(self, params: Any, compression: Compression | None, seed: int = 0):
         self.params = params
@@ -378,6 +431,26 @@ class Method:
     @classmethod
     def check_params(cls, params: Any) -> None:
         """Checks that involve several parameters (``ConfigError``); bounds of one are declared."""
+
+    @classmethod
+    def rescores_for_budget(cls) -> bool:
+        """Whether budget mode adds a decode-time policy to a method that compresses only its prompt
+        (:class:`ScoreKeepLayer`: re-score and evict every ``evict_every`` steps)."""
+        return issubclass(cls.layer, ScoreKeepLayer) and "decode" not in cls.phases
+
+    @classmethod
+    def budget_bounds(cls) -> tuple[str, str]:
+        """The most the cache holds in budget mode, in ``budget_unit`` per layer and KV head, after a
+        prefill step and after a decoding step, in words: the capacity table of the docs
+        (``kvbench.methods.capacity_table``). :meth:`held_bound` gives the same as numbers."""
+        return "budget", "budget + evict_every - 1" if cls.rescores_for_budget() else "budget"
+
+    def held_bound(self, phase: Phase) -> int:
+        """The most a layer holds between steps of ``phase`` in budget mode (see :meth:`budget_bounds`)."""
+        budget = self.compression.budget
+        if phase != "prefill" and self.rescores_for_budget():
+            return budget + self.compression.evict_every - 1
+        return budget
 
     def describe(self) -> dict[str, Any]:
         """What determines the method's results, as recorded with them."""

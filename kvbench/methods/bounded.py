@@ -110,6 +110,10 @@ class BoundedLayer(EvictionLayer):
             held[:, :, end:end + window] = held[:, :, n - window:].clone()
             store.truncate(end + window)
 
+    def capacity_bytes(self, capacity: int) -> int:
+        b, h = self.kv_shape[:2]
+        return super().capacity_bytes(capacity) + capacity * b * h * 4  # + the int32 merge counts
+
 
 @register
 class Bounded(Method):
@@ -119,6 +123,7 @@ class Bounded(Method):
     Params = BoundedParams
     layer = BoundedLayer
     phases = ("prefill", "append", "decode")
+    budget_unit = "tokens (each with an int32 merge count)"
     approximation_note = (
         "Once full, tokens leaving the window are merged into the most similar slot: held entries are "
         "count-weighted averages of several tokens, not original tokens."

@@ -8,7 +8,7 @@ from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import Method, Phase, ScoreKeepLayer
 from kvbench.params import param
-from kvbench.methods.scores import attention_probs, last_queries, pool, top_and_recent
+from kvbench.methods.scores import attention_probs, last_queries, pool, recent_queries, top_and_recent
 
 
 @dataclass
@@ -89,8 +89,10 @@ class CakeLayer(ScoreKeepLayer):
 
     def observe(self, query, keys, scaling):
         window = self.method.params.window
+        # the observation window spans steps (a prefill in chunks shorter than the window); the
+        # eviction after the prefill uses the step's own queries, as the authors' decoding step does
+        self.window_query = recent_queries(self.window_query, query, window)
         self.query, self.scaling = last_queries(query, window), scaling
-        self.window_query = self.query
         self.preference = self.indicator = None
 
     def statistics(self) -> float:
@@ -170,6 +172,9 @@ class Cake(Method):
       of every layer (the authors' code requires a cache larger than the window);
     * ``tau1``, ``tau2`` default to 1 (the authors' code default; they tune them per model and budget).
 
+    Budget mode: the budget is the mean capacity, so it bounds the total over layers (hence the
+    memory), not each layer. A chunked prefill (``prefill_chunk``) shares the budget out after every
+    chunk, with each layer's last ``window`` queries (across chunks) and the tokens it holds then.
     Depth counts only the compressed layers (not Gemma 3's sliding-window ones). The prefill forward only records the preference and the indicator, so it is
     shared between ratios.
     """

@@ -52,7 +52,7 @@ class ChunkKVLayer(ScoreKeepLayer):
         if scores.shape[-1] < n:  # the base's always-kept window: the best score of any head (kvpress)
             top = scores.amax(dim=(1, 2), keepdim=True)
             scores = torch.cat([scores, top.expand(*scores.shape[:2], n - scores.shape[-1])], dim=-1)
-        return chunk_choice(scores.sum(dim=1), self.chunk_length, self.capacity)[:, None]
+        return chunk_choice(scores.sum(dim=1), self.chunk_length, self.kept_tokens())[:, None]
 
 
 @register
@@ -87,11 +87,14 @@ class ChunkKV(Method):
       chooses its own;
     * a prompt shorter than one chunk is chunked like any other (kvpress hands it to the base).
 
-    Only the base's scores are used, not its own choice of tokens; its per-layer budgets are used where
-    the base sets them before choosing (CAKE's), not PyramidKV's (kvpress's ChunkKV over PyramidKV
-    also keeps the same number in every layer). The paper's layer-wise index reuse (later layers reuse an earlier layer's kept indices, a
+    Only the base's scores are used, not its own choice of tokens; its per-layer budgets are kept
+    (PyramidKV's and CAKE's shares; kvpress's ChunkKV over PyramidKV keeps the same number in every
+    layer). The paper's layer-wise index reuse (later layers reuse an earlier layer's kept indices, a
     speed optimisation that changes results) is not implemented, as in kvpress. Compresses the prefill
-    only, whatever the base does during decoding.
+    only, whatever the base does during decoding. Budget mode (a hard capacity): after an appended
+    question or a decoding step, once a layer holds ``evict_every`` tokens more than its budget, the
+    base scores the held tokens again and the same chunk rule keeps the budget; so it holds at most
+    ``budget + evict_every - 1`` tokens. A chunked prefill applies the rule after every chunk.
     """
 
     name = "chunkkv"
@@ -114,6 +117,8 @@ class ChunkKV(Method):
         self.base.layer = type(f"ChunkKV{base_layer.__name__}", (ChunkKVLayer, base_layer),
                                {"chunk_length": params.chunk_length})
         self.base.phases = self.phases
+        # a base with per-layer shares (PyramidKV, CAKE) bounds the mean over layers in budget mode
+        self.budget_per_layer = self.base.budget_per_layer
 
     def setup(self, model) -> None:
         super().setup(model)

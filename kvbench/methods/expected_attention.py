@@ -144,8 +144,11 @@ class ExpectedAttention(Method):
     logit ``s mu.k + s^2 k' S k / 2`` (``s`` = the attention scaling), averaged over the query heads of
     the KV head's group, times the value's norm; the ``n_sink`` first tokens get the largest score, so
     they are kept. Defaults are kvpress's (512 future positions, 4 sinks, covariance and value norms
-    on, epsilon 0). Compresses the prefill, as kvpress; appended and decoded tokens are added
-    uncompressed.
+    on, epsilon 0). Compresses the prefill, as kvpress; in ratio mode appended and decoded tokens are
+    added uncompressed. Budget mode (a hard capacity): after an appended question or a decoding step,
+    once the cache holds ``evict_every`` tokens more than the budget, the held tokens are scored again
+    with the prompt's statistics and RoPE averaged over the positions after the current one; so it
+    holds at most ``budget + evict_every - 1`` tokens.
 
     How the queries are obtained: kvpress recomputes them from the layer's hidden states with the
     query projection (and Qwen 3's / Gemma 3's query norm); kvbench sees the step's queries after RoPE

@@ -22,23 +22,32 @@ At an event, with ``Q_w`` the last ``w`` post-RoPE queries of the layer (a small
 
 Choices and differences (documented, all small):
 
-- kvbench is use-then-compress: the step that triggers an event attends over the uncompressed cache
-  and the compressed one serves later steps. The authors compress inside the forward of steps
-  0, D, 2D, ... (before attention); here the event follows steps 0 (the prefill), D, 2D, ... . The
-  cache sizes between steps are the same.
+- Use, then compress, as in the authors' code: their attention module compresses after
+  ``cache.update`` but attends with the key and value states that ``update`` returned (the
+  uncompressed cache) and stores the compressed ones for later steps. Here the event runs in
+  ``end_step`` after steps 0 (the prefill), D, 2D, ...: the same attention and the same cache sizes.
 - ``softmax`` uses the model's own attention scaling (``1/sqrt(head_dim)`` for Llama-style models,
   which is the authors' choice), so models with another query scale are scored as they attend.
-- The authors compress when the cache holds ``>= budget`` tokens (re-scoring a full cache); the
-  methods reference says "longer than the budget": a cache of exactly ``budget`` tokens is left alone.
+- The authors' ``ScoreBasedKV.update_kv`` (microsoft/G-KV at 345e290) returns early only when
+  ``kv_cache_len < budget``, so it re-scores a cache of exactly ``budget`` tokens; the methods
+  reference says "longer than the budget": here a cache of exactly ``budget`` tokens is left alone
+  (its size is the same either way).
 - Redundancy follows R-KV's reference implementation (``cal_similarity_raw``: per key, zero the
   similarity to its *last* near-duplicate, mean over the n rows, softmax), computed in blocks so
-  the n x n matrix is never held (:func:`redundancy`). Two quirks are not copied: a key with no
-  near-duplicate does not zero its similarity to token 0 (R-KV's ``max`` of all-zero indices), and
-  the authors' Triton kernel's per-64-column-block duplicate search is replaced by the per-row one
-  it approximates.
-- An appended question (phase ``append``, ``compress: context``) is added uncompressed, as the phase
-  promises, and is not a generated token: the cache then holds up to ``budget + question +
-  divide_length - 1`` tokens until the first decoding event.
+  the n x n matrix is never held (:func:`redundancy`). A quirk is not copied: a key with no
+  near-duplicate does not zero its similarity to token 0 (R-KV's ``max`` of all-zero indices). The
+  authors' default Triton kernel (``cal_similarity_triton``, 345e290) is not followed where it
+  departs from that definition: it zeroes a row's latest near-duplicate within every 64-column block
+  (not once per row), skipping columns already zeroed for rows it processed before (it walks row
+  blocks from the newest).
+- An appended question (phase ``append``, ``compress: context``) is not a generated token. In ratio
+  mode it is added uncompressed, as the phase promises: the cache then holds up to ``budget +
+  question + divide_length - 1`` tokens until the first decoding event. In budget mode an event also
+  follows the appended question when the cache exceeds the budget, so the bound below holds.
+- Bound in budget mode: ``budget`` after the prefill (and after every chunk of a chunked prefill:
+  ``prefill_chunk``, events after each chunk, scored by the last ``w`` queries seen) and after an
+  appended question; ``budget + divide_length - 1`` after a decoding step (``divide_length=1``
+  makes the budget a hard capacity).
 - A budget not above the window (short prompts at high ratios) shrinks the window to the budget
   (the last ``budget`` tokens are kept); the authors assert ``budget > window``.
 - The RL / distillation fine-tuning of the paper is out of scope (training-free benchmark).
@@ -53,7 +62,7 @@ import torch
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
 from kvbench.params import param
-from kvbench.methods.scores import attention_probs, last_queries, top_and_recent
+from kvbench.methods.scores import attention_probs, recent_queries, top_and_recent
 from kvbench.storage import gather_tokens
 
 #: rows and columns of the key-similarity matrix computed at a time in :func:`redundancy`: bounds
@@ -140,16 +149,19 @@ class GKVLayer(KVLayer):
         self.budget: int | None = None  # tokens per head after an event, fixed once the prompt is in
 
     def observe(self, query, keys, scaling):
-        w = self.method.params.window
-        if self.queries is not None and query.shape[2] < w:
-            query = torch.cat([self.queries, query], dim=2)
-        self.queries, self.scaling = last_queries(query, w), scaling
+        self.queries, self.scaling = recent_queries(self.queries, query, self.method.params.window), scaling
+
+    def end_step(self, phase: Phase) -> None:
+        super().end_step(phase)
+        # "append" is not among the phases: the question is no generated token. Budget mode still
+        # cuts it back to the budget, which bounds the cache in every phase.
+        if (phase == "append" and self.method.compression.budget is not None
+                and self.get_seq_length() > self.budget):
+            self.evict()
 
     def compress(self, phase: Phase) -> None:
-        # not called after an appended question ("append" is not among the phases): it stays
-        # uncompressed and is no generated token
         if self.budget is None:
-            self.budget = self.method.compression.capacity(self.seen)
+            self.budget = self.method.compression.capacity(self.prompt_length())
         if phase == "decode":
             self.generated += 1
         if self.generated % self.method.params.divide_length == 0 and self.get_seq_length() > self.budget:
@@ -189,6 +201,14 @@ class GKV(Method):
     Params = GKVParams
     layer = GKVLayer
     phases = ("prefill", "decode")
+
+    @classmethod
+    def budget_bounds(cls):
+        return "budget", "budget + divide_length - 1"
+
+    def held_bound(self, phase):
+        budget = self.compression.budget
+        return budget + self.params.divide_length - 1 if phase == "decode" else budget
     ratio_note = ("the capacity (round(n / ratio), or the budget) is what the cache holds right after a "
                   "compression event; events happen after the prefill and every divide_length generated "
                   "tokens, so during decoding the cache swings between budget and budget + divide_length - 1 "

@@ -61,7 +61,9 @@ class H2O(Method):
     never holds more than the capacity between steps. Scores of kept tokens carry over. The sums and
     the step's exact attention output come from the same probabilities, computed in query chunks
     (``scores.attention_with_received``), never as an n x n matrix. The prefill's attention and
-    score sums do not depend on the capacity, so the prefill is shared between ratios.
+    score sums do not depend on the capacity, so the prefill is shared between ratios. With a chunked
+    prefill (``prefill_chunk``) each chunk's queries add their attention to the tokens held then, and
+    the cache is cut back to the capacity after every chunk, as after a decoding step.
     """
 
     name = "h2o"

@@ -23,7 +23,10 @@ class KeyDiff(Method):
     has similarity 0 (``F.cosine_similarity``'s epsilon). Compresses the prefill once, over the whole
     prompt, as kvpress does by default: the paper processes the prompt block by block, evicting after
     each block (kvpress's ``BlockPress`` around ``KeyDiffPress``), which kvbench does not offer.
-    Appended and decoded tokens are added uncompressed. No parameters; the prefill is shared between
+    In ratio mode appended and decoded tokens are added uncompressed. Budget mode (a hard capacity):
+    after an appended question or a decoding step, once the cache holds ``evict_every`` tokens more
+    than the budget, the held keys are scored against their own anchor again and the budget kept; so it
+    holds at most ``budget + evict_every - 1`` tokens. No parameters; the prefill is shared between
     ratios.
     """
 

@@ -24,12 +24,20 @@ Choices where the source leaves a gap:
 * Scores are computed in float32 (the source uses the cache dtype); this only removes rounding ties.
 * Kept tokens are re-sorted by position (the source keeps them in score order; with RoPE already
   applied to cached keys the order does not change attention).
-* Budget mode (the paper is ratio-only): at the end of the first prefill step the budget ``B`` is turned
-  into the number ``k`` kept per partition, the largest ``k <= L`` for which the compressed prompt
-  ``S + k (P - 1) + L + rem`` fits ``B`` (0 if even the sink and window alone exceed ``B``). A prompt
-  too short to compress (``P < 2``) gets ``k = floor(L * B / n)``, the rate of the ratio ``n / B``.
-  ``k`` is then fixed, so the cache keeps growing by ``k`` tokens per ``L`` during decoding, as LagKV
-  does in ratio mode: the budget bounds the compressed prompt, not the generation.
+* Budget mode (the paper is ratio-only) is a hard capacity: the cache holds at most ``B`` tokens after
+  every step. The budget ``B`` is turned into the number ``k`` kept per partition, the largest
+  ``k <= L`` for which the compressed prompt ``S + k (P - 1) + L + rem`` fits ``B`` (``k = L`` for a
+  prompt too short to compress, ``P < 2``, which a feasible budget holds whole). ``k`` is then fixed; as the recursion keeps ``k`` more tokens per ``L`` generated, whenever the cache
+  exceeds ``B`` the lowest-scoring compressed tokens (``[S, base)``, by the score that selected
+  them) leave. The sink and the uncompressed window (up to ``2L - 1`` tokens) are never evicted, so
+  a budget below ``S + 2L - 1`` cannot be held: it is a ConfigError naming that smallest feasible
+  budget, raised when the method is built.
+
+Chunked prefill (``prefill_chunk=N``) is the authors' second mode, ``inference_by_prefill_compress``
+in their README: the prompt is fed in chunks and the cache compresses after each (use, then compress),
+so the prefill never holds the whole prompt. The authors feed ``S + 2L`` tokens first and then ``L``
+at a time; kvbench feeds ``N`` at a time from the start (``N = L`` is the closest), and the recursion
+compresses whenever ``n >= base + 2L`` after a chunk.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
 from kvbench.params import param
+from kvbench.storage import DenseStore
 
 
 @dataclass
@@ -86,9 +96,39 @@ class LagKVLayer(KVLayer):
         #: tokens kept per compressed partition, fixed at the end of the first prefill step
         self.keep_per_partition: int | None = None
 
+    def make_stores(self):
+        stores = super().make_stores()
+        if self.method.compression.budget is not None:
+            # the score that kept each compressed token (what budget mode evicts by); 0 elsewhere
+            stores["scores"] = DenseStore(bookkeeping=True)
+        return stores
+
+    def append(self, key_states, value_states) -> None:
+        super().append(key_states, value_states)
+        if "scores" in self.stores:
+            self.stores["scores"].append(key_states.new_zeros(key_states.shape[:3], dtype=torch.float32))
+
     def compress(self, phase: Phase) -> None:
         if self.keep_per_partition is None:
-            self.keep_per_partition = self.method.keep_per_partition(self.seen)
+            self.keep_per_partition = self.method.keep_per_partition(self.prompt_length())
+        self.compress_partitions()
+        budget = self.method.compression.budget
+        if budget is not None and self.get_seq_length() > budget:
+            self.evict_compressed(self.get_seq_length() - budget)
+
+    def evict_compressed(self, count: int) -> None:
+        """Drop the ``count`` lowest-scoring compressed tokens (``[S, base)``: the method's
+        feasibility check guarantees that many exist)."""
+        sink, n = self.method.params.sink_tokens, self.get_seq_length()
+        scores = self.stores["scores"].tensor[:, :, sink:self.base]
+        kept = scores.topk(self.base - sink - count, dim=-1).indices + sink
+        shape, device = self.keys.shape[:2], self.keys.device
+        self.keep(torch.cat([torch.arange(sink, device=device).expand(*shape, -1), kept,
+                             torch.arange(self.base, n, device=device).expand(*shape, -1)], dim=-1))
+        self.base -= count
+
+    def compress_partitions(self) -> None:
+        """LagKV's rule: compress every full partition that has a lag partition after it."""
         params = self.method.params
         lag, n = params.lag_size, self.get_seq_length()
         if n < self.base + 2 * lag:
@@ -97,7 +137,8 @@ class LagKVLayer(KVLayer):
         end = self.base + parts * lag
         scores = lag_relative_scores(self.keys[:, :, self.base:end], lag)
         scores = scores + params.score_v_ratio * lag_relative_scores(self.values[:, :, self.base:end], lag)
-        top = scores.topk(self.keep_per_partition, dim=-1).indices  # (batch, heads, P-1, k)
+        # (batch, heads, P-1, k), in position order (keep() sorts anyway)
+        top = scores.topk(self.keep_per_partition, dim=-1).indices.sort(dim=-1).values
         device = self.keys.device
         starts = self.base + lag * torch.arange(parts - 1, device=device)
         shape = self.keys.shape[:2]
@@ -107,6 +148,9 @@ class LagKVLayer(KVLayer):
             torch.arange(end - lag, n, device=device).expand(*shape, -1),
         ], dim=-1)
         self.keep(idx)
+        if "scores" in self.stores:  # the kept tokens now follow base, in position order like `top`
+            kept_scores = scores.gather(-1, top).flatten(-2)
+            self.stores["scores"].tensor[:, :, self.base:self.base + kept_scores.shape[-1]] = kept_scores
         self.base += (parts - 1) * self.keep_per_partition
 
 
@@ -123,17 +167,31 @@ class LagKV(Method):
         "than S + 2L is not compressed at all, and a longer one holds S + k(floor((n-S)/L) - 1) + L + "
         "(n-S) mod L tokens with k = int(L/ratio) per partition, so the measured ratio is below the "
         "nominal one. In budget mode k is derived from the prompt so that the compressed prompt fits the "
-        "budget where the sink and window allow; the cache then grows by k tokens per L during decoding."
+        "budget, and the lowest-scoring compressed tokens leave whenever the cache exceeds it."
     )
+
+    @classmethod
+    def budget_bounds(cls):
+        return "budget (which must be >= sink_tokens + 2 x lag_size - 1)", "budget"
+
+    def __init__(self, params: LagKVParams, compression, seed: int = 0):
+        super().__init__(params, compression, seed)
+        if compression is not None and compression.budget is not None:
+            smallest = params.sink_tokens + 2 * params.lag_size - 1
+            if compression.budget < smallest:
+                raise ConfigError(
+                    f"lagkv cannot hold budget {compression.budget}: it never evicts its {params.sink_tokens} sink "
+                    f"tokens nor its uncompressed window (up to 2 x lag_size - 1 = {2 * params.lag_size - 1} "
+                    f"tokens), so the smallest feasible budget is sink_tokens + 2 x lag_size - 1 = {smallest}; "
+                    "give a larger budget or a smaller lag_size")
 
     def keep_per_partition(self, n_prompt: int) -> int:
         """Tokens kept per compressed partition (``int(r * L)`` with ``r = 1 / ratio``)."""
         sink, lag = self.params.sink_tokens, self.params.lag_size
         if self.compression.ratio is not None:
             return int(lag / self.compression.ratio)
-        budget = self.compression.budget
         parts = (n_prompt - sink) // lag if n_prompt >= sink else 0
-        if parts >= 2:
-            fixed = sink + lag + (n_prompt - sink) % lag  # sink + window: never compressed
-            return max(0, min(lag, (budget - fixed) // (parts - 1)))
-        return min(lag, lag * budget // max(1, n_prompt))
+        if parts < 2:  # nothing to compress yet, and a feasible budget holds such a prompt whole
+            return lag
+        fixed = sink + lag + (n_prompt - sink) % lag  # sink + window: never compressed, <= budget
+        return min(lag, (self.compression.budget - fixed) // (parts - 1))

@@ -14,6 +14,12 @@ Differs from the authors' LagKV (``lagkv``) in how the scores select tokens:
   the sinks plus the most recent tokens (StreamingLLM);
 * defaults sink 4, lag 128 (kvpress's ``n_sink``, ``lag_size``).
 
+Budget mode (a hard capacity, not in kvpress): after an appended question or a decoding step, once
+the cache holds ``evict_every`` tokens more than the budget (every step by default), the held tokens
+are scored again by the same rule, as if they were a prompt (sinks, partitions and window of the held
+sequence), and the top budget stay; so it holds at most ``budget + evict_every - 1`` tokens. A
+chunked prefill applies the rule after every chunk, to the tokens held then.
+
 kvbench's capacity is ``round(n / ratio)`` (kvpress: ``int(n * (1 - compression_ratio))``), the same
 for every method. Ties (equal scores: forced tokens when the capacity is below sink + window, equal
 ranks of different partitions) go to the earlier position (stable sort) so runs are deterministic;

@@ -19,7 +19,9 @@ No official code; this follows the methods reference (``shared/reference/methods
   with ``q / b`` over the stored ``k * b`` (``(q / b) . (k b) = q . k``), but exact SDPA, the mask and
   the attention scores all work unchanged. Keys stored in fp16 need no balancer and are stored as
   they are; values never get one. ``b`` is kept in fp32 and counted in ``bytes_held`` (``d`` floats
-  per layer, head and batch row: negligible). ``balancer: false`` turns it off.
+  per layer, head and batch row: negligible). ``balancer: false`` turns it off. With a chunked
+  prefill (``prefill_chunk``) the balancer comes from the first chunk's queries and keys, and each
+  chunk is then scored and demoted like a step of decoding.
 - Decoding (and an appended question): every new token enters the important set; while it holds more
   than ``C`` tokens the lowest-scoring important token outside the recent ``recent_fraction * C``
   positions is demoted to low precision. Tokens are never promoted back. A token demoted from int8 /
@@ -42,8 +44,12 @@ How ``C`` follows from the compression setting (``ratio_mode``):
   ``16 / b_lo`` (unreachable for every ``g``) are rejected when it is built and the exact range is
   checked by ``setup`` once the model is loaded. E.g. fp16 / int2: at most 4x for head_dim 32,
   5.33x for 64, 6.4x for 128 - never 8x.
-- A budget (either mode) is ``C`` itself: a fixed number of high-precision tokens per layer and head,
-  all later tokens going to low precision as they age out of it.
+- A budget (either mode) is a hard capacity in bytes: per layer and KV head, MiKV holds at most
+  ``budget`` 16-bit tokens' worth (``budget x 4 x head_dim`` bytes: a key and a value in fp16),
+  key balancer included, after every step. ``C`` is then the most important tokens that fit with
+  every other held token in low precision (it shrinks as the sequence grows); once even the
+  low-precision tokens alone exceed the budget, the oldest of them are evicted (MiKV itself never
+  evicts; its paper has no capacity mode: this is kvbench's choice for one).
 
 Bytes: high-precision "fp16" tokens really are fp16 whatever the model dtype, so the nominal ratio is
 against a 16-bit cache while the measured one is against what the full cache holds in the model's
@@ -179,7 +185,8 @@ class MiKVLayer(KVLayer):
         # every new token enters the important set ...
         cand_pos = _cat(self.hi_positions, self.new_positions)
         cand_scores = _cat(self.hi_scores, new_scores)
-        limit = self.method.important_tokens(self.seen, self.group)
+        low_held = 0 if self.lo_positions is None else self.lo_positions.shape[-1]
+        limit = self.method.important_tokens(self.seen, self.group, self.kv_shape[2], low_held + cand_pos.shape[-1])
         keep = None
         if cand_pos.shape[-1] > limit:
             # ... and the lowest-scoring non-recent ones go to low precision, demoted from float: the new
@@ -202,6 +209,17 @@ class MiKVLayer(KVLayer):
             self.stores[pending].clear()
         self.hi_positions, self.hi_scores = cand_pos, cand_scores
         self.new_scores = None
+        if self.method.compression.budget is not None:
+            self.hold_low_room(self.method.low_room(self.kv_shape[2], self.group))
+
+    def hold_low_room(self, room: int) -> None:
+        """Budget mode: keep at most ``room`` low-precision tokens, the most recent (by position)."""
+        if self.lo_positions is None or self.lo_positions.shape[-1] <= room:
+            return
+        keep = self.lo_positions.topk(room, dim=-1).indices.sort(dim=-1).values
+        for key in ("k", "v"):
+            self.stores[f"lo_{key}"].keep(keep)
+        self.lo_positions = self.lo_positions.gather(-1, keep)
 
     # -- what is held -------------------------------------------------------------------------------
     def important_held(self) -> torch.Tensor:
@@ -211,6 +229,11 @@ class MiKVLayer(KVLayer):
 
     def state_bytes(self) -> int:
         return 0 if self.balance is None else self.balance.numel() * self.balance.element_size()
+
+    def capacity_bytes(self, capacity: int) -> int:
+        # budget_unit: a 16-bit token's key and value per KV head, whatever the model's dtype
+        b, h, d, _ = self.kv_shape
+        return capacity * b * h * MiKV.budget_token_bytes(d)
 
 
 @register
@@ -222,6 +245,7 @@ class MiKV(Method):
     Params = MiKVParams
     layer = MiKVLayer
     phases = ("prefill", "append", "decode")
+    budget_unit = "bytes of a 16-bit token (key + value, 4 x head_dim bytes per KV head)"
     ratio_note = ("nothing is evicted: every token is held, important ones in fp16 (or int8/int4), the rest "
                   "quantised with fp16 scales and zeros. ratio_mode 'tokens' (default): the ratio sets the "
                   "important fraction (1 / ratio), so the memory ratio is far below nominal; ratio_mode "
@@ -288,11 +312,32 @@ class MiKV(Method):
             self.memory_rho(group)  # the exact range, now that the head size is known
         return group
 
-    def important_tokens(self, n: int, group: int) -> int:
-        """C: high-precision tokens per layer and head once the sequence has ``n`` tokens."""
+    @staticmethod
+    def budget_token_bytes(head_dim: int) -> int:
+        """Bytes of the budget's unit per KV head: one token's key and value in 16 bits."""
+        return 2 * 2 * head_dim
+
+    def token_bytes(self, bits: int, head_dim: int, group: int) -> float:
+        """Bytes one token's key and value take per KV head at ``bits`` (codes, fp16 scales and zeros)."""
+        return 2 * head_dim * self.bits_per_element(bits, group) / 8
+
+    def room(self, head_dim: int) -> float:
+        """Budget mode: bytes per KV head for the tokens, the key balancer's fp32 channels set aside."""
+        balancer = 4 * head_dim if self.params.balancer else 0
+        return self.compression.budget * self.budget_token_bytes(head_dim) - balancer
+
+    def low_room(self, head_dim: int, group: int) -> int:
+        """Budget mode: the most low-precision tokens that fit the budget (with no important one)."""
+        return max(0, int(self.room(head_dim) // self.token_bytes(self.params.low_bits, head_dim, group)))
+
+    def important_tokens(self, n: int, group: int, head_dim: int, held: int) -> int:
+        """C: high-precision tokens per layer and head once the sequence has ``n`` tokens, of which
+        the layer holds ``held`` (budget mode: the most that fit the budget's bytes with the others
+        in low precision)."""
         c = self.compression
         if c.budget is not None:
-            return c.budget
+            hi, lo = (self.token_bytes(bits, head_dim, group) for bits in (self.params.high_bits, self.params.low_bits))
+            return int(min(held, max(0, (self.room(head_dim) - held * lo) // (hi - lo))))
         if self.params.ratio_mode == "tokens":
             return round(n / c.ratio)
         return round(self.memory_rho(group) * n)

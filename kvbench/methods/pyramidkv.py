@@ -57,9 +57,17 @@ class PyramidKV(Method):
     compresses (Gemma 3's sliding-window layers are not among them). As in the reference code, a
     prompt no longer than the capacity is not compressed. Prefill only, like SnapKV; as there, the
     per-layer budgets first act in ``end_step``, so the prefill is shared between ratios.
+
+    Budget mode: the budget bounds the mean over layers (the total, hence the memory), not each
+    layer: shallow layers hold up to ``2 (budget - w) - lo + w`` tokens, deep ones fewer. After an
+    appended question or a decoding step, a layer holding ``evict_every`` tokens more than its share
+    re-scores as SnapKV does and keeps its share again (shares recomputed for the tokens seen), so the
+    mean over layers stays within ``budget + evict_every - 1``.
     """
 
     name = "pyramidkv"
     Params = PyramidKVParams
     layer = PyramidKVLayer
     phases = ("prefill",)
+    budget_unit = "tokens, mean over layers (per-layer shares fall with depth)"
+    budget_per_layer = False

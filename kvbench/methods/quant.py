@@ -58,7 +58,8 @@ class Quant(Method):
     Ratio: quantisation compresses by its bit width, not by dropping tokens, so the ratio selects the
     bit width as ``bits = 16 / ratio`` - ratio 2, 4, 8 = int8, int4, int2 - the usual convention of
     counting against a 16-bit cache. Other ratios, a ratio that contradicts an explicit ``bits``,
-    and a token budget are configuration errors raised when the method is built; a head size that
+    and a budget (:attr:`budget_refusal`: no capacity in tokens or bytes can hold a sequence that
+    only grows) are configuration errors raised when the method is built; a head size that
     ``group_size`` or the packing does not divide is one raised by ``setup``, once the model is loaded.
     """
 
@@ -70,6 +71,8 @@ class Quant(Method):
                   "is against the model's real cache dtype (about twice the nominal with an fp32 cache) "
                   "and counts the fp16 scale and zero of every group (which lower it)")
     lossy_note = "quantisation changes every key and value, even when nothing is evicted"
+    budget_refusal = ("it keeps every token at a fixed bit width, so its bytes grow with the sequence and no "
+                      "capacity can bound them without evicting, which is not this method")
 
     def __init__(self, params, compression, seed: int = 0):
         super().__init__(params, compression, seed)
@@ -78,8 +81,8 @@ class Quant(Method):
     @staticmethod
     def bits_for(params: QuantParams, compression) -> int:
         if compression is None or compression.budget is not None:
-            raise ConfigError("quant keeps every token, so a token budget means nothing to it: give "
-                              f"ratio = 16 / bits instead ({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
+            raise ConfigError(f"quant takes no budget: {Quant.budget_refusal}; give ratio = 16 / bits instead "
+                              f"({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
         achievable = {16 // b: b for b in BITS}
         if params.bits is not None and compression.ratio != 16 / params.bits:
             raise ConfigError(f"quant with bits={params.bits} compresses {16 / params.bits:g}x (16-bit / "

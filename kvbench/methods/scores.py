@@ -125,3 +125,11 @@ def last_queries(query: torch.Tensor, count: int) -> torch.Tensor:
     """A copy of the last ``count`` queries: a slice would keep the whole prefill query tensor alive
     until the layer's ``end_step``."""
     return query[:, :, -count:].clone()
+
+
+def recent_queries(previous: torch.Tensor | None, query: torch.Tensor, count: int) -> torch.Tensor:
+    """The last ``count`` queries of the sequence: the step's, preceded by the ``previous`` steps'
+    kept ones when the step has fewer (decoding steps, short prefill chunks)."""
+    if previous is not None and query.shape[2] < count:
+        query = torch.cat([previous, query], dim=2)
+    return last_queries(query, count)

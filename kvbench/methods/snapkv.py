@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from kvbench.methods import register
 from kvbench.methods.base import Method, ScoreKeepLayer
 from kvbench.params import param
-from kvbench.methods.scores import last_queries, top_and_recent, window_scores
+from kvbench.methods.scores import recent_queries, top_and_recent, window_scores
 
 
 @dataclass
@@ -23,12 +23,9 @@ class SnapKVLayer(ScoreKeepLayer):
         self.window_query, self.scaling = None, 1.0  # the last window of queries seen, and its scaling
 
     def observe(self, query, keys, scaling):
-        # only the observation window is needed, and only if this step turns out to be the prefill
-        self.window_query, self.scaling = last_queries(query, self.method.params.window), scaling
-
-    def kept_tokens(self) -> int:
-        """Tokens this layer keeps of the prompt (the same for every layer in SnapKV)."""
-        return self.capacity
+        # only the observation window is needed: the sequence's last `window` queries, across steps
+        # (prefill chunks, and decoding steps when budget mode re-scores)
+        self.window_query, self.scaling = recent_queries(self.window_query, query, self.method.params.window), scaling
 
     def window(self) -> int:
         """The observation window in use: a window longer than what is kept shrinks to it (short
@@ -52,9 +49,17 @@ class SnapKV(Method):
     attention it gets from those ``window`` queries (summed over them, mean over the query heads of a
     GQA group), smoothed by average pooling of width ``kernel``; the layer keeps the top
     ``capacity - window`` of them plus the window itself. Compresses the prefill only: an appended
-    question (``compress: context``) and decoded tokens are added uncompressed, so the cache grows by
-    one token per generated token after prefill. Prompts no longer than the capacity are untouched.
-    The prefill forward only records the observation window's queries, so it is shared between ratios.
+    question (``compress: context``) and decoded tokens are added uncompressed, so in ratio mode the
+    cache grows by one token per generated token after prefill. Prompts no longer than the capacity
+    are untouched. The prefill forward only records the observation window's queries, so it is shared
+    between ratios.
+
+    Budget mode (a hard capacity): after an appended question or a decoding step, once the cache holds
+    ``evict_every`` tokens more than the budget (every step by default), the same rule re-scores it
+    with the sequence's last ``window`` queries (kept across steps) and keeps the budget again; so it
+    holds at most ``budget + evict_every - 1`` tokens. A chunked prefill (``prefill_chunk``) scores
+    after each chunk with the last ``window`` queries seen so far (the chunk's own, preceded by the
+    previous chunk's when the chunk is shorter than the window).
     """
 
     name = "snapkv"

@@ -262,6 +262,12 @@ class SubGenLayer(EvictionLayer):
     def state_bytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in self._sketch())
 
+    def capacity_bytes(self, capacity: int) -> int:
+        # token-equivalents cost a token's bytes; the sketch's int32 counts and float32 mu and radius come on top
+        b, h = self.kv_shape[:2]
+        clusters = self.plan.clusters if self.plan is not None else 0
+        return super().capacity_bytes(capacity) + b * h * 4 * (clusters + 2)
+
 
 @register
 class SubGen(Method):
@@ -271,6 +277,7 @@ class SubGen(Method):
     Params = SubGenParams
     layer = SubGenLayer
     phases = ("prefill", "append", "decode")
+    budget_unit = "token-equivalents: exact tokens + sketch vectors / 2 (plus int32 counts, fp32 mu and radius)"
     approximation_note = (
         "Tokens outside the exact sink and recent window are attended through the sketch's estimate "
         "(clustered keys, sampled values), not exactly, once the sequence exceeds the capacity."

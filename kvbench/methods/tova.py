@@ -35,7 +35,8 @@ class TOVA(Method):
     as in the paper - are dropped. At the end of the prefill (and of an appended question) the last
     query's attention cuts the cache to the capacity in one go; each decoding step then drops the
     single lowest-scoring token (the new token itself included, as in the paper; kvpress forces it in).
-    The prefill forward only records the last query, so it is shared between ratios.
+    The prefill forward only records the last query, so it is shared between ratios. With a chunked
+    prefill (``prefill_chunk``) the last query of each chunk cuts the cache to the capacity after it.
     """
 
     name = "tova"

@@ -8,7 +8,9 @@ then every reference is looked for in it as a case-insensitive substring:
 - ``string_match_part`` (qa): per sample, 1 if any reference is found.
 
 The task score is the mean over samples x 100, rounded to 2 decimals, computed as RULER computes
-it (the sum over samples divided by their number, then x 100).
+it (the sum over samples divided by their number, then x 100). RULER's tables average the tasks'
+scores at each length, average those over lengths (plainly and weighted towards long or short
+lengths, :func:`weighted_average`), and give the effective length (:func:`effective_length`).
 """
 
 from __future__ import annotations
@@ -91,3 +93,27 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         refs.append(record["answers"])
     return {task: {"score": task_score(task, preds, refs), "n": len(preds)}
             for task, (preds, refs) in per_task.items()}
+
+
+#: RULER's threshold for the effective length: Llama-2-7B-chat's score at 4K
+EFFECTIVE_THRESHOLD = 85.6
+
+
+def weighted_average(scores: Mapping[int, float], increasing: bool) -> float:
+    """RULER's wAvg of per-length scores: weights 1, 2, ..., k over the lengths in ascending order
+    (``increasing``, "inc") or in descending order ("dec"), normalised to sum to 1."""
+    ordered = [scores[n] for n in sorted(scores)]
+    weights = range(1, len(ordered) + 1) if increasing else range(len(ordered), 0, -1)
+    return sum(w * v for w, v in zip(weights, ordered)) / sum(weights)
+
+
+def effective_length(scores: Mapping[int, float], threshold: float = EFFECTIVE_THRESHOLD) -> int | None:
+    """RULER's effective length of per-length scores: the longest length up to which every score
+    exceeds the threshold (strictly, as RULER's README marks the scores "exceeding" it); None when
+    the shortest length does not. RULER writes the first ">{longest}" and the second "<{shortest}"."""
+    best = None
+    for length in sorted(scores):
+        if not scores[length] > threshold:
+            break
+        best = length
+    return best

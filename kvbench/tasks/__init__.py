@@ -7,7 +7,7 @@ from typing import Any
 
 from kvbench.errors import ConfigError
 from kvbench.registry import Registry
-from kvbench.tasks.base import Sample, Task, TaskGroup
+from kvbench.tasks.base import ReportRun, Sample, Task, TaskGroup, TaskTable
 
 TASKS: Registry[type[Task]] = Registry("task kind", __name__, lambda cls: cls.kind)
 register = TASKS.register
@@ -32,4 +32,5 @@ def task_from_identity(description: dict[str, Any]) -> Task:
     return TASKS.get(description["kind"]).from_identity(description)
 
 
-__all__ = ["Sample", "Task", "TaskGroup", "build_task", "register", "registered", "task_from_identity"]
+__all__ = ["ReportRun", "Sample", "Task", "TaskGroup", "TaskTable", "build_task", "register", "registered",
+           "task_from_identity"]

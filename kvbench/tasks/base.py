@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from kvbench.errors import DataError
 from kvbench.params import param, parse_params
@@ -61,6 +61,26 @@ class TaskGroup:
         return f"{self.kind}: {self.name}"
 
 
+class ReportRun(NamedTuple):
+    """A complete run as a task kind's report tables (``Task.tables``) see it."""
+
+    #: the leaderboard's row and column labels: method (with non-default parameters) and setting
+    method: str
+    setting: str
+    #: the task's name (a suite's subtask: ``ruler/vt``)
+    task: str
+    #: the run's scores.json ``metrics`` (``Task.summarize``)
+    metrics: dict[str, Any]
+
+
+class TaskTable(NamedTuple):
+    """A table of a task kind's own in the report: a caption, column names and rows of cells."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+
+
 @dataclass
 class Sample:
     """One prompt. ``context + question`` is the prompt text before any chat template.
@@ -81,6 +101,10 @@ class Sample:
     stop_tokens: list[str] = field(default_factory=list)
     #: EOS and stop tokens are not allowed before this many new tokens
     min_new_tokens: int = 0
+    #: text fed after the generation stops, as if generated, before up to ``followup_new_tokens``
+    #: more tokens: a question asked after a long generation (``kvbench.generation.generate``)
+    followup: str = ""
+    followup_new_tokens: int = 0
     #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +148,17 @@ class Task:
         """Scores of one result record (``pred``, ``answers``, ``meta``), by metric name."""
         raise NotImplementedError
 
+    def score_record(self, record: SampleRecord) -> dict[str, float]:
+        """A record's scores: those of its prediction, or with n sampled completions, each
+        completion's (set on it) and their means per metric (pass@1 averaged over the n samples)."""
+        if not record.completions:
+            return self.score(record)
+        for c in record.completions:
+            c.scores = self.score(dataclasses.replace(record, pred=c.pred, new_tokens=c.new_tokens,
+                                                      stopped_by=c.stopped_by, completions=[]))
+        metrics = record.completions[0].scores
+        return {m: sum(c.scores[m] for c in record.completions) / len(record.completions) for m in metrics}
+
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
         """Task-level scores: the mean of every metric over records, x100, rounded to 2 places."""
         metrics = sorted({m for r in records for m in r.scores})
@@ -150,6 +185,12 @@ class Task:
 
     def figures(self, metrics: dict[str, Any], title: str) -> dict[str, "Figure"]:
         """This task's own figures of one run, from its scores.json ``metrics``, by name."""
+        return {}
+
+    @classmethod
+    def tables(cls, runs: list[ReportRun]) -> dict[str, TaskTable]:
+        """This task kind's own tables over one model's complete runs of it (in leaderboard order),
+        by title; the report adds them to the model's page (RULER: its per-length table)."""
         return {}
 
     @classmethod

@@ -41,7 +41,7 @@ from typing import Any, Callable, ClassVar
 
 from kvbench.errors import ConfigError, DataError
 from kvbench.params import param
-from kvbench.results import SampleRecord
+from kvbench.results import SampleRecord, generations
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
 from kvbench.tasks.base import (Sample, Task, compress_mode, files_fingerprint, location, read_jsonl, require_fields,
@@ -194,12 +194,14 @@ class MathTask(Task):
                 "boxed": float(last_boxed(pred) is not None)}
 
     def summarize(self, records: list[SampleRecord]) -> dict[str, Any]:
-        """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens."""
+        """Mean accuracy and boxed rate x100, plus the truncated percentage and mean new tokens (over
+        every generation: the n samples of each record when sampling)."""
         summary = super().summarize(records)
-        if records:
-            cut = sum(r.stopped_by == "max_new_tokens" for r in records)
-            summary["truncated"] = round(100 * cut / len(records), 2)
-            summary["mean_new_tokens"] = round(sum(r.new_tokens for r in records) / len(records), 2)
+        outputs = [g for r in records for g in generations(r)]
+        if outputs:
+            cut = sum(o.stopped_by == "max_new_tokens" for o in outputs)
+            summary["truncated"] = round(100 * cut / len(outputs), 2)
+            summary["mean_new_tokens"] = round(sum(o.new_tokens for o in outputs) / len(outputs), 2)
         return summary
 
     def check_data(self) -> None:

@@ -98,26 +98,37 @@ class Passkey(Task):
 
     def summarize(self, records: list[SampleRecord]) -> dict:
         """Mean per (length, depth) cell, then mean over cells (longctx_bench's aggregation)."""
-        if not records:
-            return {}
-        cells: dict[str, list[dict]] = {}
-        for r in records:
-            cells.setdefault(f"{r.meta['length']}/{r.meta['depth']:g}", []).append(r.scores)
-        cell_means = {c: {m: mean(s[m] for s in ss) for m in SCORERS} for c, ss in cells.items()}
-        summary = {m: round(100 * mean(c[m] for c in cell_means.values()), 2) for m in SCORERS}
-        summary["cells"] = {c: {m: round(100 * v, 2) for m, v in cm.items()} for c, cm in sorted(cell_means.items())}
-        return summary
+        return grid_summary(records, list(SCORERS))
 
     def figures(self, metrics: dict, title: str) -> dict:
-        """The depth x length heatmap of the main metric (``metrics["cells"]``, keys ``"<length>/<depth>"``)."""
-        if not metrics.get("cells"):
-            return {}
-        from kvbench import plots  # matplotlib only when reporting
+        """The depth x length heatmap of the main metric."""
+        return depth_length_heatmap("passkey", metrics, self.main_metric, "passkey depth (fraction of context)", title)
 
-        values = {tuple(float(x) for x in key.split("/")): cell[self.main_metric]
-                  for key, cell in metrics["cells"].items()}
-        lengths = sorted({length for length, _ in values})
-        depths = sorted({depth for _, depth in values})
-        grid = [[values.get((length, depth), math.nan) for length in lengths] for depth in depths]
-        return {"passkey": plots.heatmap(grid, lengths, depths, "context length (tokens)",
-                                         "passkey depth (fraction of context)", self.main_metric, title)}
+
+def grid_summary(records: list[SampleRecord], metrics: list[str]) -> dict:
+    """Scores of a depth x length grid (``meta["length"]``, ``meta["depth"]``): the mean of each metric
+    per cell, then over cells, x100, rounded to 2 places; ``cells`` holds each cell's means
+    (keys ``"<length>/<depth>"``)."""
+    if not records:
+        return {}
+    cells: dict[str, list[dict]] = {}
+    for r in records:
+        cells.setdefault(f"{r.meta['length']}/{r.meta['depth']:g}", []).append(r.scores)
+    cell_means = {c: {m: mean(s[m] for s in ss) for m in metrics} for c, ss in cells.items()}
+    summary: dict = {m: round(100 * mean(c[m] for c in cell_means.values()), 2) for m in metrics}
+    summary["cells"] = {c: {m: round(100 * v, 2) for m, v in cm.items()} for c, cm in sorted(cell_means.items())}
+    return summary
+
+
+def depth_length_heatmap(name: str, metrics: dict, metric: str, depth_label: str, title: str) -> dict:
+    """``{name: figure}``: the depth x length heatmap of ``metric`` from a :func:`grid_summary`
+    (nothing when it has no cells)."""
+    if not metrics.get("cells"):
+        return {}
+    from kvbench import plots  # matplotlib only when reporting
+
+    values = {tuple(float(x) for x in key.split("/")): cell[metric] for key, cell in metrics["cells"].items()}
+    lengths = sorted({length for length, _ in values})
+    depths = sorted({depth for _, depth in values})
+    grid = [[values.get((length, depth), math.nan) for length in lengths] for depth in depths]
+    return {name: plots.heatmap(grid, lengths, depths, "context length (tokens)", depth_label, metric, title)}

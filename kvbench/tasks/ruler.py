@@ -51,6 +51,9 @@ adjective and a noun independently (RULER draws from the deduplicated product of
 variable names never equal ``VAR``. Every sample draws from its own generator seeded by (seed,
 task, length, index), so samples are reproducible one by one.
 
+Report: besides a table per task, the leaderboard gets RULER's own table (:meth:`Ruler.tables`):
+the tasks' mean at each length, the plain and weighted means over lengths and the effective length.
+
 ``source: kvpress`` reads kvpress's set (columns context, question, answer_prefix, answer, task,
 max_new_tokens; configs 4096/8192/16384; Llama-3.1-8B tokenizer, ``base`` template) from the hub or
 from ``kvpress_dir`` (a copy of the hub repository: ``<kvpress_dir>/<length>/*.parquet``), and
@@ -76,6 +79,8 @@ from kvbench.errors import ConfigError, DataError
 from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import PREFIX, SAMPLE_SCORERS, SPEC, TASK_NAMES, TASK_SCORERS, metric_of
+from kvbench.scoring.ruler import EFFECTIVE_THRESHOLD, base_task, effective_length, weighted_average
+from kvbench.tasks import ReportRun, TaskTable
 from kvbench.tasks import register
 from kvbench.tasks.base import Sample, Task, compress_mode, files_fingerprint, location, read_json, require_fields
 
@@ -843,6 +848,39 @@ class Ruler(Task):
         for r in records:
             by_length.setdefault(r.meta["length"], []).append(r)
         return {"score": score(records), "lengths": {str(n): score(rs) for n, rs in sorted(by_length.items())}}
+
+    @classmethod
+    def tables(cls, runs: list[ReportRun]) -> dict[str, TaskTable]:
+        """RULER's main table, a row per method and setting: the mean of its tasks' scores at each
+        length (where every task of the row has that length), their plain and weighted means over
+        lengths and the effective length (:func:`kvbench.scoring.ruler.effective_length`)."""
+        rows: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+        for run in runs:
+            per_length = {int(n): score for n, score in run.metrics.get("lengths", {}).items()}
+            if per_length:
+                rows.setdefault((run.method, run.setting), {})[run.task] = per_length
+        if not rows:
+            return {}
+        lengths = sorted({n for tasks in rows.values() for per in tasks.values() for n in per})
+        body = []
+        for (method, setting), tasks in rows.items():
+            means = {n: sum(per[n] for per in tasks.values()) / len(tasks)
+                     for n in lengths if all(n in per for per in tasks.values())}
+            effective = effective_length(means)
+            shown = (f"<{min(means)}" if effective is None else f">{effective}" if effective == max(means)
+                     else str(effective))
+            averages = (sum(means.values()) / len(means), weighted_average(means, True), weighted_average(means, False))
+            body.append([method, setting, str(len(tasks)), *(f"{means[n]:.2f}" if n in means else "n/a" for n in lengths),
+                         *(f"{a:.2f}" for a in averages), shown])
+        names = sorted({t for tasks in rows.values() for t in tasks}, key=lambda t: TASK_NAMES.index(base_task(t)))
+        caption = (f"RULER's table: per method and setting, the mean score of its RULER tasks at each length "
+                   f"(tokens), the mean over lengths (avg; wavg inc / dec: weights 1..k rising / falling with "
+                   f"length, as RULER's wAvg) and the effective length, the longest length up to "
+                   f"which every mean exceeds {EFFECTIVE_THRESHOLD} (Llama-2-7B's 4K score, RULER's threshold); "
+                   f"\">N\": every length tested passes, \"<N\": the shortest does not. Tasks "
+                   f"({len(names)}): {', '.join(names)}.")
+        header = ["method", "setting", "tasks", *map(str, lengths), "avg", "wavg inc", "wavg dec", "effective length"]
+        return {"RULER by length": TaskTable(caption, header, body)}
 
     def data_fingerprint(self) -> dict[str, Any] | None:
         """The local files a subtask reads: kvpress's parquet files of its lengths, or the data file

@@ -55,6 +55,9 @@ ROWS = [
      "passkey.lengths=[512, 512]: expected a non-empty list of distinct integers >= 1"),
     ("top-level type", "ratio=abc", "ratio='abc': expected a number >= 1, or null"),
     ("top-level range", "limit=0", "limit=0: expected an integer >= 1, or null"),
+    ("infeasible budget", "method=lagkv ratio=null budget=32",
+     "the smallest feasible budget is sink_tokens + 2 x lag_size - 1 = 2063"),
+    ("budget refused", "method=quant ratio=null budget=32", "quant takes no budget: it keeps every token"),
     ("unknown top-level key", "ratoi=2", "unknown config key 'ratoi' (did you mean 'ratio'?); valid: budget"),
     ("model key type", "model.max_prompt_tokens=many", "model.max_prompt_tokens='many': expected an integer"),
     ("unknown device", "model.device=gpu0", "device must be 'auto' or a torch device (cpu, cuda, cuda:1, mps, ...), "

@@ -101,11 +101,21 @@ def test_snapkv_pools_window_attention_before_choosing():
     torch.testing.assert_close(pooled, torch.stack([padded[j:j + 3].sum() / 3 for j in range(8)]))
     # raw top-3 would be tokens 3, 6, 7; pooled, token 3's neighbours 2 and 4 beat the pair 6-7
     assert s.topk(3).indices.sort().values.tolist() == [3, 6, 7]
-    layer = make_layer("snapkv", params={"window": 2, "kernel": 3}, budget=5)
-    step(layer, keys, query)
-    assert layer.positions.tolist() == [[[2, 3, 4, 8, 9]]]
-    step(layer, vec([0.0]), vec([1.0]), phase="decode")  # prefill only: decoding adds, never evicts
-    assert layer.positions.tolist() == [[[2, 3, 4, 8, 9, 10]]]
+    for comp in ({"ratio": 2}, {"budget": 5}):
+        layer = make_layer("snapkv", params={"window": 2, "kernel": 3}, **comp)
+        step(layer, keys, query)
+        assert layer.positions.tolist() == [[[2, 3, 4, 8, 9]]]
+    ratio_mode = make_layer("snapkv", params={"window": 2, "kernel": 3}, ratio=2)
+    step(ratio_mode, keys, query)
+    step(ratio_mode, vec([0.0]), vec([1.0]), phase="decode")  # ratio mode, prefill only: decoding adds
+    assert ratio_mode.positions.tolist() == [[[2, 3, 4, 8, 9, 10]]]
+    # budget mode: the decoding step takes the layer over its budget, so the rule runs again with the
+    # last 2 queries (the prompt's last and the new token's): the window 9, 10 and the top 3 of the rest
+    step(layer, vec([0.0]), vec([1.0]), phase="decode")
+    held = torch.cat([keys[:, :, [2, 3, 4, 8, 9]], vec([0.0])], dim=2)
+    rescored = window_scores(torch.cat([query[:, :, -1:], vec([1.0])], dim=2), held, 1.0, kernel=3)[0, 0]
+    top = [[2, 3, 4, 8][i] for i in rescored.topk(3).indices.sort().values.tolist()]
+    assert layer.positions.tolist() == [[top + [9, 10]]]
 
 
 def test_snapkv_leaves_short_prompts_alone():
@@ -189,8 +199,13 @@ def test_knorm_keeps_the_smallest_key_norms_per_head():
     step(layer, keys, values=values)
     assert layer.positions.tolist() == [[[1, 3, 4], [0, 1, 4]]]
     assert torch.equal(layer.values[0, 1], values[0, 1, [0, 1, 4]])  # values follow their keys
-    step(layer, vec([9.0], [9.0]), phase="decode")  # prefill only
-    assert layer.get_seq_length() == 4
+    # budget mode holds the budget in decoding too: a key of norm 9 is the first to leave
+    step(layer, vec([9.0], [9.0]), phase="decode")
+    assert layer.positions.tolist() == [[[1, 3, 4], [0, 1, 4]]]
+    ratio_mode = make_layer("knorm", ratio=5 / 3)
+    step(ratio_mode, keys, values=values)
+    step(ratio_mode, vec([9.0], [9.0]), phase="decode")  # ratio mode, prefill only: decoding adds
+    assert ratio_mode.get_seq_length() == 4
 
 
 # -- Random ---------------------------------------------------------------------------------------------

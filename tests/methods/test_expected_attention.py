@@ -143,3 +143,16 @@ def test_scores_equal_kvpress_formula_from_hidden_states(tiny_llama):
     scores = logits.softmax(-1).view(b, layer.keys.shape[1], -1, n - 4).mean(2) * layer.values[:, :, 4:].norm(dim=-1)
     expected = torch.nn.functional.pad(scores, (4, 0), value=scores.max().item())
     torch.testing.assert_close(layer.score(), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_a_chunked_prefill_gathers_the_statistics_of_every_chunk(tiny_llama):
+    prompt = random_prompt(60)
+    queries, cache = prerope_queries(tiny_llama, "tiny_llama", prompt)
+    chunked = make_cache(tiny_llama, budget=100)  # nothing evicted: the chunks see what the whole prompt sees
+    generate(tiny_llama, chunked, prompt, None, 2, eos_ids=set(), prefill_chunk=16)
+    count, mean, m2 = chunked.layers[-1].moments
+    q = queries[:, :, 4:].float()
+    assert count == 56
+    torch.testing.assert_close(mean, q.mean(dim=2), atol=1e-5, rtol=1e-4)
+    centred = q - q.mean(dim=2, keepdim=True)
+    torch.testing.assert_close(m2, centred.transpose(-1, -2) @ centred, atol=1e-4, rtol=1e-4)

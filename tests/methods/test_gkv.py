@@ -165,6 +165,16 @@ def test_short_prompt_is_left_alone_until_it_outgrows_the_budget():
     assert layer.global_score.shape == (1, 1, 4)
 
 
+@pytest.mark.parametrize("comp,after_append", [({"ratio": 2}, 7), ({"budget": 4}, 4)])
+def test_an_appended_question_is_cut_back_to_the_budget_in_budget_mode_only(comp, after_append):
+    layer = make_layer({"window": 2, "divide_length": 4}, **comp)
+    keys = torch.randn(1, 1, 11, 4, generator=torch.Generator().manual_seed(5))
+    step(layer, keys[:, :, :8], torch.randn(1, 1, 8, 4), "prefill")  # 8 -> 4 (half, or the budget)
+    step(layer, keys[:, :, 8:], torch.randn(1, 1, 3, 4), "append")  # a 3-token question: 4 + 3 = 7
+    assert layer.get_seq_length() == after_append
+    assert held(layer)[-2:] == [9, 10] and layer.generated == 0  # the window stays; no generated token
+
+
 def test_a_budget_below_the_window_keeps_the_last_tokens():
     layer = make_layer({"window": 16}, ratio=8)  # 40 tokens -> budget 5 < window 16
     step(layer, torch.randn(1, 2, 40, 4), torch.randn(1, 4, 40, 4), "prefill")

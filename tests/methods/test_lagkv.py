@@ -8,6 +8,7 @@ import torch
 from conftest import random_prompt
 from kvbench.cache import KVCache, layer_windows
 from kvbench.generation import generate
+from kvbench.errors import ConfigError
 from kvbench.methods import Compression, build_method
 from kvbench.methods.lagkv import lag_relative_scores
 
@@ -169,12 +170,33 @@ def test_budget_mode_derives_keep_per_partition():
     layer = kept_after_prefill(lagkv(Compression(budget=11)), keys, values)
     assert layer.keep_per_partition == 1 and layer.get_seq_length() == 10
     assert layer.positions[0, 0].tolist() == [0, 1, 3, 8, 13] + WINDOW  # each partition's top (X1)
-    # budget 5 < 7: k = 0, sink + window only (the budget cannot be met; ratio_note says so)
-    assert kept_after_prefill(lagkv(Compression(budget=5)), keys, values).get_seq_length() == 7
-    # a prompt too short to compress gets the rate of the ratio n / budget: 8 tokens, budget 4 -> k = 2
-    short = lagkv(Compression(budget=4))
-    assert short.keep_per_partition(8) == 2
+    # budget 9 = sink + window (2 + 4 + 1 = 7) + 2: k = 2 // 3 = 0
+    assert kept_after_prefill(lagkv(Compression(budget=9)), keys, values).get_seq_length() == 7
+    # a prompt too short to compress is held whole
+    assert lagkv(Compression(budget=9)).keep_per_partition(8) == LAG
     assert lagkv(Compression(budget=10_000)).keep_per_partition(19) == LAG  # nothing evicted
+
+
+def test_a_budget_below_sink_and_window_fails_naming_the_smallest_feasible_one():
+    # sink 2 + up to 2 x 4 - 1 = 7 uncompressed tokens: 9 is the smallest budget that can be held
+    with pytest.raises(ConfigError, match="smallest feasible budget is sink_tokens \\+ 2 x lag_size - 1 = 9"):
+        lagkv(Compression(budget=8))
+
+
+def test_budget_mode_evicts_the_lowest_scoring_compressed_tokens():
+    keys = torch.cat([build([HEAD0]), build([HEAD1_K])], dim=1)
+    values = torch.cat([build([HEAD0]), build([HEAD1_V])], dim=1)
+    # budget 11 keeps 10 tokens of the 19 (above): [0, 1, 3, 8, 13] and [0, 1, 3, 7, 12] + WINDOW, and
+    # the scores that kept 3 / 8 / 13 and 3 / 7 / 12 (set here: the built heads tie)
+    layer = kept_after_prefill(lagkv(Compression(budget=11)), keys, values)
+    assert layer.positions[0, :, :5].tolist() == [[0, 1, 3, 8, 13], [0, 1, 3, 7, 12]]
+    layer.stores["scores"].tensor[0, :, SINK:layer.base] = torch.tensor([[0.3, 0.1, 0.2], [0.2, 0.3, 0.1]])
+    for step in range(2):  # each decoded token adds one: the 12th held token evicts the lowest scored
+        layer.append(keys[:, :, :1], values[:, :, :1])
+        layer.end_step("decode")
+        assert layer.get_seq_length() == 11
+    assert layer.positions[0].tolist() == [[0, 1, 3, 13] + WINDOW + [19, 20], [0, 1, 3, 7] + WINDOW + [19, 20]]
+    assert layer.base == SINK + 2
 
 
 def kvpress(comp, **params):
@@ -208,7 +230,9 @@ def test_kvpress_variant_on_tiny_llama(tiny_llama):
     gen, cache = run(tiny_llama, "lagkv_kvpress", {"sink_tokens": 4, "lag_size": 8}, Compression(budget=13),
                      random_prompt(50), 6)
     assert gen.after_prefill["tokens_held"] == 13
-    assert [layer.get_seq_length() for layer in cache.layers] == [13 + 5] * 2
+    assert [layer.get_seq_length() for layer in cache.layers] == [13] * 2  # budget mode holds it decoding
     # 50 = 4 + 5 x 8 + 6: sinks 0-3 and window [36, 50) score 1, but 4 + 14 = 18 > 13: the tie among
     # forced tokens goes to the earliest (kvpress leaves it to torch.topk): sinks + [36, 45)
-    assert cache.layers[1].positions[0, 0].tolist()[:13] == [0, 1, 2, 3] + list(range(36, 45))
+    _, prefilled = run(tiny_llama, "lagkv_kvpress", {"sink_tokens": 4, "lag_size": 8}, Compression(budget=13),
+                       random_prompt(50), 1)  # one token: no decoding step
+    assert prefilled.layers[1].positions[0, 0].tolist() == [0, 1, 2, 3] + list(range(36, 45))

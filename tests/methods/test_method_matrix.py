@@ -1,8 +1,9 @@
 """Checks every registered method must pass (parametrized over the registry, so new methods are
 checked automatically): declared defaults within their own bounds, compression only in the declared
 phases, lossless without eviction, measured ratio, decoding at the right positions (against a
-reference that recomputes attention with explicit masks), batch sizes 1 and 2, determinism, and the
-same on the embedded model."""
+reference that recomputes attention with explicit masks), batch sizes 1 and 2, determinism, the
+budget as a capacity after every step (also with a chunked prefill), and the same on the embedded
+model."""
 
 import dataclasses
 
@@ -18,13 +19,21 @@ from kvbench.methods.base import EvictionLayer
 
 METHODS = registered()
 NAMES = list(METHODS)
+#: parameters a method needs to hold the small budgets used here (LagKV's default sink and window
+#: alone make 2063 tokens its smallest feasible budget); budget mode only
+FEASIBLE = {"lagkv": {"lag_size": 16}}
+
+
+def make_method(model, name, seed=0, **comp):
+    compression = Compression(**comp) if METHODS[name].uses_compression else None
+    params = FEASIBLE.get(name, {}) if compression is not None and compression.budget is not None else {}
+    method = build_method(name, params, compression, seed)
+    method.setup(model)
+    return method
 
 
 def make_cache(model, name, seed=0, **comp):
-    compression = Compression(**comp) if METHODS[name].uses_compression else None
-    method = build_method(name, {}, compression, seed)
-    method.setup(model)
-    return KVCache(method, layer_windows(model.config))
+    return KVCache(make_method(model, name, seed, **comp), layer_windows(model.config))
 
 
 def run(model, name, prompt, new_tokens, question=None, seed=0, **comp):
@@ -194,6 +203,62 @@ def test_deterministic_given_seed(name, tiny_llama):
     assert a.tokens == b.tokens
     for la, lb in zip(cache_a.layers, cache_b.layers):
         assert torch.equal(la.positions, lb.positions)
+
+
+# -- the budget is a capacity -----------------------------------------------------------------------
+
+HOLDING = [name for name, cls in METHODS.items() if cls.uses_compression and not cls.budget_refusal]
+BUDGET, PROMPT, NEW, CHUNK = 64, 300, 50, 64
+
+
+def budget_run(model, name, prefill_chunk=None, **comp):
+    """A generation of NEW tokens from a PROMPT-token prompt, recording after every step (phase, [(bytes
+    held, bytes the declared bound allows) per layer])."""
+    method = make_method(model, name, **comp)
+    cache = KVCache(method, layer_windows(model.config))
+    held = []
+    end_step = cache.end_step
+
+    def recording(phase):
+        end_step(phase)
+        bound = method.held_bound(phase)
+        held.append((phase, [(layer.bytes_held(), layer.capacity_bytes(bound)) for layer in cache.layers]))
+
+    cache.end_step = recording
+    gen = generate(model, cache, random_prompt(PROMPT), None, NEW, eos_ids=set(), prefill_chunk=prefill_chunk)
+    return gen, cache, method, held
+
+
+def check_held(method, held):
+    """Every step held at most the declared bound: per layer, or over all layers for a method whose
+    budget bounds the mean over layers (PyramidKV). Bytes against ``capacity_bytes`` compare every
+    unit: for dense tokens they are the token count times a token's bytes."""
+    for phase, layers in held:
+        if method.budget_per_layer:
+            assert all(b <= cap for b, cap in layers), (phase, layers)
+        else:
+            assert sum(b for b, _ in layers) <= sum(cap for _, cap in layers), (phase, layers)
+
+
+@pytest.mark.parametrize("name", HOLDING)
+def test_the_budget_holds_after_every_step(name, tiny_llama):
+    gen, cache, method, held = budget_run(tiny_llama, name, budget=BUDGET)
+    assert len(gen.tokens[0]) == NEW and [p for p, _ in held] == ["prefill"] + ["decode"] * (NEW - 1)
+    check_held(method, held)
+
+
+@pytest.mark.parametrize("name", HOLDING)
+def test_a_chunked_prefill_holds_the_budget_plus_one_chunk_inside_a_step(name, tiny_llama):
+    gen, cache, method, held = budget_run(tiny_llama, name, prefill_chunk=CHUNK, budget=BUDGET)
+    assert [p for p, _ in held] == ["prefill"] * -(-PROMPT // CHUNK) + ["decode"] * (NEW - 1)
+    check_held(method, held)
+    # inside a step: what the previous step left (its bound) plus the step's new tokens (one chunk)
+    bound = max(method.held_bound("prefill"), method.held_bound("decode"))
+    in_step = sum(layer.capacity_bytes(bound) + max(layer.capacity_bytes(bound + CHUNK) - layer.capacity_bytes(bound),
+                                                    CHUNK * layer.token_bytes()) for layer in cache.layers)
+    assert gen.peak_bytes_in_step <= in_step
+    whole, *_ = budget_run(tiny_llama, name, budget=BUDGET)
+    assert gen.peak_bytes_in_step < whole.peak_bytes_in_step  # the 300-token prompt is never held at once
 
 
 # -- the embedded model (SmolLM2-135M: 30 layers, GQA 9/3, head_dim 64) ---------------------------

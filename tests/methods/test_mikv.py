@@ -14,6 +14,7 @@ from kvbench.methods import Compression, build_method
 from kvbench.errors import ConfigError
 from kvbench.methods.mikv import key_balancer
 from kvbench.packing import dequantize, pack, quantize, unpack
+from test_method_matrix import budget_run, check_held
 
 
 def make_layer(params=None, **comp):
@@ -144,7 +145,7 @@ def fp16_full(tiny_llama_fp16):
 @pytest.mark.parametrize("params,comp", [
     ({}, {"ratio": 1}),  # tokens mode: rho = 1
     ({"ratio_mode": "memory"}, {"ratio": 1}),  # fp16 everywhere = 16 bits: rho = 1
-    ({}, {"budget": 60}),  # more important tokens than the sequence
+    ({}, {"budget": 60}),  # 59 fp16 tokens' bytes besides the balancer: more than the sequence
 ])
 def test_everything_important_equals_full_on_an_fp16_model(tiny_llama_fp16, fp16_full, params, comp):
     prompt, (full, full_logits), full_cache = fp16_full
@@ -193,7 +194,7 @@ def test_demotion_keeps_the_important_set_at_rho_n(tiny_llama):
 
 def test_the_lowest_scoring_non_recent_important_token_is_demoted():
     g = torch.Generator().manual_seed(3)
-    layer = make_layer(budget=4)  # 4 important tokens: 2 recent + 2 top-scoring
+    layer = make_layer(ratio=2.5)  # 4 important tokens of 10 and of 11: 2 recent + 2 top-scoring
     keys, queries = torch.randn(1, 1, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
     step(layer, keys[:, :, :10], queries[:, :, :10])
     hi, lo = sets(layer)
@@ -216,6 +217,28 @@ def test_the_lowest_scoring_non_recent_important_token_is_demoted():
     assert sets(layer) == ((hi | {10}) - {demoted}, lo | {demoted})
 
 
+def test_a_budget_is_bytes_of_16_bit_tokens():
+    method = build_method("mikv", {"group_size": 32}, Compression(budget=10))
+    # head_dim 64: fp16 token 2 x 64 x 2 = 256 bytes, int2 token 2 x 64 x (2 + 32 / 32) / 8 = 48 bytes;
+    # the budget is 10 x 256 bytes, less the fp32 balancer's 64 x 4 = 256: room 2304
+    assert method.room(64) == 2304 and method.low_room(64, 32) == 2304 // 48
+    # 20 tokens held: C fp16 + (20 - C) int2 <= 2304 -> C = (2304 - 20 x 48) // (256 - 48) = 6
+    assert method.important_tokens(100, 32, 64, held=20) == 6
+    assert method.important_tokens(100, 32, 64, held=3) == 3  # all fit
+    assert method.important_tokens(100, 32, 64, held=60) == 0  # 60 x 48 > 2304: none
+
+
+def test_budget_mode_holds_the_bytes_and_evicts_the_oldest_low_precision_tokens(tiny_llama):
+    gen, cache, method, held = budget_run(tiny_llama, "mikv", budget=6)  # 300 + 49 tokens seen
+    check_held(method, held)
+    # head_dim 16, groups of 8: room 6 x 64 - 64 (balancer) = 320 bytes; an int2 token 2 x 16 x (2 + 32 / 8)
+    # / 8 = 24 bytes, an fp16 one 64: once 13 int2 tokens fill it, nothing stays important and the
+    # oldest int2 tokens leave
+    layer = cache.layers[0]
+    assert layer.important_held().tolist() == [[0, 0]]
+    assert layer.lo_positions[0, 0].sort().values.tolist() == list(range(349 - 13, 349))
+
+
 # -- the key balancer ----------------------------------------------------------------------------------
 
 def test_balancer_by_hand_and_stored_keys_are_balanced():
@@ -227,7 +250,7 @@ def test_balancer_by_hand_and_stored_keys_are_balanced():
     torch.testing.assert_close(key_balancer(query, keys)[0, 0], b)
 
     # one important token, the most recent: token 0 is quantised (int2, groups of 2 channels)
-    layer = make_layer({"group_size": 2, "recent_fraction": 1.0}, budget=1)
+    layer = make_layer({"group_size": 2, "recent_fraction": 1.0}, ratio=2)
     step(layer, keys, query.expand(1, 2, 2, 4).contiguous())
     assert sets(layer) == ({1}, {0})
     torch.testing.assert_close(layer.balance[0, 0], b)
@@ -250,7 +273,7 @@ def test_balancer_lowers_the_logit_error_of_outlier_channels():
     query = torch.randn(1, 4, 64, 16, generator=g)
 
     def logit_error(balancer):
-        layer = make_layer({"balancer": balancer}, budget=1)
+        layer = make_layer({"balancer": balancer}, ratio=64)
         step(layer, keys, query)
         k, _ = layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
         by_position = layer.positions[:, :, :64].argsort(dim=-1)  # held in the stores' order

@@ -123,6 +123,82 @@ def test_task_scores_each_record_and_summarizes_per_length():
     assert qa.score(sample_record("q", pred="Vesna", answers=["vesna", "the Vesna"])) == {"score": 1.0}
 
 
+def test_effective_length_as_ruler_reads_its_table():
+    lengths = [4096, 8192, 16384, 32768, 65536, 131072]
+
+    def effective(scores):
+        return rs.effective_length(dict(zip(lengths, scores)))
+
+    # rows of RULER's README: GPT-4 (64K), InternLM2.5 (4K), LWM (<4K), Jamba-1.5-large (>128K)
+    assert effective([96.6, 96.3, 95.2, 93.2, 87.0, 81.2]) == 65536
+    assert effective([88.1, 85.5, 84.5, 82.7, 75.5, 68.9]) == 4096
+    assert effective([82.3, 78.4, 73.7, 69.1, 68.1, 65.0]) is None
+    assert effective([96.7, 96.6, 96.4, 96.0, 95.4, 95.1]) == 131072
+    # the score must exceed the threshold, and every shorter length must pass too
+    assert effective([90.0, 85.6, 90.0, 90.0, 90.0, 90.0]) == 4096
+    assert rs.effective_length({1024: 60.0, 2048: 40.0}, threshold=50.0) == 1024
+
+
+def test_weighted_averages_as_ruler_reports_them():
+    # GPT-4-1106-preview in RULER's README: wAvg (inc) 89.0, wAvg (dec) 94.1
+    gpt4 = dict(zip([4096, 8192, 16384, 32768, 65536, 131072], [96.6, 96.3, 95.2, 93.2, 87.0, 81.2]))
+    assert round(rs.weighted_average(gpt4, increasing=True), 1) == 89.0
+    assert round(rs.weighted_average(gpt4, increasing=False), 1) == 94.1
+    assert rs.weighted_average({2048: 30.0, 1024: 60.0}, increasing=True) == (60.0 + 2 * 30.0) / 3
+
+
+def test_ruler_table_averages_tasks_per_length():
+    runs = [rt.ReportRun("full", "full", "ruler/niah_single_1", {"score": 95.0, "lengths": {"1024": 100.0, "2048": 90.0}}),
+            rt.ReportRun("full", "full", "ruler/vt", {"score": 85.0, "lengths": {"1024": 90.0, "2048": 80.0}}),
+            rt.ReportRun("lagkv", "4x", "ruler/niah_single_1", {"score": 50.0, "lengths": {"1024": 80.0, "2048": 20.0}}),
+            rt.ReportRun("lagkv", "4x", "ruler/vt", {"score": 50.0, "lengths": {"1024": 80.0}}),
+            rt.ReportRun("knorm", "4x", "ruler/vt", {"score": 100.0, "lengths": {"1024": 100.0, "2048": 100.0}})]
+    ((title, table),) = rt.Ruler.tables(runs).items()
+    assert title == "RULER by length"
+    assert table.header == ["method", "setting", "tasks", "1024", "2048", "avg", "wavg inc", "wavg dec",
+                            "effective length"]
+    # full: 95 at 1024, 85 at 2048 (not above 85.6), wavg (95 + 2 * 85) / 3 and (2 * 95 + 85) / 3;
+    # lagkv: 2048 missing for vt, so n/a and left out
+    assert table.rows == [["full", "full", "2", "95.00", "85.00", "90.00", "88.33", "91.67", "1024"],
+                          ["lagkv", "4x", "2", "80.00", "n/a", "80.00", "80.00", "80.00", "<1024"],
+                          ["knorm", "4x", "1", "100.00", "100.00", "100.00", "100.00", "100.00", ">2048"]]
+    assert "Tasks (2): ruler/niah_single_1, ruler/vt." in table.caption
+    assert rt.Ruler.tables([]) == {}
+
+
+def test_leaderboard_shows_the_ruler_table(tmp_path):
+    from dataclasses import asdict
+
+    from conftest import run_info
+    from kvbench import report
+    from kvbench.results import RunDir, RunScores
+
+    def write(task, method, ratio, label, per_length, complete=True):
+        params = {k: v for k, v in asdict(rt.RulerParams(tasks=[task])).items() if k not in ("data_dir", "kvpress_dir")}
+        run = RunDir(tmp_path / "m" / (rs.PREFIX + task) / method / label)
+        run.write_run(run_info({"name": rs.PREFIX + task, "kind": "ruler", "params": params}, method=method,
+                               ratio=ratio, label=label, n_expected=2))
+        for i, n in enumerate(per_length):
+            run.append(sample_record(f"{n}-{i}", task=rs.PREFIX + task, scores={"score": per_length[n] / 100},
+                                     meta={"length": int(n)}))
+        score = sum(per_length.values()) / len(per_length)
+        run.write_scores(RunScores(task=rs.PREFIX + task, metric="score", score=score,
+                                   metrics={"score": score, "lengths": per_length}, n=2 if complete else 1,
+                                   n_expected=2, complete=complete, measured_ratio=ratio, tokens_held=1.0,
+                                   bytes_held=1.0, peak_bytes_held=1.0, decode_tokens_per_s=1.0))
+
+    write("niah_single_1", "full", 1, "ratio-1", {"1024": 100.0, "2048": 100.0})
+    write("vt", "full", 1, "ratio-1", {"1024": 100.0, "2048": 80.0})
+    write("niah_single_1", "lagkv", 4, "ratio-4", {"1024": 100.0, "2048": 0.0})
+    write("vt", "lagkv", 4, "ratio-4", {"1024": 0.0}, complete=False)  # partial runs stay out
+    markdown = report.leaderboard_markdown(report.collect(tmp_path), "m")
+    section = markdown.split("## RULER by length")[1].split("## Per task")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| method | setting | tasks | 1024 | 2048 | avg | wavg inc | wavg dec | effective length |"
+    assert lines[2:] == ["| full | 1x | 2 | 100.00 | 90.00 | 95.00 | 93.33 | 96.67 | >2048 |",
+                         "| lagkv | 4x | 1 | 100.00 | 0.00 | 50.00 | 33.33 | 66.67 | 1024 |"]
+
+
 def test_score_cli_prints_ruler_tasks(tmp_path, capsys):
     from kvbench.score import main
 
