@@ -1,6 +1,7 @@
 """Leaderboards, plots and table exports, built from result files only (no model, no GPU)::
 
     python -m kvbench.report [results_dir] [--out DIR] [--format md csv parquet png svg]
+    python -m kvbench.report [results_dir] [--out DIR] --compare A B
 
 ``DIR`` defaults to ``results_dir`` (so the default is ``results/LEADERBOARD.md`` and
 ``results/leaderboards/``); the sweep regenerates it at its end (``report: true`` in the config)::
@@ -11,7 +12,14 @@
     DIR/leaderboards/<model>.md               a model's leaderboard (average, efficiency, per
                                               task group (``Task.groups``), per task)
     DIR/leaderboards/results.csv, .parquet    the run table of :func:`collect`, one row per run
-    DIR/leaderboards/plots/<model>/...        PNG and SVG figures (plots/ is rebuilt every time)
+    DIR/leaderboards/plots/<model>/...        PNG and SVG figures (plots/ is rebuilt every time):
+                                              retention vs ratio (95% error bars), the area under
+                                              it per method, score vs measured KV bytes with the
+                                              Pareto frontier, and the tasks' own figures
+    DIR/comparisons/<A>_vs_<B>.csv            ``--compare A B`` (:func:`compare`)
+
+The report is written into a hidden staging folder and swapped in (:func:`write_report`), so a failed
+or killed report leaves the previous one whole.
 
 How numbers are compared:
 
@@ -27,10 +35,14 @@ How numbers are compared:
   scores), so directories whose scores.json predates intervals report them too; ``docs/statistics.md``.
 * bold, in per-task tables: the best complete run of each column and every run not significantly
   below it (``kvbench.stats.indistinguishable_from_best``), where at least two compete; averages over
-  tasks carry no interval and no bold.
+  tasks are not bolded; their interval resamples every task's samples (``kvbench.stats.task_mean_ci``).
 * order: ``full`` first, then methods alphabetically, a method's default parameters before its
   variants (the setting's suffix, e.g. ``ratio-4_lag-128``); nominal ratios ascending, then token
   budgets ascending. Tasks by suite, then group order (``Task.groups``), then name.
+
+``--compare A B`` pairs B with A (the reference) run by run and sample by sample: A and B are
+``METHOD`` (its default parameters, every setting) or ``METHOD/SETTING`` (a setting directory name,
+e.g. ``snapkv/ratio-4``); see :func:`compare`.
 
 What is task-specific comes from the task classes, rebuilt from each run's identity: the groups of
 tasks averaged in tables of their own (``Task.groups``), a run's own figures (``Task.figures``) and a
@@ -47,6 +59,8 @@ import math
 import os
 import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,8 +69,20 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import plots
-from kvbench.results import RunDir, find_runs, generations, sample_scores, seconds_per_correct
-from kvbench.stats import bootstrap_ci, detectable_drop_unpaired, indistinguishable_from_best, paired_comparison
+from kvbench.errors import ConfigError
+from kvbench.registry import unknown_name
+from kvbench.results import RunDir, find_runs, generations, sample_scores, seconds_per_correct, write_atomic
+from kvbench.stats import (
+    bootstrap_ci,
+    detectable_drop_unpaired,
+    holm,
+    indistinguishable_from_best,
+    paired_comparison,
+    retention_auc,
+    retention_auc_ci,
+    retention_ci,
+    task_mean_ci,
+)
 from kvbench.tasks import Task, TaskGroup, task_from_identity
 from kvbench.tasks import ReportRun, registered
 
@@ -66,6 +92,8 @@ log = logging.getLogger(__name__)
 BASELINE_METHOD = "full"
 INDEX = "LEADERBOARD.md"
 REPORT_DIR = "leaderboards"
+#: where ``--compare`` writes its CSV files (under --out, default the results directory)
+COMPARISONS_DIR = "comparisons"
 #: where scripts/bench_methods.py writes by default (under the results directory); the index links it
 BENCH_PAGE = Path("bench") / "bench_methods.md"
 FORMATS = ("md", "csv", "parquet", "png", "svg")
@@ -80,13 +108,15 @@ COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
     "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held",
-    "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean", "decode_s_mean",
-    *GENERATION, "metrics", "run_dir", "sample_scores",
+    "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed", "prefill_s_reused",
+    "decode_s_mean", *GENERATION, "metrics", "run_dir", "sample_scores", "baseline_sample_scores",
 ]
+#: per-sample scores (sample id -> 0..1) of the run and of its baseline: for intervals, not exported
+SAMPLE_COLUMNS = ["sample_scores", "baseline_sample_scores"]
 FLOAT_COLUMNS = [
     "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention",
-    "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean",
-    "decode_s_mean", *GENERATION,
+    "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed",
+    "prefill_s_reused", "decode_s_mean", *GENERATION,
 ]
 INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained", "vs_full_n"]
 
@@ -151,7 +181,9 @@ def _run_row(run: RunDir) -> dict:
         "bytes_held": scores.bytes_held if scores else None,
         "peak_bytes_held": scores.peak_bytes_held if scores else None,
         "decode_tokens_per_s": scores.decode_tokens_per_s if scores else None,
-        "prefill_s_mean": _mean(r.prefill_s for r in records),
+        # a reused prefill's time is restoring another ratio's prefill and compressing it: kept apart
+        "prefill_s_computed": _mean(r.prefill_s for r in records if not r.prefill_reused),
+        "prefill_s_reused": _mean(r.prefill_s for r in records if r.prefill_reused),
         "decode_s_mean": _mean(r.decode_s for r in records),
         "mean_new_tokens": _mean(g.new_tokens for r in records for g in generations(r)),
         "s_per_correct": seconds_per_correct(records, metric) if metric else None,
@@ -194,6 +226,7 @@ def _add_baselines(rows: list[dict]) -> None:
     for row in rows:
         base = baselines.get(_baseline_key(row), {})
         row["baseline_score"] = base.get("score")
+        row["baseline_sample_scores"] = base.get("sample_scores")
         usable = row["score"] is not None and base.get("score")  # a 0 baseline makes retention undefined
         row["retention"] = 100 * row["score"] / base["score"] if usable else None
         row["bytes_vs_full"] = (row["bytes_held"] / base["bytes_held"]
@@ -296,7 +329,8 @@ def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
 
 
 def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
-    """Mean score and mean retention over the complete runs among ``tasks``."""
+    """Mean score and mean retention over the complete runs among ``tasks``; the score's interval is
+    :func:`kvbench.stats.task_mean_ci` over those runs' samples (none where a run lacks them)."""
     complete = runs[runs.state == "complete"]
     left_out = [f"{t} ({_left_out_reason(runs, t)})" for t in tasks if t not in set(complete.task)]
     notes = []
@@ -306,7 +340,10 @@ def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
     if no_baseline:
         notes.append(f"retention n/a: no usable full-cache baseline for {', '.join(no_baseline)}")
     retention = complete.retention.mean() if not no_baseline else math.nan
-    return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty)
+    samples = list(complete.sample_scores)
+    interval = task_mean_ci([list(s.values()) for s in samples]) if samples and all(samples) else None
+    return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty,
+                half_width=(interval.high - interval.low) * 50 if interval else None)
 
 
 def _cells(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> dict[tuple[str, str], Cell]:
@@ -379,7 +416,8 @@ def _score_table(runs: pd.DataFrame, cell: Callable[[pd.DataFrame], Cell]) -> st
 def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
     """Measured compression and speed per method and setting: means over complete runs."""
     header = ["method", "setting", "tasks", "measured ratio", "KV held (MiB)", "KV held vs full",
-              "peak KV (MiB)", "decode tok/s", "prefill s/sample", "decode s/sample"]
+              "peak KV (MiB)", "decode tok/s", "prefill s/sample (computed)", "prefill s/sample (reused)",
+              "decode s/sample"]
     body = []
     for row in _ordered(runs, "row", _row_key):
         for column in _ordered(runs, "column", _column_key):
@@ -394,7 +432,8 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
                 _pct(100 * done.bytes_vs_full.mean() if done.bytes_vs_full.notna().all() else math.nan),
                 _fmt(done.peak_bytes_held.mean() / MIB, ".1f"),
                 _fmt(done.decode_tokens_per_s.mean(), ".1f"),
-                _fmt(done.prefill_s_mean.mean(), ".3f"),
+                _fmt(done.prefill_s_computed.mean(), ".3f"),
+                _fmt(done.prefill_s_reused.mean(), ".3f"),
                 _fmt(done.decode_s_mean.mean(), ".3f"),
             ])
     return markdown_table(header, body)
@@ -421,10 +460,18 @@ def _generation_table(runs: pd.DataFrame) -> str:
 CELL_LEGEND = (
     "Cells: score ±half-width of its 95% bootstrap interval over samples (retention = score / score of "
     "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
-    "over complete runs only, without intervals; partial and failed runs are footnoted and left out. "
+    "over complete runs only, each task weighted equally, their interval from resampling every task's "
+    "samples; partial and failed runs are footnoted and left out. "
     "Bold, in per-task tables: the column's best complete run and every run not significantly below it "
     "(paired test on the shared samples, Holm-corrected over the column, p > 0.05); a lone bold cell "
     "beats every other run of its column significantly. Averages are not marked."
+)
+
+
+PREFILL_NOTE = (
+    "Prefill time is split by how the prefill ran: \"computed\" samples ran the prefill forward; "
+    "\"reused\" samples took the prefill another ratio of the same sweep had computed, so their time is "
+    "restoring that state and compressing it, not a forward (docs/performance.md). n/a: no such sample."
 )
 
 
@@ -469,6 +516,15 @@ def average_table(df: pd.DataFrame, model: str) -> str:
     return _score_table(runs, partial(_average_cell, tasks=_tasks(runs)))
 
 
+def _auc_section(df: pd.DataFrame, model: str) -> str | None:
+    table = retention_auc_table(df, model)
+    if table.empty:
+        return None
+    return ("## Area under the retention curve\n\nThe averaged retention curve's mean height over log2(ratio), "
+            "from the full cache at 1x (100%) through each method's ratios, with its 95% paired-bootstrap interval "
+            "(docs/statistics.md). Compare only methods swept over the same ratios.\n\n" + _auc_markdown(table))
+
+
 def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | None, list[str]] | None = None) -> str:
     """The leaderboard page of one model. ``images`` maps a task (None: the model as a whole) to
     the relative paths of its figures."""
@@ -480,8 +536,9 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
         f"{_run_counts(runs)} over {len(tasks)} task(s): {', '.join(tasks)}. {CELL_LEGEND}",
         f"## Average over tasks\n\n{average_table(df, model)}",
         _images(images.get(None, [])),
+        _auc_section(df, model),
         "## Efficiency\n\nMeans over complete runs (\"tasks\": how many). KV held: bytes after prefill, "
-        f"per sample.\n\n{_efficiency_table(runs, tasks)}",
+        f"per sample. {PREFILL_NOTE}\n\n{_efficiency_table(runs, tasks)}",
     ]
     groups: set[TaskGroup] = {g for task_groups in runs.task_groups for g in task_groups}
     for group in sorted(groups, key=lambda g: (g.kind, g.rank, g.name)):
@@ -528,33 +585,95 @@ def index_markdown(df: pd.DataFrame, results_dir: Path, pages: Mapping[str, str]
 
 
 def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> pd.DataFrame:
-    """(row, nominal_ratio, retention) of a model's compressing methods at nominal ratios, for one
-    task or averaged over all its tasks; complete runs only, averages only where they cover every
-    task (the same cells as the tables bold)."""
+    """(row, nominal_ratio, retention, ci_low, ci_high) of a model's compressing methods at nominal
+    ratios, for one task or averaged over all its tasks; complete runs only, averages only where they
+    cover every task (the same cells as the tables rank). The interval is :func:`kvbench.stats.retention_ci`
+    over the task's (or every task's) samples, NaN where a run lacks per-sample scores."""
     runs = df[(df.model == model) & df.budget.isna() & (df.method != BASELINE_METHOD)]
-    if task is not None:
-        runs = runs[(runs.task == task) & (runs.state == "complete") & runs.retention.notna()]
-        return runs[["row", "nominal_ratio", "retention"]].reset_index(drop=True)
-    tasks = _tasks(df[df.model == model])
+    tasks = _tasks(df[df.model == model]) if task is None else [task]
+    runs = runs[runs.task.isin(tasks)]
     points = []
     for (row, column), group in runs.groupby(["row", "column"], sort=False):
         cell = _average_cell(group, tasks)
         if cell.rankable and pd.notna(cell.retention):
-            points.append({"row": row, "nominal_ratio": group.nominal_ratio.iloc[0], "retention": cell.retention,
+            ratio = group.nominal_ratio.iloc[0]
+            paired = _retention_samples(group, [ratio])
+            interval = retention_ci([(ref, [at[0] for at in scores]) for ref, scores in paired]).columns(1) if paired else {}
+            points.append({"row": row, "nominal_ratio": ratio, "retention": cell.retention, **interval,
                            "key": (_row_key(group.iloc[0]), _column_key(group.iloc[0]))})
     points.sort(key=lambda p: p["key"])
-    return pd.DataFrame(points, columns=["row", "nominal_ratio", "retention"])
+    return pd.DataFrame(points, columns=["row", "nominal_ratio", "retention", "ci_low", "ci_high"]).astype(
+        {"ci_low": float, "ci_high": float})
+
+
+def _retention_samples(runs: pd.DataFrame, ratios: list[float]) -> list[tuple[list[float], list[list[float]]]] | None:
+    """Per task of ``runs`` (one method row's complete runs): the full cache's per-sample scores and,
+    per sample, the run's at each of ``ratios``, on the samples all of them hold; None where a run
+    is missing or lacks per-sample scores (or its baseline does)."""
+    tasks = []
+    for _, task_runs in runs.groupby("task", sort=True):
+        by_ratio = {run.nominal_ratio: run for run in task_runs.itertuples()}
+        chosen = [by_ratio.get(ratio) for ratio in ratios]
+        if any(run is None or not run.sample_scores or not run.baseline_sample_scores for run in chosen):
+            return None
+        base = chosen[0].baseline_sample_scores
+        ids = [i for i in base if all(i in run.sample_scores for run in chosen)]
+        if not ids:
+            return None
+        tasks.append(([base[i] for i in ids], [[run.sample_scores[i] for run in chosen] for i in ids]))
+    return tasks or None
+
+
+def retention_auc_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Per method row of the averaged retention curve (:func:`retention_points`): the area under it
+    from 1x (the full cache, 100%) through the row's ratios, in % of the full cache's score, with its
+    95% interval. Both come from :func:`kvbench.stats.retention_auc_ci` on the per-sample scores, so
+    the value lies in its interval even where a task's score is not the plain mean of its samples;
+    where a run lacks per-sample scores, the area of the plotted points
+    (:func:`kvbench.stats.retention_auc`) without interval. ``ratios`` names the range: only rows
+    with the same compare."""
+    points = retention_points(df, model)
+    runs = df[(df.model == model) & (df.state == "complete") & df.budget.isna()]
+    rows = []
+    for row, line in points.groupby("row", sort=False):
+        ratios = [1.0, *line.nominal_ratio]
+        paired = _retention_samples(runs[runs.row == row], ratios[1:])
+        if paired:
+            # the full cache itself at 1x: retention exactly 100 in every resample
+            interval = retention_auc_ci(ratios, [(ref, [[r, *at] for r, at in zip(ref, scores)])
+                                                 for ref, scores in paired])
+            values = {"auc": interval.estimate, "ci_low": interval.low, "ci_high": interval.high}
+        else:
+            values = {"auc": retention_auc(ratios, [100.0, *line.retention])}
+        rows.append({"row": row, "ratios": "1-" + "/".join(f"{r:g}" for r in ratios[1:]) + "x", **values})
+    return pd.DataFrame(rows, columns=["row", "ratios", "auc", "ci_low", "ci_high"]).astype(
+        {"ci_low": float, "ci_high": float})
+
+
+def _interval_text(value: float, low: float, high: float) -> str:
+    return _fmt(value, ".1f") + (f" [{low:.1f}, {high:.1f}]" if pd.notna(low) else "")
+
+
+def _auc_markdown(table: pd.DataFrame) -> str:
+    body = [[r.row, r.ratios, _interval_text(r.auc, r.ci_low, r.ci_high)] for r in table.itertuples()]
+    return markdown_table(["method", "ratios", "AUC, % of full cache [95% CI]"], body)
 
 
 def _bytes_points(runs: pd.DataFrame) -> pd.DataFrame:
     done = runs[(runs.state == "complete") & runs.bytes_held.notna() & runs.score.notna()]
-    return done.assign(bytes_mib=done.bytes_held / MIB)[["row", "bytes_mib", "score"]]
+    return done[["row", "bytes_held", "score", "ci_low", "ci_high"]]
+
+
+def palette(df: pd.DataFrame) -> plots.Palette:
+    """The colours and markers of every figure of a report: one per method row of ``df``."""
+    return plots.Palette(df.row, reference=BASELINE_METHOD)
 
 
 def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[dict, list[Path]]:
     """Every figure of every model; returns ({model: {task or None: [figure stems]}}, files)."""
     stems: dict[str, dict[str | None, list[Path]]] = {}
     written: list[Path] = []
+    styles = palette(df)
 
     def draw(model: str, task: str | None, stem: Path, fig) -> None:
         written.extend(plots.save(fig, stem, formats))
@@ -565,18 +684,22 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
         points = retention_points(df, model)
         if not points.empty:
             draw(model, None, plot_dir / model / "retention_average",
-                 plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks"))
+                 plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks", styles))
+        auc = retention_auc_table(df, model)
+        if not auc.empty:
+            draw(model, None, plot_dir / model / "retention_auc",
+                 plots.retention_auc_bars(auc, f"{model}: area under the retention curve", styles))
         for task in _tasks(runs):
             task_runs = runs[runs.task == task]
             points = retention_points(df, model, task)
             if not points.empty:
                 draw(model, task, plot_dir / model / task / "retention",
-                     plots.retention_vs_ratio(points, f"{model} · {task}: retention"))
+                     plots.retention_vs_ratio(points, f"{model} · {task}: retention", styles))
             bytes_points = _bytes_points(task_runs)
             if not bytes_points.empty:
                 metric = task_runs.metric.dropna().iloc[0]
                 draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
-                     plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric))
+                     plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric, styles))
             for run in task_runs.itertuples():
                 task_obj = _task(run.suite, run.task, run.task_params)
                 if task_obj is None or not isinstance(run.metrics, dict):
@@ -596,7 +719,7 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[
 def _export_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The run table for CSV and Parquet: ``metrics`` (nested, varying keys) as a JSON string, the
     task groups as a JSON list of their titles; the per-sample scores stay in samples.jsonl."""
-    return df.drop(columns="sample_scores").assign(
+    return df.drop(columns=SAMPLE_COLUMNS).assign(
         metrics=df.metrics.map(lambda m: json.dumps(m, sort_keys=True) if m is not None else None),
         task_groups=df.task_groups.map(lambda groups: json.dumps([g.title for g in groups])))
 
@@ -611,17 +734,39 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write the index, per-model leaderboards, exports and figures (see the module docstring)
     for the runs under ``results_dir`` into ``out_dir`` (default: ``results_dir``); return the
-    files written."""
+    files written.
+
+    Everything is written into a hidden staging folder in ``out_dir`` first and swapped in when
+    complete (:func:`_swap_in`), so a report that fails or is killed leaves the previous one whole.
+    Staging folders older than :data:`STALE_STAGING_S` were left by killed reports and are removed.
+    What ``formats``
+    does not regenerate (say the figures, for ``--format md csv``) is carried over from the previous
+    report; what it does regenerate is replaced as a whole, so no figure or page outlives its runs."""
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir
-    report_dir = out / REPORT_DIR
     formats = list(formats)
     df = collect(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(STAGING_PREFIX + "*"):
+        if time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        written = _write_all(df, results_dir, out, staging, formats)
+        _carry_over(out / REPORT_DIR, staging / REPORT_DIR, formats)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / path.relative_to(staging) for path in written]
+
+
+def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, formats: list[str]) -> list[Path]:
+    """The report of ``df`` under ``staging``, laid out (and linked) as it will be under ``out``."""
+    report_dir = staging / REPORT_DIR
     written: list[Path] = []
     image_format = next((f for f in ("png", "svg") if f in formats), None)
     stems: dict = {}
     if image_format:
-        shutil.rmtree(report_dir / "plots", ignore_errors=True)  # so no figure outlives its run
         stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")])
         written += files
     if "csv" in formats:
@@ -634,13 +779,55 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
         written.append(report_dir / "results.parquet")
     if "md" in formats:
         exports = [p for p in written if p.suffix in (".csv", ".parquet")]
-        written += _write_markdown(df, results_dir, out, stems, image_format, exports)
+        written += _write_markdown(df, results_dir, out, staging, stems, image_format, exports)
     return written
 
 
-def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, stems: Mapping, image_format: str | None,
-                    exports: list[Path]) -> list[Path]:
-    report_dir = out / REPORT_DIR
+#: the hidden folder a report is written into before it is swapped in
+STAGING_PREFIX = ".report-"
+#: a staging folder untouched for this long (seconds) was left by a killed report: no report runs
+#: that long, so removing it cannot disturb one still writing (no lock, which NFS would not honour)
+STALE_STAGING_S = 3600
+
+
+def _regenerated(name: str, formats: list[str]) -> bool:
+    """Whether an entry of the report folder is rewritten by a report of ``formats``."""
+    if name == "plots":
+        return "png" in formats or "svg" in formats
+    if name.endswith(".md"):
+        return "md" in formats
+    return name in {f"results.{fmt}" for fmt in ("csv", "parquet") if fmt in formats}
+
+
+def _carry_over(previous: Path, new: Path, formats: list[str]) -> None:
+    """Copy what this report does not regenerate from the previous report folder into the new one."""
+    if not previous.is_dir():
+        return
+    for entry in previous.iterdir():
+        if _regenerated(entry.name, formats):
+            continue
+        new.mkdir(parents=True, exist_ok=True)
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name)
+        else:
+            shutil.copy2(entry, new / entry.name)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move the staged report into ``out``: the report folder by two renames (the previous one into
+    the staging folder, which the caller deletes), then the index by an atomic replace. Readers never
+    see a half-written page or a page whose figures are missing, except between the two renames."""
+    if (staging / REPORT_DIR).is_dir():
+        if (out / REPORT_DIR).exists():
+            os.rename(out / REPORT_DIR, staging / "previous")
+        os.rename(staging / REPORT_DIR, out / REPORT_DIR)
+    if (staging / INDEX).is_file():
+        os.replace(staging / INDEX, out / INDEX)
+
+
+def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, stems: Mapping,
+                    image_format: str | None, exports: list[Path]) -> list[Path]:
+    report_dir = staging / REPORT_DIR
 
     def relative(stem: Path, start: Path) -> str:
         return (stem.parent / f"{stem.name}.{image_format}").relative_to(start).as_posix()
@@ -650,14 +837,114 @@ def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, stems: Mappi
         images = {task: [relative(s, report_dir) for s in paths] for task, paths in stems.get(model, {}).items()}
         page = _write_text(report_dir / f"{model}.md", leaderboard_markdown(df, model, images))
         written.append(page)
-        pages[model] = page.relative_to(out).as_posix()
-    index_images = {model: [relative(s, out) for s in by_task.get(None, [])] for model, by_task in stems.items()}
-    export_links = [p.relative_to(out).as_posix() for p in exports]
+        pages[model] = page.relative_to(staging).as_posix()
+    index_images = {model: [relative(s, staging) for s in by_task.get(None, [])] for model, by_task in stems.items()}
+    export_links = [p.relative_to(staging).as_posix() for p in exports]
     bench = results_dir / BENCH_PAGE
     bench_link = Path(os.path.relpath(bench, out)).as_posix() if bench.is_file() else None
-    written.append(_write_text(out / INDEX, index_markdown(df, results_dir, pages, index_images, export_links,
-                                                           bench_link)))
+    written.append(_write_text(staging / INDEX, index_markdown(df, results_dir, pages, index_images, export_links,
+                                                               bench_link)))
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing two methods
+# ---------------------------------------------------------------------------------------------
+
+#: one paired comparison per model, task (with its parameters) and pair of settings; scores and
+#: differences on the 0-100 scale, ``difference`` = B - A
+COMPARE_COLUMNS = ["model", "task", "task_params", "a", "b", "a_setting", "b_setting", "n", "a_score", "b_score",
+                   "difference", "ci_low", "ci_high", "p", "p_holm", "test", "lost", "gained"]
+
+
+def select(df: pd.DataFrame, spec: str) -> pd.DataFrame:
+    """The runs ``spec`` names: ``METHOD`` (its runs at default parameters, every setting) or
+    ``METHOD/SETTING`` (one setting directory name, e.g. ``snapkv/ratio-4``, ``knorm/budget-256``,
+    ``lagkv/ratio-4_lag-128``). Unknown names raise ConfigError with the choices."""
+    method, _, setting = spec.partition("/")
+    if method not in set(df.method):
+        raise unknown_name("method in these results", method, set(df.method))
+    runs = df[df.method == method]
+    if setting:
+        if setting not in set(runs.setting):
+            raise unknown_name(f"setting of {method} in these results", setting, set(runs.setting))
+        return runs[runs.setting == setting]
+    default = runs[runs.variant == ""]
+    if default.empty:
+        raise ConfigError(f"{method} has no runs at its default parameters here; name a setting: "
+                          + ", ".join(f"{method}/{s}" for s in sorted(set(runs.setting))))
+    return default
+
+
+def _single_setting(spec: str) -> bool:
+    """A side of a comparison that stands for one setting: named with its setting, or the full cache."""
+    return "/" in spec or spec == BASELINE_METHOD
+
+
+def compare(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """B against A (:data:`COMPARE_COLUMNS`), run by run, on the samples both hold.
+
+    ``a`` and ``b`` are :func:`select` specs. Runs pair within a model, task and task parameters,
+    and at the same compression (nominal ratio or budget), unless a side stands for one setting
+    (``METHOD/SETTING``, or ``full``): then its run is compared with each of the other side's runs
+    of that model and task. Each pair is :func:`kvbench.stats.paired_comparison` with A as the
+    reference (``lost``: samples B scores lower than A); ``p_holm`` is Holm-adjusted over the table.
+    Runs without per-sample scores (failed runs) are left out."""
+    runs_a, runs_b = select(df, a), select(df, b)
+    by_compression = not (_single_setting(a) or _single_setting(b))
+
+    def key(run: Mapping) -> tuple:
+        return (*_baseline_key(run), run["column"] if by_compression else None)
+
+    rows = []
+    for run_a in runs_a.to_dict("records"):
+        for run_b in runs_b.to_dict("records"):
+            if key(run_a) != key(run_b) or not run_a["sample_scores"] or not run_b["sample_scores"]:
+                continue
+            if not run_a["sample_scores"].keys() & run_b["sample_scores"].keys():
+                continue
+            pair = paired_comparison(run_a["sample_scores"], run_b["sample_scores"])
+            shared = [i for i in run_a["sample_scores"] if i in run_b["sample_scores"]]
+            rows.append({
+                "model": run_a["model"], "task": run_a["task"], "task_params": run_a["task_params"], "a": a, "b": b,
+                "a_setting": run_a["setting"], "b_setting": run_b["setting"], "n": pair.n,
+                "a_score": 100 * sum(run_a["sample_scores"][i] for i in shared) / len(shared),
+                "b_score": 100 * sum(run_b["sample_scores"][i] for i in shared) / len(shared),
+                "difference": 100 * pair.diff, "ci_low": 100 * pair.ci_low, "ci_high": 100 * pair.ci_high, "p": pair.p,
+                "test": pair.test, "lost": pair.lost, "gained": pair.gained,
+            })
+    if not rows:
+        raise ConfigError(f"{a} and {b} share no model and task (with per-sample scores) to compare"
+                          + ("" if not by_compression else " at the same compression"))
+    table = pd.DataFrame(rows)
+    table["p_holm"] = holm(list(table.p))
+    return table[COMPARE_COLUMNS]
+
+
+def compare_markdown(table: pd.DataFrame) -> str:
+    """The comparison table of :func:`compare`, with what its columns mean."""
+    a, b = table.a.iloc[0], table.b.iloc[0]
+    body = [[r.model, r.task, r.a_setting, r.b_setting, str(r.n), f"{r.a_score:.1f}", f"{r.b_score:.1f}",
+             _interval_text(r.difference, r.ci_low, r.ci_high), f"{r.p:.3g}", f"{r.p_holm:.3g}", r.test, str(r.lost),
+             str(r.gained)] for r in table.itertuples()]
+    header = ["model", "task", f"{a} setting", f"{b} setting", "n", a, b, f"{b} - {a} [95% CI]", "p",
+              "p (Holm)", "test", "lost", "gained"]
+    return (f"{b} against {a}, sample by sample on the n samples both runs hold (scores: means over those "
+            f"samples). lost / gained: samples {b} scores lower / higher than {a}. p: McNemar (0/1 scores) or "
+            f"sign-flip; Holm-adjusted over the table's {len(table)} comparison(s).\n\n"
+            + markdown_table(header, body))
+
+
+def write_comparison(results_dir: str | Path, a: str, b: str, out_dir: str | Path | None = None) -> tuple[str, Path]:
+    """:func:`compare` the runs under ``results_dir``; write the table as CSV to
+    ``out_dir/comparisons/<A>_vs_<B>.csv`` (default ``out_dir``: ``results_dir``); return the
+    markdown and the CSV path."""
+    table = compare(collect(results_dir), a, b)
+    out = Path(out_dir if out_dir is not None else results_dir) / COMPARISONS_DIR
+    path = out / f"{a.replace('/', '_')}_vs_{b.replace('/', '_')}.csv"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, table.to_csv(index=False))
+    return compare_markdown(table), path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,12 +953,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results_dir", nargs="?", default="results", type=Path,
                         help="results directory to read (default: results)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where LEADERBOARD.md and leaderboards/ go (default: results_dir)")
+                        help="where LEADERBOARD.md and leaderboards/ (or comparisons/) go (default: results_dir)")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
                         help="what to write (default: all)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="instead of the report: B against A, sample by sample, for every model, task and "
+                             "setting both have; A and B are METHOD (default parameters) or METHOD/SETTING "
+                             "(e.g. snapkv/ratio-4); prints a table, writes OUT/comparisons/A_vs_B.csv")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"no results directory {args.results_dir}")
+    if args.compare:
+        try:
+            markdown, path = write_comparison(args.results_dir, *args.compare, args.out)
+        except ConfigError as err:
+            print(f"kvbench.report: {err}", file=sys.stderr)
+            return 2
+        print(f"{markdown}\n\nwritten: {path}")
+        return 0
     written = write_report(args.results_dir, args.out, args.formats)
     index = next((p for p in written if p.name == INDEX), None)
     print(f"kvbench.report: wrote {len(written)} files" + (f"; index: {index}" if index else ""))

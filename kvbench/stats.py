@@ -5,7 +5,8 @@ returns numbers on the same scale; ``columns(scale=100)`` converts to the 0-100 
 Resampling is seeded (``SEED``), so the same scores always give the same interval and p-value.
 ``docs/statistics.md`` explains the choices; ``python -m kvbench.stats`` prints its sample-size tables.
 
-- :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered.
+- :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered; :func:`task_mean_ci`: of a
+  mean over tasks (each task resampled apart).
 - :func:`paired_comparison`: one run against a reference, sample by sample (mean difference with a
   paired-bootstrap CI, McNemar or sign-flip p-value, samples lost and gained).
 - :func:`mcnemar_p`, :func:`sign_flip_p`, :func:`holm`: the tests and the family-wise correction;
@@ -13,7 +14,9 @@ Resampling is seeded (``SEED``), so the same scores always give the same interva
 - :func:`samples_needed_paired`, :func:`detectable_drop_paired`, :func:`samples_needed_unpaired`,
   :func:`detectable_drop_unpaired`, :func:`mcnemar_power`, :func:`detectable_effect`: power (80%)
   at alpha 0.05.
-- :func:`pareto_frontier`, :func:`retention_auc`: the score-vs-bytes frontier and the retention curve.
+- :func:`pareto_frontier`, :func:`retention_auc`: the score-vs-bytes frontier and the retention curve;
+  :func:`retention_ci`, :func:`retention_auc_ci`: their intervals (paired bootstrap of the ratio to
+  the reference).
 """
 
 from __future__ import annotations
@@ -475,6 +478,24 @@ def pareto_frontier(scores: Sequence[float], bytes_held: Sequence[float]) -> lis
     return frontier
 
 
+def _log2_ratios(ratios: Sequence[float], count: int, what: str) -> np.ndarray:
+    if count != len(ratios) or len(ratios) < 2:
+        raise ConfigError(f"{what}: need >= 2 (ratio, retention) points of equal count, got "
+                          f"{len(ratios)} ratios and {count} values")
+    x = np.log2(np.asarray(ratios, dtype=np.float64))
+    if np.any(~np.isfinite(x)) or len(set(x.tolist())) != len(x):
+        raise ConfigError(f"{what}: ratios must be distinct positive numbers, got {list(ratios)}")
+    return x
+
+
+def _mean_height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Trapezoid area under ``y`` (last axis, one value per ``x``) over ``x``, divided by x's range."""
+    order = np.argsort(x)
+    x, y = x[order], y[..., order]
+    area = np.sum((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
+    return area / float(x[-1] - x[0])
+
+
 def retention_auc(ratios: Sequence[float], retention: Sequence[float]) -> float:
     """Area under the retention-vs-ratio curve over log2(ratio), divided by the swept log2 range.
 
@@ -483,16 +504,117 @@ def retention_auc(ratios: Sequence[float], retention: Sequence[float]) -> float:
     the full cache's score, 0.5 for a method that keeps half of it throughout. Comparable only
     between methods swept over the same ratios.
     """
-    if len(ratios) != len(retention) or len(ratios) < 2:
-        raise ConfigError(f"retention_auc: need >= 2 (ratio, retention) points of equal count, got "
-                          f"{len(ratios)} ratios and {len(retention)} values")
-    x = np.log2(np.asarray(ratios, dtype=np.float64))
-    if np.any(~np.isfinite(x)) or len(set(x.tolist())) != len(x):
-        raise ConfigError(f"retention_auc: ratios must be distinct positive numbers, got {list(ratios)}")
-    order = np.argsort(x)
-    x, y = x[order], np.asarray(retention, dtype=np.float64)[order]
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
-    return area / float(x[-1] - x[0])
+    x = _log2_ratios(ratios, len(retention), "retention_auc")
+    return float(_mean_height(x, np.asarray(retention, dtype=np.float64)))
+
+
+def _resampled_means(table: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """(resamples, columns): the column means of ``table`` (samples x columns) over ``resamples``
+    draws of its rows with replacement, each draw shared by all columns (the pairing)."""
+    means = np.empty((resamples, table.shape[1]))
+    rows = max(1, _CHUNK_ELEMENTS // len(table))
+    for start in range(0, resamples, rows):
+        draw = rng.integers(0, len(table), size=(min(rows, resamples - start), len(table)), dtype=np.int32)
+        means[start : start + len(draw)] = table[draw].mean(axis=1)
+    return means
+
+
+def task_mean_ci(
+    tasks: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> Interval:
+    """Percentile bootstrap CI of the mean over tasks of each task's mean score (an average over a
+    leaderboard's tasks, each task weighted equally whatever its size). Each resample draws every
+    task's samples with replacement, independently per task (a stratified bootstrap)."""
+    if not tasks:
+        raise ConfigError("task_mean_ci: no tasks given")
+    rng = np.random.default_rng(seed)
+    arrays = [_scores_array(scores, "task_mean_ci") for scores in tasks]
+    resampled = sum(_resampled_means(values[:, None], rng, resamples)[:, 0] for values in arrays) / len(arrays)
+    estimate = sum(values.mean() for values in arrays) / len(arrays)
+    return _percentile_interval(estimate, resampled, sum(map(len, arrays)), "stratified percentile bootstrap (tasks)",
+                                resamples, seed, level)
+
+
+def _resampled_retention(
+    tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]], resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(estimate (k,), resampled (resamples, k), samples): per column of runs, the mean over tasks of
+    100 * mean(run) / mean(reference). Each task's samples are drawn with replacement, the same draw
+    for its reference and all its runs (pairing); tasks are drawn independently. A resample whose
+    reference mean is 0 gives NaN."""
+    if not tasks:
+        raise ConfigError("retention interval: no tasks given")
+    rng = np.random.default_rng(seed)
+    estimate, resampled, samples = 0.0, 0.0, 0
+    for reference, runs in tasks:
+        ref = _scores_array(reference, "retention reference")
+        table = np.asarray(runs, dtype=np.float64)
+        if table.ndim != 2 or table.shape[0] != len(ref):
+            raise ConfigError(f"retention interval: expected the runs' scores on the reference's {len(ref)} "
+                              f"samples, got shape {table.shape}")
+        if not np.all(np.isfinite(table)):
+            raise ConfigError("retention runs: scores must be finite numbers (found NaN or infinity)")
+        if ref.mean() == 0:
+            raise ConfigError("retention interval: the reference's mean score is 0, so retention is undefined")
+        means = _resampled_means(np.column_stack([ref, table]), rng, resamples)
+        ref_means, means = means[:, 0], means[:, 1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            resampled = resampled + 100 * means / np.where(ref_means == 0, np.nan, ref_means)[:, None]
+        estimate = estimate + 100 * table.mean(axis=0) / ref.mean()
+        samples += len(ref)
+    return estimate / len(tasks), resampled / len(tasks), samples
+
+
+def _percentile_interval(estimate: float, resampled: np.ndarray, n: int, method: str, resamples: int, seed: int,
+                         level: float) -> Interval:
+    """The interval of ``estimate`` from its resampled values; NaN resamples are left out."""
+    finite = resampled[np.isfinite(resampled)]
+    tail = (1 - level) / 2
+    low, high = np.quantile(finite, [tail, 1 - tail]) if finite.size else (math.nan, math.nan)
+    return Interval(estimate=float(estimate), low=float(low), high=float(high), n=n, method=method,
+                    resamples=resamples, seed=seed, level=level)
+
+
+RETENTION_CI_METHOD = "paired percentile bootstrap of the retention ratio"
+
+
+def retention_ci(
+    tasks: Sequence[tuple[Sequence[float], Sequence[float]]],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Interval:
+    """95% interval of a retention in percent: the mean over ``tasks`` of 100 * mean(run) /
+    mean(reference), where each task is (reference scores, run scores) on the same samples in the
+    same order. The bootstrap resamples each task's samples (the same draw for both runs, so the
+    pairing is kept; tasks independently). Resamples in which a reference mean is 0 (retention
+    undefined) are left out; with none left the ends are NaN."""
+    estimate, resampled, n = _resampled_retention(
+        [(ref, np.asarray(run, dtype=np.float64)[:, None]) for ref, run in tasks], resamples, seed)
+    return _percentile_interval(estimate[0], resampled[:, 0], n, RETENTION_CI_METHOD, resamples, seed, level)
+
+
+def retention_auc_ci(
+    ratios: Sequence[float],
+    tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Interval:
+    """:func:`retention_auc` of a method's retention curve (percent) with its 95% interval. Each
+    task is (reference scores (n,), runs' scores (n, len(ratios))): the method's run at each ratio
+    on the same samples as the reference. Every bootstrap resample draws each task's samples once
+    for the reference and all ratios, computes the retention curve averaged over tasks as
+    :func:`retention_ci` does, and its AUC. To start the curve at the full cache, give ratio 1 with
+    the reference's own scores as its run (retention exactly 100 in every resample)."""
+    if any(np.shape(runs)[1:] != (len(ratios),) for _, runs in tasks):
+        raise ConfigError(f"retention_auc_ci: every task needs one column of scores per ratio ({len(ratios)})")
+    x = _log2_ratios(ratios, len(ratios), "retention_auc_ci")
+    estimate, resampled, n = _resampled_retention(tasks, resamples, seed)
+    return _percentile_interval(_mean_height(x, estimate), _mean_height(x, resampled), n,
+                                f"{RETENTION_CI_METHOD} curve's area", resamples, seed, level)
 
 
 DISCORDANCES = (0.10, 0.20, 0.30)

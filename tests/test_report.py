@@ -1,16 +1,19 @@
 """kvbench.report on synthetic results directories written here with the runner's schema."""
 
 import json
+import os
 import re
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
+from conftest import run_info, sample_record
 from omegaconf import OmegaConf
 
-from conftest import run_info, sample_record
 from kvbench import plots, report
 from kvbench.results import KVStats, KVUsage, RunDir, RunScores
 from kvbench.summary import SweepSummary
@@ -98,7 +101,8 @@ def test_collect_one_row_per_run_with_run_facts(sweep):
     run = run_of(df, model="a", task="passkey", method="zeta", setting="ratio-2")
     assert (run.nominal_ratio, run.measured_ratio, run.suite, run.metric, run.n, run.n_expected) == (
         2, 2, "passkey", "exact_match", 4, 4)
-    assert (run.prefill_s_mean, run.decode_s_mean, run.bytes_vs_full) == (0.5, 0.25, 0.5)
+    assert (run.prefill_s_computed, run.decode_s_mean, run.bytes_vs_full) == (0.5, 0.25, 0.5)
+    assert pd.isna(run.prefill_s_reused)  # no record reused a prefill
     assert run.run_dir == str(sweep / "a" / "passkey" / "zeta" / "ratio-2")
     budget = run_of(df, method="alpha", setting="budget-256")
     assert budget.budget == 256 and pd.isna(budget.nominal_ratio) and budget.column == "budget 256"
@@ -149,13 +153,13 @@ def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
     average = table_blocks(markdown)[0]
     alpha = cells_of(next(line for line in average if line.startswith("| alpha |")))
     # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, footnoted, not bold
-    assert alpha[2].startswith("60.0 (75.0%) [")
+    assert alpha[2].startswith("60.0 ±0 (75.0%) [")
     assert "mean over 1 of 2 tasks; left out: passkey_long (partial, 2 of 4)" in markdown
     assert "passkey_long (failed)" in markdown and "passkey_long (not run)" in markdown
     # zeta 2x covers both tasks (mean of 40 and 25, of 50% and 50%); the only such cell of its
     # column, so there is nothing to bold
     zeta = cells_of(next(line for line in average if line.startswith("| zeta |")))
-    assert zeta[2] == "32.5 (50.0%)"
+    assert zeta[2] == "32.5 ±0 (50.0%)"  # every record scores 1: no spread to resample
 
 
 def test_rows_and_columns_in_a_stable_order(sweep):
@@ -216,17 +220,102 @@ def test_a_task_kind_this_kvbench_lacks_is_reported_without_groups_or_figures(tm
     assert not [p for p in written if p.name.startswith("passkey_")]
 
 
+def legend_labels(fig) -> list[str]:
+    return [text.get_text() for text in fig.legends[0].get_texts()]
+
+
+def data_lines(fig) -> dict:
+    """label -> the Line2D through the points of each series drawn with error bars."""
+    return {bars.get_label(): bars.lines[0] for bars in fig.axes[0].containers}
+
+
 def test_retention_figure_has_one_line_per_method_and_labelled_axes(sweep):
     df = report.collect(sweep)
     fig = plots.retention_vs_ratio(report.retention_points(df, "a", "passkey"), "a: passkey")
     ax = fig.axes[0]
-    assert [line.get_label() for line in ax.get_lines()] == [plots.FULL_CACHE_LABEL, "alpha", "alpha lag-128", "zeta"]
-    zeta = ax.get_lines()[-1]
-    assert list(zeta.get_xdata()) == [2, 16] and list(zeta.get_ydata()) == [50.0, 25.0]
+    assert legend_labels(fig) == [plots.FULL_CACHE_LABEL, "alpha", "alpha lag-128", "zeta"]
+    zeta = data_lines(fig)["zeta"]
+    # zeta, the last of three methods, is dodged right of the true ratios by one step
+    offset = 2 ** plots.DODGE_STEP
+    assert list(zeta.get_xdata()) == pytest.approx([2 * offset, 16 * offset]) and list(zeta.get_ydata()) == [50.0, 25.0]
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["2x", "16x"]
     assert "compression ratio" in ax.get_xlabel() and "retention" in ax.get_ylabel()
     # averaged: only settings complete on every task (zeta 2x); alpha has none
     average = report.retention_points(df, "a")
-    assert average.to_dict("records") == [{"row": "zeta", "nominal_ratio": 2.0, "retention": 50.0}]
+    assert average[["row", "nominal_ratio", "retention"]].to_dict("records") == [
+        {"row": "zeta", "nominal_ratio": 2.0, "retention": 50.0}]
+
+
+def many_methods(root: Path, count: int = 15, score: float = 0.0) -> list[str]:
+    """A full cache and ``count`` methods at 2x and 4x, every run scoring ``score``."""
+    names = [f"method{i:02d}" for i in range(count)]
+    write_run(root, score=80.0)
+    for name in names:
+        for ratio in (2, 4):
+            write_run(root, method=name, ratio=ratio, score=score, bytes_held=4000 / ratio)
+    return names
+
+
+def test_every_figure_gives_a_method_the_same_distinct_colour_and_marker(tmp_path):
+    names = many_methods(tmp_path)
+    df = report.collect(tmp_path)
+    palette = report.palette(df)
+    retention = data_lines(plots.retention_vs_ratio(report.retention_points(df, "m", "passkey"), "r", palette))
+    pareto = data_lines(plots.score_vs_bytes(report._bytes_points(df), "s", "exact_match", palette))
+    for figure in (retention, pareto):
+        assert {name: (line.get_color(), line.get_marker(), line.get_linestyle()) for name, line in figure.items()
+                if name in names} == {name: (palette[name].color, palette[name].marker, palette[name].linestyle)
+                                      for name in names}
+    styles = {(palette[name].color, palette[name].marker) for name in names}
+    assert len(styles) == 15
+    assert len({palette[name].color for name in names}) == len(plots.COLORS)  # every colour before any repeats
+    assert pareto["full"].get_color() == plots.REFERENCE_STYLE_COLOR
+    # a style comes from the name, not from a position: alone, two names get different colours, and
+    # together (free colours) each keeps its own
+    first, last = (plots.Palette([name])[name] for name in (names[0], names[-1]))
+    assert first.color != last.color
+    assert plots.Palette([names[0], names[-1]])[names[-1]] == last
+    with pytest.raises(KeyError, match="not in this palette"):
+        palette["unknown"]
+
+
+def test_identical_lines_stay_visible(tmp_path):
+    many_methods(tmp_path, count=2, score=40.0)  # both methods score the same at every ratio
+    df = report.collect(tmp_path)
+    lines = data_lines(plots.retention_vs_ratio(report.retention_points(df, "m", "passkey"), "r"))
+    first, second = lines["method00"], lines["method01"]
+    assert list(first.get_ydata()) == list(second.get_ydata())
+    assert all(a < b for a, b in zip(first.get_xdata(), second.get_xdata()))  # dodged apart
+
+
+def test_legend_is_outside_the_data(tmp_path):
+    many_methods(tmp_path, count=4, score=40.0)
+    df = report.collect(tmp_path)
+    for fig in (plots.retention_vs_ratio(report.retention_points(df, "m", "passkey"), "r"),
+                plots.score_vs_bytes(report._bytes_points(df), "s", "exact_match")):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend, axes = fig.legends[0].get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+        assert legend.x0 >= axes.x1, (legend, axes)
+
+
+def test_constant_data_gets_the_score_scale_not_a_sliver(tmp_path):
+    many_methods(tmp_path, count=2, score=0.0)
+    df = report.collect(tmp_path)
+    bottom, top = plots.score_vs_bytes(report._bytes_points(df[df.method != "full"]), "s", "exact_match").axes[0].get_ylim()
+    assert bottom == 0 and top >= 100
+    points = report.retention_points(df, "m", "passkey")
+    assert (points.retention == 0).all()
+    bottom, top = plots.retention_vs_ratio(points, "r").axes[0].get_ylim()
+    assert bottom == 0 and top >= 110
+
+
+def test_heatmap_uses_a_colour_blind_safe_map():
+    fig = plots.heatmap([[0.0, 100.0]], [512, 1024], [0.5], "length", "depth", "exact_match", "t")
+    image = fig.axes[0].get_images()[0]
+    assert image.get_cmap().name == plots.HEATMAP_CMAP == "cividis"
+    # the cell text stays readable: white on the dark end, black on the light end
+    assert [text.get_color() for text in fig.axes[0].texts] == ["white", "black"]
 
 
 def test_write_report_writes_linked_tables_exports_and_figures(sweep):
@@ -249,6 +338,70 @@ def test_cli_writes_to_out_dir(sweep, tmp_path, capsys):
     assert (out / report.INDEX).is_file() and (out / report.REPORT_DIR / "a.md").is_file()
     assert not (sweep / report.INDEX).exists()
     assert "LEADERBOARD.md" in capsys.readouterr().out
+
+
+def report_files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and (p.name == report.INDEX or report.REPORT_DIR in p.parts)}
+
+
+def test_a_failing_report_leaves_the_previous_one_whole(sweep, monkeypatch):
+    report.write_report(sweep, formats=["md", "csv", "png"])
+    before = report_files(sweep)
+    write_run(sweep, model="a", method="beta", ratio=2, score=30.0)  # a new run the next report would add
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots, "score_vs_bytes", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        report.write_report(sweep, formats=["md", "csv", "png"])
+    assert report_files(sweep) == before
+    assert not list(sweep.glob(report.STAGING_PREFIX + "*"))  # no staging folder left behind
+
+
+def test_a_killed_reports_staging_folder_is_removed_by_a_later_report(sweep):
+    killed, running = sweep / f"{report.STAGING_PREFIX}killed", sweep / f"{report.STAGING_PREFIX}running"
+    for folder in (killed, running):
+        (folder / report.REPORT_DIR).mkdir(parents=True)
+        (folder / report.INDEX).write_text("half a report")
+    stale = time.time() - report.STALE_STAGING_S - 60
+    os.utime(killed, (stale, stale))
+    report.write_report(sweep, formats=["md"])
+    assert not killed.exists() and "half a report" not in (sweep / report.INDEX).read_text()
+    assert (running / report.INDEX).is_file()  # possibly another report's, still writing
+
+
+def test_a_partial_format_report_keeps_what_it_does_not_rewrite(sweep):
+    report.write_report(sweep, formats=["md", "csv", "png"])
+    figure = sweep / report.REPORT_DIR / "plots" / "a" / "retention_average.png"
+    written = report.write_report(sweep, formats=["md"])
+    assert figure.is_file() and (sweep / report.REPORT_DIR / "results.csv").is_file()
+    assert figure not in written and all(path.is_file() for path in written)
+    # the figures are regenerated as a whole: one whose run is gone disappears; the pages stay
+    run_figure = sweep / report.REPORT_DIR / "plots" / "a" / "passkey" / "passkey_zeta_ratio-2.png"
+    assert run_figure.is_file()
+    shutil.rmtree(sweep / "a" / "passkey" / "zeta" / "ratio-2")
+    report.write_report(sweep, formats=["png"])
+    assert (run_figure.parent / "score_vs_kv_bytes.png").is_file() and not run_figure.exists()
+    assert (sweep / report.REPORT_DIR / "a.md").is_file() and (sweep / report.INDEX).is_file()
+
+
+def test_reused_prefills_are_timed_apart_from_computed_ones(tmp_path):
+    write_run(tmp_path)
+    run = RunDir(write_run(tmp_path, method="zeta", ratio=4, n=0, n_expected=4, scores=False))
+    for i, (reused, seconds) in enumerate([(False, 8.0), (True, 0.5), (True, 0.7), (False, 10.0)]):
+        run.append(sample_record(f"s{i}", prefill_reused=reused, prefill_s=seconds))
+    df = report.collect(tmp_path)
+    zeta = run_of(df, method="zeta")
+    assert (zeta.prefill_s_computed, zeta.prefill_s_reused) == (9.0, pytest.approx(0.6))
+    page = report.leaderboard_markdown(df, "m")
+    efficiency = next(block for block in table_blocks(page) if "prefill s/sample (reused)" in block[0])
+    header = cells_of(efficiency[0])
+    assert header[-3:] == ["prefill s/sample (computed)", "prefill s/sample (reused)", "decode s/sample"]
+    full = cells_of(efficiency[2])
+    assert full[0] == "full" and full[-3:-1] == ["0.500", "n/a"]
+    assert report.PREFILL_NOTE in page
 
 
 def test_sweep_end_regenerates_the_report_and_survives_failures(tmp_path, monkeypatch, caplog):

@@ -6,12 +6,20 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import run_info, sample_record
-from kvbench import report
+
+from kvbench import plots, report
+from kvbench.errors import ConfigError
 from kvbench.results import RunDir, RunScores, find_runs, sample_scores
 from kvbench.runner import summarize_run
-from kvbench.stats import bootstrap_ci, detectable_drop_unpaired, paired_comparison
+from kvbench.stats import (
+    bootstrap_ci,
+    detectable_drop_unpaired,
+    paired_comparison,
+    retention_auc,
+    retention_auc_ci,
+    retention_ci,
+)
 from kvbench.tasks import task_from_identity
 
 PASSKEY = {"name": "passkey", "kind": "passkey",
@@ -137,3 +145,132 @@ def test_the_best_alone_is_bold_when_it_beats_every_other_run(tree):
     shutil.rmtree(tree / "m" / "passkey" / "zeta")
     cells, _ = passkey_table(tree)
     assert cells["beta"][1].startswith("**") and not cells["alpha"][1].startswith("**")
+
+
+# --- comparing two methods
+
+
+def test_compare_pairs_two_methods_sample_by_sample(tree):
+    table = report.compare(report.collect(tree), "alpha", "zeta")
+    row = table.iloc[0]
+    assert len(table) == 1 and (row.a_setting, row.b_setting, row.n) == ("ratio-4", "ratio-4", 12)
+    # by hand: zeta (B) loses s0 to alpha (A) and gains s4..s10; McNemar b=1, c=7: p = 2 * 9 / 256
+    assert (row.lost, row.gained, row.test) == (1, 7, "McNemar exact")
+    assert row.p == pytest.approx(18 / 256) and row.p_holm == row.p
+    assert (row.a_score, row.b_score, row.difference) == (pytest.approx(100 / 3), pytest.approx(250 / 3), pytest.approx(50.0))
+    assert row.ci_low < 50 < row.ci_high
+
+
+def test_compare_with_a_single_setting_pairs_it_with_every_setting_of_the_other(tree):
+    write_run(tree, "zeta", [1.0] * 12, "ratio-8", 8)
+    df = report.collect(tree)
+    against_full = report.compare(df, "full", "zeta")
+    assert list(against_full.b_setting) == ["ratio-4", "ratio-8"] and set(against_full.a_setting) == {"ratio-1"}
+    # the same comparison as the run table's paired columns with the full cache
+    exported = df[df.method == "zeta"].set_index("setting")
+    assert list(against_full.difference) == pytest.approx(list(exported.vs_full_diff))
+    assert list(against_full.p) == pytest.approx(list(exported.vs_full_p))
+    assert list(against_full.p_holm) == pytest.approx([min(1.0, 2 * min(against_full.p))] * 2)
+    pinned = report.compare(df, "alpha/ratio-4", "zeta")
+    assert list(pinned.b_setting) == ["ratio-4", "ratio-8"]
+    both = report.compare(df, "alpha/ratio-4", "zeta/ratio-8")
+    assert list(both.b_setting) == ["ratio-8"]
+
+
+def test_compare_uses_the_samples_both_runs_hold(tree):
+    write_run(tree, "beta", [1.0] * 5, "ratio-4", 4)  # a limited run: s0..s4 only
+    row = report.compare(report.collect(tree), "alpha", "beta").iloc[0]
+    # on s0..s4 alpha scores 1, 1, 1, 1, 0: beta gains s4 only
+    assert (row.n, row.lost, row.gained, row.a_score) == (5, 0, 1, 80.0)
+
+
+def test_compare_names_the_choices_for_unknown_names(tree):
+    df = report.collect(tree)
+    with pytest.raises(ConfigError, match=r"unknown method in these results 'alpah' \(did you mean 'alpha'\?\); "
+                                          r"valid: alpha, full, zeta"):
+        report.compare(df, "alpah", "zeta")
+    with pytest.raises(ConfigError, match=r"unknown setting of zeta in these results 'ratio-3'.*valid: ratio-4"):
+        report.compare(df, "alpha", "zeta/ratio-3")
+    write_run(tree, "beta", [1.0] * 12, "ratio-8", 8)
+    with pytest.raises(ConfigError, match="share no model and task .* at the same compression"):
+        report.compare(report.collect(tree), "alpha", "beta")
+    write_run(tree, "gamma", [1.0] * 12, "ratio-4_lag-128", 4)  # only a variant: name its setting
+    with pytest.raises(ConfigError, match="gamma has no runs at its default parameters here; name a setting: "
+                                          "gamma/ratio-4_lag-128"):
+        report.compare(report.collect(tree), "alpha", "gamma")
+    assert report.compare(report.collect(tree), "alpha", "gamma/ratio-4_lag-128").n.tolist() == [12]
+
+
+def test_compare_cli_prints_the_table_and_writes_csv(tree, capsys):
+    assert report.main([str(tree), "--compare", "full", "alpha/ratio-4"]) == 0
+    printed = capsys.readouterr().out
+    path = tree / report.COMPARISONS_DIR / "full_vs_alpha_ratio-4.csv"
+    assert f"written: {path}" in printed
+    table = pd.read_csv(path)
+    assert list(table.columns) == report.COMPARE_COLUMNS
+    assert (table.n[0], table.lost[0], table.gained[0]) == (12, 6, 0)
+    line = next(line for line in printed.splitlines() if line.startswith("| m | passkey |"))
+    assert [c.strip() for c in line.strip("|").split("|")][4:8] == ["12", "83.3", "33.3", "-50.0 [-75.0, -25.0]"]
+    assert report.main([str(tree), "--compare", "nope", "alpha"]) == 2
+    assert "unknown method in these results 'nope'" in capsys.readouterr().err
+
+
+# --- intervals in the figures and the AUC summary
+
+
+def paired_scores(root, method):
+    run = next(r for r in find_runs(root) if r.read_run().identity.method["name"] == method)
+    return [r.scores["exact_match"] for r in run.records()]
+
+
+def test_retention_points_carry_the_paired_interval(tree):
+    points = report.retention_points(report.collect(tree), "m", "passkey").set_index("row")
+    interval = retention_ci([(FULL, ALPHA)])
+    assert points.retention["alpha"] == pytest.approx(40.0)
+    assert (points.ci_low["alpha"], points.ci_high["alpha"]) == (interval.low, interval.high)
+    fig = plots.retention_vs_ratio(points.reset_index(), "t")
+    bars = {container.get_label(): container for container in fig.axes[0].containers}
+    segment = bars["alpha"].lines[2][0].get_segments()[0]  # the vertical error bar
+    assert [y for _, y in segment] == pytest.approx([interval.low, interval.high])
+
+
+def test_auc_table_and_figure_with_intervals(tree):
+    write_run(tree, "alpha", [1.0] * 2 + [0.0] * 10, "ratio-8", 8)
+    df = report.collect(tree)
+    table = report.retention_auc_table(df, "m").set_index("row")
+    # alpha: 100% at 1x (the full cache), 40% at 4x, 20% at 8x
+    assert table.auc["alpha"] == pytest.approx(retention_auc([1, 4, 8], [100, 40, 20]))  # samples agree with scores
+    assert table.ratios["alpha"] == "1-4/8x" and table.ratios["zeta"] == "1-4x"
+    expected = retention_auc_ci([1, 4, 8], [(FULL, list(zip(FULL, ALPHA, [1.0] * 2 + [0.0] * 10)))])
+    assert (table.ci_low["alpha"], table.ci_high["alpha"]) == (expected.low, expected.high)
+    page = report.leaderboard_markdown(df, "m")
+    assert "## Area under the retention curve" in page
+    assert f"| alpha | 1-4/8x | {table.auc['alpha']:.1f} [{expected.low:.1f}, {expected.high:.1f}] |" in page
+    fig = plots.retention_auc_bars(table.reset_index(), "auc")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["alpha (1-4/8x)", "zeta (1-4x)"]
+    written = report.write_report(tree, formats=["png"])
+    assert tree / report.REPORT_DIR / "plots" / "m" / "retention_auc.png" in written
+
+
+def test_pareto_plot_draws_the_frontier_over_measured_bytes(tree):
+    df = report.collect(tree)
+    points = report._bytes_points(df)
+    fig = plots.score_vs_bytes(points, "t", "exact_match")
+    frontier = next(line for line in fig.axes[0].get_lines() if line.get_label() == plots.FRONTIER_LABEL)
+    # zeta (250 B, 83.3) scores as the full cache (1000 B, 83.3) with fewer bytes; alpha (250 B, 33.3) is
+    # dominated by zeta: the frontier is zeta alone, held to the widest byte count
+    assert fig.axes[0].get_xlabel() == "KV cache held after prefill, measured (B, mean per sample)"
+    assert list(frontier.get_xdata()) == pytest.approx([250, 1000])
+    assert list(frontier.get_ydata()) == pytest.approx([250 / 3, 250 / 3])
+    zeta = next(c for c in fig.axes[0].containers if c.get_label() == "zeta")
+    segment = zeta.lines[2][0].get_segments()[0]
+    assert [y for _, y in segment] == pytest.approx([df.ci_low[df.method == "zeta"].iloc[0],
+                                                     df.ci_high[df.method == "zeta"].iloc[0]])
+
+
+def test_averages_over_tasks_carry_an_interval(tree):
+    markdown = report.leaderboard_markdown(report.collect(tree), "m")
+    average = markdown[markdown.index("## Average over tasks"):markdown.index("## Area under")]
+    # one task: the average's interval is the task's own
+    half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
+    assert f"| alpha | – | 33.3 ±{half} (40.0%) |" in average

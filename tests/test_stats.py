@@ -20,10 +20,13 @@ from kvbench.stats import (
     paired_comparison,
     pareto_frontier,
     retention_auc,
+    retention_auc_ci,
+    retention_ci,
     sample_size_table,
     samples_needed_paired,
     samples_needed_unpaired,
     sign_flip_p,
+    task_mean_ci,
 )
 
 
@@ -294,3 +297,54 @@ def test_retention_auc_on_hand_computed_curves():
         retention_auc([2, 2], [1.0, 0.5])
     with pytest.raises(ConfigError):
         retention_auc([2], [1.0])
+
+
+def test_retention_interval_on_hand_enumerable_resamples():
+    # the reference always means 1; the run's resampled mean is 0, 0.5 or 1 (1/4, 1/2, 1/4): the 2.5% and
+    # 97.5% quantiles fall on 0 and 100
+    interval = retention_ci([([1.0, 1.0], [1.0, 0.0])])
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (50.0, 0.0, 100.0, 2)
+    assert interval.method == "paired percentile bootstrap of the retention ratio"
+    # tasks are averaged: 100% and 0% give 50% in every resample
+    assert retention_ci([([1.0, 1.0], [1.0, 1.0]), ([1.0, 1.0], [0.0, 0.0])]).columns(1) == {
+        "ci_low": 50.0, "ci_high": 50.0}
+    assert retention_ci([([1.0, 0.5, 0.2], [0.3, 0.9, 0.1])]) == retention_ci([([1.0, 0.5, 0.2], [0.3, 0.9, 0.1])])
+
+
+def test_retention_interval_keeps_the_pairing_and_skips_undefined_resamples():
+    # the run scores what the reference scores on every sample: 100% in every resample, although the
+    # scores vary; resamples that draw only the reference's 0 (no retention) are left out
+    scores = [1.0, 0.0, 0.6, 0.0]
+    interval = retention_ci([(scores, scores)])
+    assert (interval.estimate, interval.low, interval.high) == (100.0, 100.0, 100.0)
+    with pytest.raises(ConfigError, match="mean score is 0"):
+        retention_ci([([0.0, 0.0], [1.0, 0.0])])
+    with pytest.raises(ConfigError, match="reference's 2 samples"):
+        retention_ci([([1.0, 0.0], [1.0, 0.0, 1.0])])
+
+
+def test_retention_auc_interval_on_a_hand_computed_curve():
+    # per sample: (1x = the reference itself, 2x, 4x); retention 100, 50, 0 -> AUC over log2 0..2 = 50;
+    # resampled 2x retention is 0, 50 or 100, 4x always 0: AUC 25 + r2 / 2, so 25, 50 or 75
+    reference = [1.0, 1.0]
+    interval = retention_auc_ci([1, 2, 4], [(reference, [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])])
+    assert interval.estimate == pytest.approx(retention_auc([1, 2, 4], [100, 50, 0])) == pytest.approx(50.0)
+    assert (interval.low, interval.high) == (25.0, 75.0)
+    with pytest.raises(ConfigError, match="one column of scores per ratio"):
+        retention_auc_ci([1, 2, 4], [(reference, [[1.0, 1.0], [1.0, 0.0]])])
+    with pytest.raises(ConfigError, match="distinct positive"):
+        retention_auc_ci([2, 2], [(reference, [[1.0, 1.0], [1.0, 0.0]])])
+
+
+def test_mean_over_tasks_resamples_each_task_apart():
+    # task 1's resampled mean is 0, 0.5 or 1 (1/4, 1/2, 1/4), task 2's always 1: the average is 0.5, 0.75 or 1
+    interval = task_mean_ci([[1.0, 0.0], [1.0, 1.0]])
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (0.75, 0.5, 1.0, 4)
+    # tasks weigh equally: a large task does not swamp a small one
+    assert task_mean_ci([[1.0] * 50, [0.0]]).estimate == 0.5
+    # one task: the plain bootstrap (the same draws)
+    scores = [0.2, 0.9, 0.4, 1.0, 0.0]
+    one = task_mean_ci([scores])
+    assert (one.low, one.high) == (bootstrap_ci(scores).low, bootstrap_ci(scores).high)
+    with pytest.raises(ConfigError):
+        task_mean_ci([])

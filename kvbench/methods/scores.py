@@ -25,7 +25,8 @@ import torch.nn.functional as F
 #: enough for BLAS)
 QUERY_CHUNK = 128
 
-REDUCTIONS = ("mean", "max")
+#: how the query heads of a GQA group are reduced; "none" keeps them: (batch, kv_heads, group, q, kv_len)
+REDUCTIONS = ("mean", "max", "none")
 
 
 def _probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, first: int, reduce: str) -> torch.Tensor:
@@ -40,12 +41,15 @@ def _probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, first: int, 
     q_pos = torch.arange(first, first + q, device=keys.device)[:, None]
     future = torch.arange(n, device=keys.device)[None, :] > q_pos
     probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    if reduce == "none":
+        return probs
     return probs.mean(dim=2) if reduce == "mean" else probs.amax(dim=2)
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, reduce: str = "mean") -> torch.Tensor:
     """Attention probabilities (batch, kv_heads, q_len, kv_len) of the step's queries, which are the
-    last ``q_len`` tokens of ``keys``. Pass only the queries you need (``query[:, :, -w:]``)."""
+    last ``q_len`` tokens of ``keys`` ((batch, kv_heads, group, q_len, kv_len) with ``reduce="none"``).
+    Pass only the queries you need (``query[:, :, -w:]``)."""
     return _probs(query, keys, scaling, keys.shape[2] - query.shape[2], reduce)
 
 
@@ -94,11 +98,16 @@ def window_scores(window_query: torch.Tensor, keys: torch.Tensor, scaling: float
     by a 1-D average pooling of width ``kernel`` along the token axis (zero padding counted, as in
     SnapKV's ``F.avg_pool1d(..., padding=kernel // 2)``) so that neighbours of a hit are kept too."""
     w = window_query.shape[2]
-    summed = attention_probs(window_query, keys, scaling, reduce)[..., : keys.shape[2] - w].sum(dim=2)
-    if kernel <= 1 or summed.shape[-1] == 0:
-        return summed
-    b, h, n = summed.shape
-    return F.avg_pool1d(summed.reshape(b * h, 1, n), kernel, stride=1, padding=kernel // 2).reshape(b, h, n)
+    return pool(attention_probs(window_query, keys, scaling, reduce)[..., : keys.shape[2] - w].sum(dim=2), kernel)
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D average pooling of width ``kernel`` along the last (token) axis of ``scores`` (..., n),
+    zero padding counted (``F.avg_pool1d(..., padding=kernel // 2)``, as SnapKV and CAKE)."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    return F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
 
 
 def top_and_recent(scores: torch.Tensor, n: int, capacity: int, recent: int) -> torch.Tensor:
