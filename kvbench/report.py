@@ -71,7 +71,8 @@ import pandas as pd
 from kvbench import plots
 from kvbench.errors import ConfigError
 from kvbench.registry import unknown_name
-from kvbench.results import RunDir, find_runs, generations, sample_scores, seconds_per_correct, write_atomic
+from kvbench.results import (FIDELITY_METRICS, RunDir, find_runs, generations, sample_scores, seconds_per_correct,
+                             summarize_fidelity, write_atomic)
 from kvbench.stats import (
     bootstrap_ci,
     detectable_drop_unpaired,
@@ -104,19 +105,22 @@ GENERATION = ["mean_new_tokens", "new_tokens_vs_full", "s_per_correct"]
 #: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison),
 #: on the ``vs_full_n`` samples both runs hold
 VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained", "vs_full_n"]
+#: fidelity to the full cache over the gold answer (kvbench.fidelity): each metric's mean over the records
+#: that hold it and its 95% bootstrap interval, on the metric's own scale
+FIDELITY = [f"{m}{part}" for m in FIDELITY_METRICS for part in ("", "_ci_low", "_ci_high")]
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
     "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held",
     "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed", "prefill_s_reused",
-    "decode_s_mean", *GENERATION, "metrics", "run_dir", "sample_scores", "baseline_sample_scores",
+    "decode_s_mean", *GENERATION, *FIDELITY, "metrics", "run_dir", "sample_scores", "baseline_sample_scores",
 ]
 #: per-sample scores (sample id -> 0..1) of the run and of its baseline: for intervals, not exported
 SAMPLE_COLUMNS = ["sample_scores", "baseline_sample_scores"]
 FLOAT_COLUMNS = [
     "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention",
     "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed",
-    "prefill_s_reused", "decode_s_mean", *GENERATION,
+    "prefill_s_reused", "decode_s_mean", *GENERATION, *FIDELITY,
 ]
 INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained", "vs_full_n"]
 
@@ -187,6 +191,8 @@ def _run_row(run: RunDir) -> dict:
         "decode_s_mean": _mean(r.decode_s for r in records),
         "mean_new_tokens": _mean(g.new_tokens for r in records for g in generations(r)),
         "s_per_correct": seconds_per_correct(records, metric) if metric else None,
+        **{f"{m}{part}": value for m, summary in (summarize_fidelity(records) or {}).items()
+           for part, value in zip(("", "_ci_low", "_ci_high"), (summary["mean"], *summary["ci95"]))},
         "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
         "sample_scores": per_sample,
@@ -439,6 +445,22 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
     return markdown_table(header, body)
 
 
+def _fidelity_table(runs: pd.DataFrame) -> str | None:
+    """Per method and setting of one task: fidelity to the full cache over the gold answer with 95%
+    intervals; None where no run measured it."""
+    measured = runs[runs.kl.notna()]
+    if measured.empty:
+        return None
+    header = ["method", "setting", "KL(full ‖ compressed), nats", "NLL change, nats", "top-1 agreement, %"]
+    body = [[run.row, run.column, *(_interval_text(scale * getattr(run, m), scale * getattr(run, f"{m}_ci_low"),
+                                                   scale * getattr(run, f"{m}_ci_high"), spec)
+                                    for m, scale, spec in (("kl", 1, ".3g"), ("nll_delta", 1, "+.3g"),
+                                                           ("top1_agreement", 100, ".1f")))]
+            for run in measured.itertuples()]
+    return ("Fidelity to the full cache, teacher-forced over the gold answer (means over samples [95% CI], "
+            "docs/statistics.md):\n\n" + markdown_table(header, body))
+
+
 def _generation_table(runs: pd.DataFrame) -> str:
     """Per method and setting of one task: the score, the mean output length, its change against
     the full cache (compression can make outputs longer) and the generation time per correct answer."""
@@ -551,7 +573,8 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
     for task in tasks:
         task_runs = runs[runs.task == task]
         parts += [f"### {task}\n\n{_task_about(task_runs)}\n\n{_score_table(task_runs, _run_cell)}",
-                  f"Generation:\n\n{_generation_table(task_runs)}", _images(images.get(task, []))]
+                  f"Generation:\n\n{_generation_table(task_runs)}", _fidelity_table(task_runs),
+                  _images(images.get(task, []))]
     return "\n\n".join(filter(None, parts)) + "\n"
 
 
@@ -650,8 +673,8 @@ def retention_auc_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         {"ci_low": float, "ci_high": float})
 
 
-def _interval_text(value: float, low: float, high: float) -> str:
-    return _fmt(value, ".1f") + (f" [{low:.1f}, {high:.1f}]" if pd.notna(low) else "")
+def _interval_text(value: float, low: float, high: float, spec: str = ".1f") -> str:
+    return _fmt(value, spec) + (f" [{low:{spec}}, {high:{spec}}]" if pd.notna(low) else "")
 
 
 def _auc_markdown(table: pd.DataFrame) -> str:

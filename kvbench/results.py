@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kvbench.decoding import Decoding
+from kvbench.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,16 @@ def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] 
     if not records or any(metric not in r.scores for r in records):
         return None
     return {r.id: r.scores[metric] for r in records}
+
+
+def summarize_fidelity(records: list[SampleRecord]) -> dict[str, dict[str, Any]] | None:
+    """scores.json's ``fidelity``: each metric's mean over the records that hold fidelity, with its
+    bootstrap 95% interval (on the metric's own scale, unlike ``ci95``); None when none holds it."""
+    measured = [r.fidelity for r in records if r.fidelity is not None]
+    if not measured:
+        return None
+    intervals = {name: bootstrap_ci([getattr(f, name) for f in measured]) for name in FIDELITY_METRICS}
+    return {name: {"mean": i.estimate, "ci95": [i.low, i.high], "n": i.n} for name, i in intervals.items()}
 
 
 def generations(record: SampleRecord) -> list[SampleRecord | Completion]:

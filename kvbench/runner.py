@@ -36,8 +36,8 @@ from kvbench.generation import Generation, Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import (FIDELITY_METRICS, Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo,
-                             RunScores, SampleRecord, sample_scores)
+from kvbench.results import (Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores,
+                             SampleRecord, sample_scores, summarize_fidelity)
 from kvbench.stats import bootstrap_ci
 from kvbench.tasks import Sample, Task, build_task
 
@@ -410,19 +410,6 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
             "ci_resamples": interval.resamples, "ci_seed": interval.seed} if interval else {}),
         fidelity=summarize_fidelity(records),
     )
-
-
-def summarize_fidelity(records: list[SampleRecord]) -> dict[str, dict] | None:
-    """scores.json's ``fidelity``: each metric's mean over the records that hold fidelity, with its
-    bootstrap 95% interval (on the metric's own scale, unlike ``ci95``); None when none holds it."""
-    measured = [r.fidelity for r in records if r.fidelity is not None]
-    if not measured:
-        return None
-    summary = {}
-    for name in FIDELITY_METRICS:
-        interval = bootstrap_ci([getattr(f, name) for f in measured])
-        summary[name] = {"mean": interval.estimate, "ci95": [interval.low, interval.high], "n": interval.n}
-    return summary
 
 
 #: the signals that stop a job, and the handler each must still have for kvbench to take it over

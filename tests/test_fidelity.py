@@ -12,6 +12,7 @@ from kvbench.config import load_config
 from kvbench.fidelity import compare, measure
 from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
+from kvbench.report import collect, leaderboard_markdown
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec, run_task
 from test_sampling import MODEL, TASK, DigitTokenizer
@@ -76,6 +77,12 @@ def test_fidelity_is_recorded_and_changes_no_prediction(tiny_llama, tmp_path):
     assert summary["mean"] == pytest.approx(sum(kl) / len(kl)) and summary["n"] == len(on)
     assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
     assert on_scores.score == off_scores.score and on_scores.ci95 == off_scores.ci95
+    # the report recomputes them from the records, and shows them in the task's section
+    (row,) = collect(tmp_path / "on").itertuples()
+    assert (row.kl, row.kl_ci_low, row.kl_ci_high) == (summary["mean"], *summary["ci95"])
+    page = leaderboard_markdown(collect(tmp_path / "on"), "tiny")
+    assert "Fidelity to the full cache" in page and f"{summary['mean']:.3g} [" in page
+    assert "Fidelity to the full cache" not in leaderboard_markdown(collect(tmp_path / "off"), "tiny")
 
 
 def test_no_fidelity_for_the_full_cache_or_without_an_uncompressed_prefill(tiny_llama, tmp_path):
