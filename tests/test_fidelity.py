@@ -1,6 +1,7 @@
 """Fidelity of a compressed cache to the full cache over the gold answer: the metrics on hand-computed
 logits, and their measurement in a run, which must leave its predictions alone."""
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from kvbench.methods import Compression, build_method
 from kvbench.report import collect, leaderboard_markdown
 from kvbench.results import RunDir
 from kvbench.runner import RunSpec, run_task
+from kvbench.tasks import Sample
 from test_sampling import MODEL, TASK, DigitTokenizer
 
 
@@ -89,3 +91,10 @@ def test_no_fidelity_for_the_full_cache_or_without_an_uncompressed_prefill(tiny_
     full, full_scores = run(tiny_llama, tmp_path / "full", method={"name": "full"}, budget=None)
     chunked, _ = run(tiny_llama, tmp_path / "chunked", prefill_chunk=16)
     assert all(r.fidelity is None for r in full + chunked) and full_scores.fidelity is None
+    spec = RunSpec.from_config(load_config({"model": MODEL, "method": {"name": "streaming"}, "task": TASK,
+                                            "budget": 16}))
+    answered = Sample(id="s", context="c", question="q", answers=["42"], max_new_tokens=4)
+    assert spec.measures_fidelity(answered)
+    # an answer given after a follow-up, or none at all, is not a continuation of the prompt
+    for other in ({"followup": "Answer:"}, {"answers": []}, {"answers": [""]}):
+        assert not spec.measures_fidelity(dataclasses.replace(answered, **other))
