@@ -40,16 +40,19 @@ def compare(full_logits: torch.Tensor, compressed_logits: torch.Tensor, target_i
 
 
 def _next_token_logits(model, cache: KVCache, last_logits: torch.Tensor, feed_ids: torch.Tensor,
-                       start: int) -> torch.Tensor:
-    """(1 + q, vocab): ``last_logits`` (1, vocab), the prediction the cache already made, followed by
-    the predictions after each of ``feed_ids`` (1, q), fed in one forward at positions ``start...``.
-    No ``end_step``: the method does not compress over the fed tokens."""
-    if feed_ids.shape[1] == 0:
-        return last_logits
-    positions = torch.arange(start, start + feed_ids.shape[1], device=feed_ids.device)[None]
-    with cache.active():
-        out = model(input_ids=feed_ids, position_ids=positions, past_key_values=cache, use_cache=True)
-    return torch.cat([last_logits, out.logits[0]])
+                       start: int, k: int) -> torch.Tensor:
+    """The last ``k`` next-token predictions (k, vocab) of: ``last_logits`` (1, vocab), the
+    prediction the cache already made, followed by those after each of ``feed_ids`` (1, q), fed in
+    one forward at positions ``start...``. No ``end_step``: the method does not compress over the
+    fed tokens."""
+    q = feed_ids.shape[1]
+    if q == 0:
+        return last_logits[-k:]
+    positions = torch.arange(start, start + q, device=feed_ids.device)[None]
+    with cache.active():  # only the rows needed: a long question's logits would be vocab-wide each
+        out = model(input_ids=feed_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                    logits_to_keep=min(k, q))
+    return torch.cat([last_logits, out.logits[0]])[-k:]
 
 
 @torch.inference_mode()
@@ -69,7 +72,7 @@ def measure(model, fresh: KVCache, prefilled: Prefilled, question_ids: torch.Ten
         layer.restore(state)
     prompt = fresh.layers[0].seen
     question = question_ids if question_ids is not None else answer_ids[:, :0]
-    full = _next_token_logits(model, fresh, prefilled.logits, torch.cat([question, answer_feed], dim=1), prompt)
-    comp = _next_token_logits(model, compressed.cache, compressed.logits, answer_feed, compressed.seen)
     k = targets.shape[0]
-    return compare(full[-k:], comp[-k:], targets)
+    full = _next_token_logits(model, fresh, prefilled.logits, torch.cat([question, answer_feed], dim=1), prompt, k)
+    comp = _next_token_logits(model, compressed.cache, compressed.logits, answer_feed, compressed.seen, k)
+    return compare(full, comp, targets)

@@ -36,16 +36,17 @@ def test_metrics_by_hand():
         compare(full, compressed, torch.tensor([1]))
 
 
-def fidelity_of(model, method, answer_len=6, **comp):
-    prompt, question = random_prompt(40), random_prompt(5, seed=1)
+def fidelity_of(model, method, answer_len=6, question=True, **comp):
+    prompt, question = random_prompt(40), random_prompt(5, seed=1) if question else None
     answer = random_prompt(answer_len, seed=2)
     make = lambda: KVCache(build_method(method, {}, Compression(**comp)), layer_windows(model.config))  # noqa: E731
     gen = generate(model, make(), prompt, question, 4, eos_ids=set(), keep_prefill=True, keep_compressed=True)
     return measure(model, make(), gen.prefilled, question, gen.compressed, answer)
 
 
-def test_a_cache_that_evicts_nothing_is_the_full_cache(tiny_llama):
-    f = fidelity_of(tiny_llama, "streaming", budget=1000)
+@pytest.mark.parametrize("question", [True, False])
+def test_a_cache_that_evicts_nothing_is_the_full_cache(tiny_llama, question):
+    f = fidelity_of(tiny_llama, "streaming", question=question, budget=1000)
     assert f.kl == pytest.approx(0, abs=1e-6) and f.nll_delta == pytest.approx(0, abs=1e-5)
     assert (f.top1_agreement, f.tokens) == (1.0, 6)
 
