@@ -22,6 +22,23 @@ class QuantParams:
     group_size: int | None = param(None, ge=1)
 
 
+def bits_for_ratio(method: str, bits: int | None, compression) -> int:
+    """The bit width a quantising ``method`` uses at ``compression``: ``16 / ratio`` (the ratio counts
+    against a 16-bit cache), checked against an explicit ``bits`` and the widths in :data:`BITS`; a
+    token budget means nothing to a method that keeps every token."""
+    if compression is None or compression.budget is not None:
+        raise ConfigError(f"{method} keeps every token, so a token budget means nothing to it: give "
+                          f"ratio = 16 / bits instead ({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
+    achievable = {16 // b: b for b in BITS}
+    if bits is not None and compression.ratio != 16 / bits:
+        raise ConfigError(f"{method} with bits={bits} compresses {16 / bits:g}x (16-bit / "
+                          f"{bits}-bit); ratio {compression.ratio:g} is not achievable with it")
+    if compression.ratio not in achievable:
+        raise ConfigError(f"{method} cannot reach ratio {compression.ratio:g}: its achievable ratios are "
+                          f"{', '.join(f'{r} (int{b})' for r, b in achievable.items())}")
+    return achievable[compression.ratio]
+
+
 class QuantLayer(KVLayer):
     """Holds every token, packed (``packed_keys``, ``packed_values``). The step's new tokens wait in
     float in ``keys``/``values`` until ``end_step`` (use, then compress: the step that adds them
@@ -51,9 +68,9 @@ class Quant(Method):
     (default the whole head: one fp16 scale and zero per token and head), to ``bits`` bits, and
     stored packed (8 / bits values per uint8) with its fp16 scales and zeros, so ``bytes_held`` is
     the real storage. Attention runs on the dequantised values; a step's new tokens are quantised at
-    its end (the step itself sees them exactly). Simplifications w.r.t. KIVI: keys are quantised per
-    token like values (KIVI quantises keys per channel), and there is no full-precision residual
-    window of recent tokens.
+    its end (the step itself sees them exactly). The simple per-token baseline, not KIVI: keys are
+    quantised per token like values, and no recent tokens stay in full precision; ``kivi`` is KIVI
+    as its paper defines it (keys per channel in groups of tokens, a full-precision residual window).
 
     Ratio: quantisation compresses by its bit width, not by dropping tokens, so the ratio selects the
     bit width as ``bits = 16 / ratio`` - ratio 2, 4, 8 = int8, int4, int2 - the usual convention of
@@ -73,21 +90,7 @@ class Quant(Method):
 
     def __init__(self, params, compression, seed: int = 0):
         super().__init__(params, compression, seed)
-        self.bits = self.bits_for(params, compression)
-
-    @staticmethod
-    def bits_for(params: QuantParams, compression) -> int:
-        if compression is None or compression.budget is not None:
-            raise ConfigError("quant keeps every token, so a token budget means nothing to it: give "
-                              f"ratio = 16 / bits instead ({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
-        achievable = {16 // b: b for b in BITS}
-        if params.bits is not None and compression.ratio != 16 / params.bits:
-            raise ConfigError(f"quant with bits={params.bits} compresses {16 / params.bits:g}x (16-bit / "
-                              f"{params.bits}-bit); ratio {compression.ratio:g} is not achievable with it")
-        if compression.ratio not in achievable:
-            raise ConfigError(f"quant cannot reach ratio {compression.ratio:g}: its achievable ratios are "
-                              f"{', '.join(f'{r} (int{b})' for r, b in achievable.items())}")
-        return achievable[compression.ratio]
+        self.bits = bits_for_ratio("quant", params.bits, compression)
 
     def setup(self, model) -> None:
         super().setup(model)
