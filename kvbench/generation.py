@@ -39,6 +39,8 @@ class Generation:
     stopped_by: list[str] = field(default_factory=list)
     #: the uncompressed prefill state, when asked for (``keep_prefill``) or reused
     prefilled: "Prefilled | None" = None
+    #: mean bytes a decoding step read from the cache (None: no decoding forward step)
+    decode_bytes_read: float | None = None
 
 
 @dataclass
@@ -126,6 +128,7 @@ def generate(
         out: list[list[int]] = [[] for _ in range(batch)]
         stopped_by = [""] * batch
         decode_compress_s = 0.0
+        read, steps = 0, 0
         t0 = time.perf_counter()
         banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
         for step in range(max_new_tokens):
@@ -144,6 +147,7 @@ def generate(
             if all(stopped_by) or step == max_new_tokens - 1:
                 break
             logits, step_bytes = _forward(model, cache, next_ids[:, None], seen)
+            read, steps = read + cache.bytes_read(), steps + 1
             decode_compress_s += _end_step(cache, "decode")
             in_step = max(in_step, step_bytes)
             seen += 1
@@ -161,4 +165,5 @@ def generate(
         peak_bytes_in_step=in_step,
         stopped_by=[s or "max_new_tokens" for s in stopped_by],
         prefilled=prefilled,
+        decode_bytes_read=read / steps if steps else None,
     )

@@ -185,6 +185,9 @@ class KVUsage:
     peak_bytes_held: int
     #: most bytes held inside a step (before its compression)
     peak_bytes_in_step: int
+    #: mean bytes a decoding step read from the cache (less than held for Quest; None: no decoding
+    #: step, or recorded before this was)
+    decode_bytes_read: float | None = None
 
 
 @dataclass

@@ -283,7 +283,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         compress_s=round(gen.compress_s, 4),
         decode_compress_s=round(gen.decode_compress_s, 4),
         kv=KVUsage(after_prefill=KVStats(**gen.after_prefill), at_end=KVStats(**gen.at_end),
-                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step),
+                   peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step,
+                   decode_bytes_read=gen.decode_bytes_read),
         finished_at=_now(),
     )
     record.scores = task.score(record)

@@ -253,6 +253,11 @@ class KVLayer(CacheLayerProtocol):
         such as positions and scores excluded) plus :meth:`state_bytes`."""
         return sum(s.nbytes() for s in self.stores.values() if not s.bookkeeping) + self.state_bytes()
 
+    def bytes_read(self) -> int:
+        """Bytes of KV storage the last forward step read: by default everything held (the step
+        attended over its whole cache); a layer that attends over part of it (Quest) says less."""
+        return self.bytes_held()
+
     def full_tokens(self) -> int:
         """Tokens per head the uncompressed cache would hold for the same sequence."""
         return self.seen
