@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from kvbench.errors import ConfigError
 from kvbench.methods import register
-from kvbench.methods.base import KVLayer, Method, Phase, head_dim
+from kvbench.methods.base import KVLayer, Phase
 from kvbench.methods.params import param
-from kvbench.methods.quant import BITS, bits_for_ratio
+from kvbench.methods.quant import BITS, Quant
 from kvbench.packing import codes_per_unit
 from kvbench.storage import ChannelPackedStore, PackedStore
 
@@ -39,7 +39,7 @@ class KIVILayer(KVLayer):
             # one ratio's bit width
             channels = self.kv_shape[2]
             self.stores["packed_keys"] = ChannelPackedStore(self.method.bits, self.method.params.group_size, channels)
-            self.stores["packed_values"] = PackedStore(self.method.bits, self.method.value_group(channels))
+            self.stores["packed_values"] = PackedStore(self.method.bits, self.method.group_for(channels))
         residual = self.method.params.residual_length
         keys, values = self.stores["keys"].tokens, self.stores["values"].tokens
         self.quantise_oldest("keys", "packed_keys", keys // residual * residual)
@@ -54,7 +54,7 @@ class KIVILayer(KVLayer):
 
 
 @register
-class KIVI(Method):
+class KIVI(Quant):
     """KIVI: keys quantised per channel, values per token, the most recent tokens in full precision.
 
     - Keys are quantised per channel: every channel of a block of ``G = group_size`` consecutive
@@ -83,15 +83,15 @@ class KIVI(Method):
     token like values and keeps no full-precision tokens; KIVI's per-channel keys and residual
     window are what let it work at 2 bits.
 
-    Ratio: as for ``quant``, the ratio names the bit width, ``bits = 16 / ratio``: 8 = KIVI-2 (the
-    paper's default), 4 = KIVI-4, 2 = int8. Other ratios, a ratio contradicting an explicit
-    ``bits`` and a token budget (KIVI keeps every token) are configuration errors.
+    Ratio (``quant``'s rules, inherited with its head checks): the ratio names the bit width,
+    ``bits = 16 / ratio``: 8 = KIVI-2 (the paper's default), 4 = KIVI-4, 2 = int8. Other ratios, a
+    ratio contradicting an explicit ``bits`` and a token budget (KIVI keeps every token) are
+    configuration errors.
     """
 
     name = "kivi"
     Params = KIVIParams
     layer = KIVILayer
-    phases = ("prefill", "append", "decode")
     ratio_note = ("the ratio names the bit width (16 / bits, against a 16-bit cache); the measured ratio "
                   "counts the full-precision residual (up to residual_length tokens of keys and of values) "
                   "and the fp16 scale and zero of every group, and is against the model's real cache dtype")
@@ -99,7 +99,6 @@ class KIVI(Method):
 
     def __init__(self, params, compression, seed: int = 0):
         super().__init__(params, compression, seed)
-        self.bits = bits_for_ratio("kivi", params.bits, compression)
         if params.group_size % codes_per_unit(self.bits):
             raise ConfigError(f"kivi: group_size {params.group_size} must be a multiple of "
                               f"{codes_per_unit(self.bits)} (codes per byte at {self.bits} bits)")
@@ -111,14 +110,6 @@ class KIVI(Method):
                               f"group_size {params.group_size} (keys are quantised R tokens at a time, "
                               "in blocks of G)")
 
-    def setup(self, model) -> None:
-        super().setup(model)
-        self.value_group(head_dim(model.config))
-
-    def value_group(self, channels: int) -> int:
-        """Channels per value group for heads of ``channels``; checks that the codes pack."""
-        group = min(self.params.group_size, channels)
-        if channels % group or channels % codes_per_unit(self.bits):
-            raise ConfigError(f"kivi: head_dim {channels} must be a multiple of group_size {group} "
-                              f"and of {codes_per_unit(self.bits)} (values per byte at {self.bits} bits)")
-        return group
+    def channel_group(self, channels: int) -> int:
+        """Values' group: ``group_size`` channels, the whole head if it is narrower."""
+        return min(self.params.group_size, channels)

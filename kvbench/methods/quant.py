@@ -22,23 +22,6 @@ class QuantParams:
     group_size: int | None = param(None, ge=1)
 
 
-def bits_for_ratio(method: str, bits: int | None, compression) -> int:
-    """The bit width a quantising ``method`` uses at ``compression``: ``16 / ratio`` (the ratio counts
-    against a 16-bit cache), checked against an explicit ``bits`` and the widths in :data:`BITS`; a
-    token budget means nothing to a method that keeps every token."""
-    if compression is None or compression.budget is not None:
-        raise ConfigError(f"{method} keeps every token, so a token budget means nothing to it: give "
-                          f"ratio = 16 / bits instead ({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
-    achievable = {16 // b: b for b in BITS}
-    if bits is not None and compression.ratio != 16 / bits:
-        raise ConfigError(f"{method} with bits={bits} compresses {16 / bits:g}x (16-bit / "
-                          f"{bits}-bit); ratio {compression.ratio:g} is not achievable with it")
-    if compression.ratio not in achievable:
-        raise ConfigError(f"{method} cannot reach ratio {compression.ratio:g}: its achievable ratios are "
-                          f"{', '.join(f'{r} (int{b})' for r, b in achievable.items())}")
-    return achievable[compression.ratio]
-
-
 class QuantLayer(KVLayer):
     """Holds every token, packed (``packed_keys``, ``packed_values``). The step's new tokens wait in
     float in ``keys``/``values`` until ``end_step`` (use, then compress: the step that adds them
@@ -90,7 +73,21 @@ class Quant(Method):
 
     def __init__(self, params, compression, seed: int = 0):
         super().__init__(params, compression, seed)
-        self.bits = bits_for_ratio("quant", params.bits, compression)
+        self.bits = self.bits_for(params, compression)
+
+    @classmethod
+    def bits_for(cls, params: QuantParams, compression) -> int:
+        if compression is None or compression.budget is not None:
+            raise ConfigError(f"{cls.name} keeps every token, so a token budget means nothing to it: give "
+                              f"ratio = 16 / bits instead ({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
+        achievable = {16 // b: b for b in BITS}
+        if params.bits is not None and compression.ratio != 16 / params.bits:
+            raise ConfigError(f"{cls.name} with bits={params.bits} compresses {16 / params.bits:g}x (16-bit / "
+                              f"{params.bits}-bit); ratio {compression.ratio:g} is not achievable with it")
+        if compression.ratio not in achievable:
+            raise ConfigError(f"{cls.name} cannot reach ratio {compression.ratio:g}: its achievable ratios are "
+                              f"{', '.join(f'{r} (int{b})' for r, b in achievable.items())}")
+        return achievable[compression.ratio]
 
     def setup(self, model) -> None:
         super().setup(model)
@@ -98,8 +95,12 @@ class Quant(Method):
 
     def group_for(self, channels: int) -> int:
         """Channels per quantisation group for heads of ``channels``; checks that the codes pack."""
-        group = self.params.group_size or channels
+        group = self.channel_group(channels)
         if channels % group or channels % codes_per_unit(self.bits):
-            raise ConfigError(f"quant: head_dim {channels} must be a multiple of group_size {group} "
+            raise ConfigError(f"{self.name}: head_dim {channels} must be a multiple of group_size {group} "
                               f"and of {codes_per_unit(self.bits)} (values per byte at {self.bits} bits)")
         return group
+
+    def channel_group(self, channels: int) -> int:
+        """``group_size``, or the whole head if it is null."""
+        return self.params.group_size or channels

@@ -75,7 +75,7 @@ class PrunedChannelStore:
         out.zero_().scatter_(-1, self.kept[:, :, None, :].expand(*held.shape), held.to(out.dtype))
         return out
 
-    def clone(self) -> "PrunedChannelStore":
+    def clone(self) -> PrunedChannelStore:
         copy = PrunedChannelStore(self.kept.clone(), self.channels)
         copy.part = self.part.clone()
         return copy
@@ -90,7 +90,7 @@ class ThinKLayer(KVLayer):
     key_stores = ("pruned_keys", "keys")
     state_fields = KVLayer.state_fields + ("channel_query",)
 
-    think: "ThinK"
+    think: ThinK
     channel_query: torch.Tensor | None = None
 
     def observe(self, query, keys, scaling):

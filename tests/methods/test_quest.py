@@ -2,8 +2,8 @@
 attends over (per query head), the bytes it reads, and where it stays dense."""
 
 import torch
-
 from conftest import random_prompt
+
 from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
@@ -49,7 +49,7 @@ def test_a_decoding_step_attends_over_the_top_page_and_the_last():
     # budget 4 tokens = 2 pages: the last page (token 6) and the best of p0..p2 by bound: p1
     layer = quest_layer(budget=4)
     query = torch.tensor([1., 1.]).view(1, 1, 1, 2)
-    out, _, v = decode_step(layer, query)
+    out, _, _ = decode_step(layer, query)
     weights = torch.tensor([5., 5., 0.]).softmax(0)  # q . k of tokens 2, 3 and 6
     expected = weights @ torch.cat([VALUES[0, 0, 2:4], NEW_VALUE[0, 0]])
     torch.testing.assert_close(out[0, 0, 0], expected)
@@ -73,7 +73,7 @@ def test_dense_when_every_page_fits_or_in_the_first_layers():
     fits, first = quest_layer(budget=8), build_method(
         "quest", {"page_size": 2}, Compression(budget=4)).make_layer(1)  # dense_layers 2: layer 1 is dense
     for layer in (fits, first):
-        out, k, v = decode_step(layer, query)
+        out, _, _ = decode_step(layer, query)
         assert out is None  # exact attention over everything, by SDPA
         assert layer.bytes_read() == layer.bytes_held()
 

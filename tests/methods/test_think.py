@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from conftest import random_prompt
+
 from kvbench.cache import KVCache, layer_attention, layer_windows
 from kvbench.errors import ConfigError
 from kvbench.generation import generate
