@@ -158,7 +158,8 @@ class ThinK(Method):
       ThinK's pruned query times pruned key does.
     - ``base``: the token-eviction method run first, with its default parameters, on the whole
       ``ratio`` or ``budget`` (SnapKV by default, as in ThinK's experiments; any method that
-      evicts only the prompt). ``base: null`` prunes channels alone (kvpress's ThinKPress): every
+      evicts only the prompt: the authors' H2O is a one-shot prompt eviction, kvbench's ``h2o``
+      evicts while decoding and is refused). ``base: null`` prunes channels alone (kvpress's ThinKPress): every
       token is kept, so the only compression setting it takes is ``ratio=1``, and the channel
       pruning shows in the measured ratio.
     """
