@@ -93,3 +93,20 @@ def test_bases_and_settings_it_cannot_combine_are_refused(params, comp, message)
 def test_phases_follow_the_base():
     assert build_method("think", {"base": "snapkv"}, Compression(ratio=2)).phases == ("prefill",)
     assert build_method("think", {"base": None}, Compression(ratio=1)).phases == ("prefill",)
+
+
+@pytest.mark.parametrize("base", ["snapkv", "pyramidkv"])
+def test_without_pruning_it_is_its_base(base, tiny_llama):
+    prompt = random_prompt(300, batch=2)
+    windows = layer_windows(tiny_llama.config)
+    methods = (build_method(base, {}, Compression(ratio=4)),
+               build_method("think", {"base": base, "key_channel_compression_ratio": 0.0}, Compression(ratio=4)))
+    runs = []
+    for method in methods:
+        method.setup(tiny_llama)
+        cache = KVCache(method, windows)
+        runs.append((generate(tiny_llama, cache, prompt, None, 5, set()), cache))
+    (base_gen, base_cache), (think_gen, think_cache) = runs
+    assert think_gen.tokens == base_gen.tokens and think_gen.at_end == base_gen.at_end
+    for a, b in zip(base_cache.layers, think_cache.layers):
+        assert torch.equal(a.positions, b.positions)
