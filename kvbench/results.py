@@ -12,9 +12,17 @@ versions existed (version 0); they are read as well and brought to the current s
 (records and scores have the same fields in both; for identities see :meth:`RunIdentity.from_json`).
 
 A record is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsync'd, so a killed
-run loses at most the sample in flight, and a torn last line (killed mid-write) is skipped on reading
-and never glued to the next record. Reading de-duplicates by sample id (first record wins), so a
-resumed run never counts a sample twice.
+run loses at most the sample in flight, and a torn line (killed mid-write) is never glued to the next
+record. One reader, :func:`read_samples`, serves resuming, scoring and reporting alike:
+
+* records are de-duplicated by sample id, the first record of an id wins (a later one is a second
+  job's copy of the same sample), with one warning per file naming the ids;
+* a torn line, one cut short by a killed write (its JSON object still open where the line ends),
+  is skipped with one warning: it never held a whole record;
+* any other unreadable line (not UTF-8, malformed JSON) is corrupt: it is skipped with a warning
+  naming ``file:line`` and listed in :attr:`Samples.corrupt`, so that rewriting a samples.jsonl
+  (``python -m kvbench.score --write``) refuses instead of dropping it;
+* a well-formed line that is not a record (a newer schema, missing keys) raises :class:`SchemaError`.
 
 Any number of processes, on any number of nodes, may write one directory at once (the shards of a
 configuration, a requeued job, the same configuration started twice). ``O_APPEND`` alone is atomic
@@ -35,7 +43,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +85,14 @@ def _warn_no_flock(reason: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and rename: readers never see half a file."""
+    """Write ``text`` to ``path`` through a temporary file and rename: readers never see half a file.
+    The file gets the permissions the umask allows, as ``open`` gives (``tempfile.mkstemp`` would
+    make it private to its owner)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -101,13 +112,18 @@ def record_line(record: dict) -> str:
 
 
 def read_jsonl_strict(path: Path, error: type[Exception]) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, object) for every non-blank line of an input file; a malformed line raises
-    ``error`` naming its file and line number (input data must be whole, unlike results)."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """(``file:line``, object) for every non-blank line of an input file; a line that is not UTF-8
+    or not JSON raises ``error`` naming its file and line number (input data must be whole, unlike
+    results)."""
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error has its line number
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -119,18 +135,24 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every well-formed line; torn or corrupt lines are skipped loudly."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                log.warning("%s:%d: skipping a torn or corrupt line (a run killed mid-write?)", path, number)
-                continue
-            yield number, obj
+def _cut_short(text: str) -> bool:
+    """Whether ``text`` ends inside an open JSON string, object or array: a write cut short."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+    return in_string or depth > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +322,8 @@ class RunIdentity:
     compression: dict[str, Any]
     #: ``Task.data_fingerprint()``: a content hash of the data files read; None: no such files
     data: dict[str, Any] | None = None
+    #: the run's seed (``KVBenchConfig.seed``): it seeds torch and every method that draws (random)
+    seed: int = 0
     #: 0: read from a file written before versions existed, whose data was not fingerprinted
     schema_version: int = dataclasses.field(default=SCHEMA_VERSION, compare=False)
 
@@ -366,8 +390,66 @@ class RunInfo:
     def from_json(cls, obj: Any, where: str = RUN) -> "RunInfo":
         version = _version(obj, where)
         values = dict(obj)
-        values["identity"] = RunIdentity.from_json(values.get("identity"), version, where)
+        identity, config = values.get("identity"), values.get("config")
+        if isinstance(identity, dict) and "seed" not in identity and isinstance(config, dict):
+            # identities written before the seed was part of them: the seed the run was configured with
+            identity = {**identity, "seed": config.get("seed", 0)}
+        values["identity"] = RunIdentity.from_json(identity, version, where)
         return _build(cls, values, where)
+
+
+@dataclass
+class Samples:
+    """What :func:`read_samples` found in one samples.jsonl."""
+
+    #: one record per sample id (the first written), in the order they were first written
+    records: list[SampleRecord]
+    #: ids that had more than one record (the later ones were ignored)
+    duplicates: list[str]
+    #: ``file:line`` of the lines cut short by a killed write (skipped)
+    torn: list[str]
+    #: ``file:line: why`` of the other unreadable lines (skipped, but never to be dropped by a rewrite)
+    corrupt: list[str]
+
+
+def read_samples(path: Path, warn: bool = True) -> Samples:
+    """Read a samples.jsonl by the rules of the module docstring; a missing file holds nothing.
+    ``warn``: log what was skipped (one warning per kind and file)."""
+    seen: dict[str, SampleRecord] = {}
+    duplicates, torn, corrupt = [], [], []
+    if Path(path).exists():
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{path}:{number}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    corrupt.append(f"{where}: not UTF-8 ({err.reason} at byte {err.start})")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as err:
+                    if _cut_short(text):
+                        torn.append(where)
+                    else:
+                        corrupt.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+                    continue
+                record = SampleRecord.from_json(obj, where)
+                if record.id in seen:
+                    duplicates.append(record.id)
+                else:
+                    seen[record.id] = record
+    if warn:
+        if torn:
+            log.warning("skipping %d line(s) cut short by a killed write: %s", len(torn), ", ".join(torn))
+        for problem in corrupt:
+            log.warning("skipping a corrupt line: %s", problem)
+        if duplicates:
+            log.warning("%s: %d duplicate record(s) ignored, the first record of each id kept: %s",
+                        path, len(duplicates), ", ".join(sorted(set(duplicates))))
+    return Samples(list(seen.values()), duplicates, torn, corrupt)
 
 
 class RunDir:
@@ -377,17 +459,15 @@ class RunDir:
         self.path = Path(path)
         self.samples_path = self.path / SAMPLES
 
-    def records(self) -> list[SampleRecord]:
-        """Finished samples, de-duplicated by id, in the order they were first written. Reads without
-        the lock (a record being appended right now may be missing); take :meth:`lock` for a snapshot
-        that must hold every record written so far."""
-        if not self.samples_path.exists():
-            return []
-        seen: dict[str, SampleRecord] = {}
-        for number, obj in iter_jsonl(self.samples_path):
-            record = SampleRecord.from_json(obj, f"{self.samples_path}:{number}")
-            seen.setdefault(record.id, record)
-        return list(seen.values())
+    def read_samples(self, warn: bool = True) -> Samples:
+        """:func:`read_samples` of this directory's samples.jsonl. Reads without the lock (a record
+        being appended right now may be missing); take :meth:`lock` for a snapshot that must hold
+        every record written so far."""
+        return read_samples(self.samples_path, warn)
+
+    def records(self, warn: bool = True) -> list[SampleRecord]:
+        """Finished samples, de-duplicated by id, in the order they were first written (:meth:`read_samples`)."""
+        return self.read_samples(warn).records
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -28,8 +28,8 @@ import torch
 
 import kvbench
 from kvbench.cache import KVCache, layer_windows
-from kvbench.config import KVBenchConfig
-from kvbench.errors import ConfigError
+from kvbench.config import KVBenchConfig, check_config, check_folder_name
+from kvbench.errors import ConfigError, DataError
 from kvbench.generation import Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
@@ -78,11 +78,13 @@ class MethodSpec:
 
     def setting(self) -> str:
         """``ratio-4`` / ``budget-256`` / ``ratio-1`` (full), plus method parameters that differ from
-        the method's defaults, so parameter sweeps (e.g. LagKV's lag) get separate directories."""
+        the method's defaults and a seed other than the default, so parameter and seed sweeps (e.g.
+        LagKV's lag, ``seed=0,1,2``) get separate directories."""
         label = self.compression.label if self.compression else "ratio-1"
         defaults = dataclasses.asdict(method_class(self.name).Params())
         changed = [f"{k}-{v}" for k, v in sorted(dataclasses.asdict(self.params).items()) if defaults.get(k) != v]
-        return "_".join([label, *changed])
+        seed = [f"seed-{self.seed}"] if self.seed != KVBenchConfig.seed else []
+        return "_".join([label, *changed, *seed])
 
 
 @dataclass(frozen=True)
@@ -109,15 +111,16 @@ class RunSpec:
         for group in ("method", "task"):
             if not isinstance(getattr(cfg, group), Mapping):
                 raise ConfigError(f"the config has no {group}: choose one with {group}=<name>")
+        check_config(cfg)
         cfg.model.validate()
         method = MethodSpec.from_config(cfg.method, cfg.ratio, cfg.budget, cfg.seed)
-        if cfg.limit is not None and cfg.limit < 1:
-            raise ConfigError(f"limit must be >= 1 sample (or null for all), got {cfg.limit}")
+        task = build_task(cfg.task)
+        task.check_data()  # bad data files fail before the model loads
         return cls(
             model=cfg.model,
             method=method,
-            task=build_task(cfg.task),
-            setting=method.setting(),
+            task=task,
+            setting=check_folder_name("setting", method.setting()),
             results_dir=Path(cfg.results_dir),
             seed=cfg.seed,
             limit=cfg.limit,
@@ -138,6 +141,7 @@ class RunSpec:
             task=task.describe(),
             compression={"ratio": c.ratio if c else 1, "budget": c.budget if c else None, "label": self.setting},
             data=task.data_fingerprint(),
+            seed=self.seed,
         )
 
 
@@ -320,10 +324,17 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
     )
 
 
+#: the signals that stop a job, and the handler each must still have for kvbench to take it over
+#: (Python's own SIGINT handler raises KeyboardInterrupt; SIGTERM's default kills the process)
+_STOP_SIGNALS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
 @contextlib.contextmanager
-def _sigterm_exits():
-    """Turn SIGTERM into ``SystemExit(143)`` (128 + 15, the shell's code for death by SIGTERM), raised
-    wherever the job is: the sample in flight is abandoned.
+def _signals_exit():
+    """Turn SIGTERM and SIGINT (Ctrl-C) into ``SystemExit(128 + signal number)`` (143 and 130, the
+    shell's codes for death by these signals), raised wherever the job is: the sample in flight is
+    abandoned, and the job records its status and the scores of what finished before it exits,
+    without a traceback.
 
     SIGTERM is how Slurm preempts, cancels and ends jobs at their time limit, and its SIGKILL follows
     after a grace period (KillWait, 30 s by default) that is often shorter than one long-context
@@ -331,23 +342,23 @@ def _sigterm_exits():
     anywhere loses nothing else. The non-zero exit tells Slurm and the caller that the run did not
     end; running it again resumes it.
 
-    A SIGTERM handler someone else installed is left alone: submitit ignores SIGTERM on purpose and
+    A handler someone else installed is left alone: submitit ignores SIGTERM on purpose and
     checkpoints and requeues on its own signal (USR2), which also ends in SystemExit here.
     """
     # only the main thread may set handlers
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if not ours:
-        yield
-        return
+    main = threading.current_thread() is threading.main_thread()
+    ours = [s for s, default in _STOP_SIGNALS.items() if main and signal.getsignal(s) == default]
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in ours:
+        signal.signal(signum, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in ours:
+            signal.signal(signum, _STOP_SIGNALS[signum])
 
 
 def _finish(run_dir: RunDir, task: Task, ids: list[str], info: RunInfo, stopped: bool = False) -> RunScores:
@@ -360,7 +371,7 @@ def _finish(run_dir: RunDir, task: Task, ids: list[str], info: RunInfo, stopped:
     """
     wanted = set(ids)
     with run_dir.lock():
-        records = [r for r in run_dir.records() if r.id in wanted]
+        records = [r for r in run_dir.records(warn=False) if r.id in wanted]
         scores = summarize_run(task, records, len(ids))
         run_dir.write_scores(scores)
         status = "complete" if scores.complete else "interrupted" if stopped else "partial"
@@ -379,13 +390,15 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
     run_dir = spec.run_dir(task)
     identity = spec.identity(task)
     samples = task.samples(tokenizer, spec.model)
-    if spec.limit is not None:
-        samples = samples[: spec.limit]
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
-        raise RuntimeError(f"task {task.name} produced duplicate sample ids")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"task {task.name} produced duplicate sample ids: {', '.join(map(repr, repeated))}")
+    # limit runs the first samples of the task's own list: the directory expects every sample of the
+    # task, so a limited run is partial and a later run without limit completes it
+    chosen = samples if spec.limit is None else samples[: spec.limit]
     # a stride, not a block: tasks list samples by length, so every shard gets a similar amount of work
-    mine = samples if spec.shard is None else samples[spec.shard[0] :: spec.shard[1]]
+    mine = chosen if spec.shard is None else chosen[spec.shard[0] :: spec.shard[1]]
     info = RunInfo(
         identity=identity,
         config=spec.config,
@@ -410,15 +423,16 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
     done = {r.id for r in run_dir.records()}
     todo = [s for s in mine if s.id not in done]
     label = f"[{spec.model.name} | {task.name} | {spec.method.name} {spec.setting}]"
-    share = f" (shard {spec.shard[0]}/{spec.shard[1]} of {len(samples)})" if spec.shard else ""
+    share = (f" (limit: the first {len(chosen)} of {len(samples)})" if spec.limit is not None else "") + (
+        f" (shard {spec.shard[0]}/{spec.shard[1]} of {len(chosen)})" if spec.shard else "")
     print(f"{label} {len(mine)} samples{share}, {len(mine) - len(todo)} already done -> {run_dir.path}", flush=True)
     try:
-        with _sigterm_exits():
+        with _signals_exit():
             for i, sample in enumerate(todo, start=len(mine) - len(todo) + 1):
                 t0 = time.perf_counter()
                 with run_dir.claim(sample.id) as claimed:
                     # another live job runs this sample, or finished it after `done` was read
-                    if not claimed or sample.id in {r.id for r in run_dir.records()}:
+                    if not claimed or sample.id in {r.id for r in run_dir.records(warn=False)}:
                         print(f"{label} {i}/{len(mine)} {sample.id}: left to another job", flush=True)
                         continue
                     record = run_sample(model, tokenizer, spec, task, sample)
@@ -426,7 +440,7 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
                 scores = " ".join(f"{k}={v:.2f}" for k, v in record.scores.items())
                 print(f"{label} {i}/{len(mine)} {sample.id}: {scores} | {record.prompt_tokens} tok, "
                       f"held {record.kv.after_prefill.ratio:.2f}x | {time.perf_counter() - t0:.1f}s", flush=True)
-    except SystemExit:  # a signal stopped the job (SIGTERM, or submitit's USR2): say so in run.json
+    except SystemExit:  # a signal stopped the job (SIGTERM, SIGINT, submitit's USR2): say so in run.json
         _finish(run_dir, task, ids, info, stopped=True)
         raise
     scores = _finish(run_dir, task, ids, info)

@@ -1,27 +1,34 @@
-"""Score LongBench predictions with the official metrics: ``python -m kvbench.score FILE_OR_DIR``.
-Records of RULER tasks (``task`` ``ruler/<name>``) are scored with RULER's metrics
-(:func:`kvbench.scoring.ruler.summarize`) and printed with the LongBench ones.
+"""Score saved predictions: ``python -m kvbench.score FILE_OR_DIR [--write]``.
 
-Input is a JSONL file, or a directory searched recursively: if the directory holds any
-``samples.jsonl`` (a kvbench results directory) only those files are read, otherwise every
-``*.jsonl`` file. Each non-blank line is a JSON object with ``task``, ``pred``, ``answers`` (list of
-str) and optionally ``all_classes`` (list of str or null) and ``length`` (number); in kvbench
-records, which keep them in ``meta``, they are read from there (``length`` only for ``_e`` tasks,
-the only ones eval.py buckets by length). Records are pooled by ``task`` across files and the
-result of :func:`kvbench.scoring.longbench.summarize` is printed on stdout as JSON (sorted keys,
-indent 2). An empty LongBench-E bucket prints as ``NaN``, as in the official result.json.
+A directory holding kvbench results directories (a ``run.json`` next to its ``samples.jsonl``, as
+every run writes) is scored run by run: each run's task is rebuilt from the identity in its
+run.json through the task registry (any task kind: passkey, LongBench, RULER, the math tasks), its
+records are read by the results reader (:func:`kvbench.results.read_samples`: de-duplicated by
+sample id, the first record winning; a line cut short by a killed write skipped with a warning;
+corrupt lines skipped with a warning naming ``file:line``), every record is re-scored with the
+task's scorer (the one generation used), and the runner's ``summarize_run`` gives the run's
+scores. The scores.json contents are printed as JSON keyed by directory; nothing is written.
 
-Any problem in the input (malformed JSON, missing or mistyped field, unknown task) stops the run
-with exit status 1 and a message on stderr naming the file and the 1-based line number.
-No Hydra: this only reads and prints.
+Anything else, a JSONL file or a directory of them, is scored with the official LongBench metrics,
+and records of RULER tasks (``task`` ``ruler/<name>``) with RULER's
+(:func:`kvbench.scoring.ruler.summarize`), pooled by ``task`` across files. In a directory, only
+``samples.jsonl`` files are read if there are any, otherwise every ``*.jsonl`` file. Each non-blank
+line is a JSON object with ``task``, ``pred``, ``answers`` (list of str) and optionally
+``all_classes`` (list of str or null) and ``length`` (number); records that keep them in ``meta``
+are read from there (``length`` only for ``_e`` tasks, the only ones eval.py buckets by length).
+The result of :func:`kvbench.scoring.longbench.summarize` is printed on stdout as JSON (sorted keys,
+indent 2). An empty LongBench-E bucket prints as ``NaN``, as in the official result.json. Any
+problem in such input (malformed JSON, missing or mistyped field, unknown task) stops the run with
+exit status 1 and a message on stderr naming the file and the 1-based line number.
 
-``--write`` re-scores kvbench results directories in place instead (any task kind, e.g. after a
-scorer fix): for every directory with a ``run.json`` under the given one, the task is rebuilt from
-the run's recorded identity, each record's ``scores`` is recomputed with the task's scorer (the
-one generation used), ``samples.jsonl`` is rewritten atomically (de-duplicated by id, the same
-records in the same order) and ``scores.json`` is rewritten by the runner's ``summarize_run``. The
-new scores.json contents are printed as JSON keyed by directory. Everything is computed before
-anything is written, so an error leaves every directory untouched.
+``--write`` stores the re-scored results instead (e.g. after a scorer fix): each results
+directory's ``samples.jsonl`` is rewritten atomically with the re-scored records (de-duplicated,
+in the same order; lines cut short by a killed write, which never held a whole record, are not
+kept) and its ``scores.json`` with the new scores, which are also printed. A directory with a
+corrupt line is refused, naming ``file:line``: a rewrite would drop it. Everything is computed and
+checked before anything is written, so an error leaves every directory untouched.
+
+No Hydra: this only reads, and with ``--write`` rewrites scores.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbench.results import SAMPLES, RunDir, SampleRecord, find_runs, read_jsonl_strict, record_line, write_atomic
+from kvbench.results import (SAMPLES, RunDir, RunScores, Samples, find_runs, read_jsonl_strict, record_line,
+                             write_atomic)
 from kvbench.scoring import ruler
 from kvbench.scoring.longbench import PARAGRAPH_PATTERNS, TASKS, base_task, summarize
 
@@ -123,7 +132,10 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def score_path(path: Path) -> dict[str, dict[str, Any]]:
-    """Read every record under ``path`` and summarize them."""
+    """Score everything under ``path`` as the module docstring says, without writing."""
+    runs = find_runs(path) if path.is_dir() else []
+    if runs:
+        return {str(run.run_dir.path): run.scores.to_json() for run in map(_rescored, runs)}
     records = [record for file in find_jsonl_files(path) for record in read_records(file)]
     if not records:
         raise InputError(f"{path}: no records")
@@ -160,45 +172,58 @@ def _file_state(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _write_jsonl_atomic(path: Path, records: list[SampleRecord]) -> None:
-    """Rewrite a samples.jsonl atomically, in the line format RunDir.append uses."""
-    write_atomic(path, "".join(record_line(r.to_json()) for r in records))
+@dataclass
+class _Rescored:
+    run_dir: RunDir
+    #: samples.jsonl's (size, mtime) when it was read
+    state: tuple[int, int] | None
+    samples: Samples
+    scores: RunScores
+
+
+def _rescored(run_dir: RunDir) -> _Rescored:
+    """A results directory's records re-scored with its task's scorer, and its new scores."""
+    from kvbench.runner import summarize_run  # lazy: pulls in torch, not needed for LongBench files
+
+    task, n_expected = _task_of(run_dir)
+    state = _file_state(run_dir.samples_path)
+    samples = run_dir.read_samples()
+    for record in samples.records:
+        record.scores = task.score(record)
+    return _Rescored(run_dir, state, samples, summarize_run(task, samples.records, n_expected))
 
 
 def rescore(path: Path) -> dict[str, dict[str, Any]]:
     """Re-score every kvbench results directory under ``path`` in place; return the new scores.json
     contents by directory."""
-    from kvbench.runner import summarize_run  # lazy: pulls in torch, not needed for reading
-
     if not path.is_dir():
         raise InputError(f"{path}: --write needs a kvbench results directory")
     runs = find_runs(path)
     if not runs:
         raise InputError(f"{path}: no kvbench results directory (run.json) found")
-    planned = []
-    for run_dir in runs:
-        task, n_expected = _task_of(run_dir)
-        state = _file_state(run_dir.samples_path)
-        records = run_dir.records()  # de-duplicated by id, torn lines skipped
-        for record in records:
-            record.scores = task.score(record)
-        planned.append((run_dir, state, records, summarize_run(task, records, n_expected)))
+    planned = [_rescored(run_dir) for run_dir in runs]
+    corrupt = [problem for run in planned for problem in run.samples.corrupt]
+    if corrupt:
+        raise InputError("not rewriting samples.jsonl files with corrupt lines, which a rewrite would "
+                         "drop; repair or remove them first:\n  " + "\n  ".join(corrupt))
     written = {}
-    for run_dir, state, records, scores in planned:
-        if _file_state(run_dir.samples_path) != state:  # a run appended meanwhile: don't lose it
-            raise InputError(f"{run_dir.samples_path} changed while re-scoring (is a run writing "
+    for run in planned:
+        samples_path = run.run_dir.samples_path
+        if _file_state(samples_path) != run.state:  # a run appended meanwhile: don't lose it
+            raise InputError(f"{samples_path} changed while re-scoring (is a run writing "
                              "to it?); nothing more written, run again when it is done")
-        if state is not None:
-            _write_jsonl_atomic(run_dir.samples_path, records)
-        run_dir.write_scores(scores)
-        written[str(run_dir.path)] = scores.to_json()
+        if run.state is not None:
+            write_atomic(samples_path, "".join(record_line(r.to_json()) for r in run.samples.records))
+        run.run_dir.write_scores(run.scores)
+        written[str(run.run_dir.path)] = run.scores.to_json()
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kvbench.score",
-        description="Score LongBench predictions (JSONL) with the official LongBench metrics.",
+        description="Score kvbench results directories with each run's task, or LongBench/RULER "
+                    "prediction files (JSONL) with the official metrics.",
     )
     parser.add_argument("path", type=Path, metavar="FILE_OR_DIR",
                         help="a JSONL file, or a directory searched recursively")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 
 from kvbench.results import RunDir, find_runs
@@ -48,6 +50,12 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         value = getattr(job_return, "_return_value", None)
+        if job_return.status == JobStatus.FAILED:
+            # Hydra holds the exception as the job's value, and re-raises the first failure once the
+            # sweep's jobs are done, skipping on_multirun_end: name the job and its error now
+            print(f"kvbench: job failed ({' '.join(job_return.overrides or [])}): "
+                  f"{type(value).__name__}: {value}", file=sys.stderr, flush=True)
+            return
         for row in value or []:
             self.rows[row["dir"]] = row
 

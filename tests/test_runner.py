@@ -25,18 +25,22 @@ def config(tmp_path, **over):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"ratio": 0.5}, "ratio must be >= 1"),
+    ({"ratio": 0.5}, r"^ratio=0.5: expected a number >= 1, or null$"),
     ({"ratio": None}, "give exactly one of ratio .* or budget"),
     ({"budget": 64}, "give exactly one of ratio .* or budget"),
-    ({"ratio": None, "budget": 0}, "budget must be >= 1"),
+    ({"ratio": None, "budget": 0}, "^budget=0: expected an integer >= 1, or null$"),
     ({"method": {"name": "nope"}}, "unknown method 'nope'; valid: .*full.*streaming"),
     ({"method": {"name": "streaming", "sinks": 2}}, r"unknown streaming parameter 'sinks' \(did you mean 'sink_tokens'\?\); valid: sink_tokens"),
     ({"model": {**MODEL, "source": "ftp"}}, "source must be one of"),
     ({"model": {**MODEL, "sorce": "hub"}}, "does not fit the schema.*sorce"),
-    ({"seed": "zero"}, "does not fit the schema.*seed"),
+    ({"seed": "zero"}, "^seed='zero': expected an integer$"),
+    ({"model": {**MODEL, "max_prompt_tokens": 4.5}}, "^model.max_prompt_tokens=4.5: expected an integer$"),
+    ({"model": {**MODEL, "name": "../up"}}, "^model.name='../up': expected a folder name inside results_dir"),
+    ({"task": {**TASK, "name": "/abs"}}, "^task.name='/abs': expected folder names separated by '/'"),
+    ({"task": {**TASK, "key_digits": "5"}}, "^passkey.key_digits='5': expected an integer >= 1$"),
     ({"task": {**TASK, "kind": "nope"}}, "unknown task kind 'nope'"),
     ({"method": None}, "the config has no method: choose one with method=<name>"),
-    ({"limit": 0}, "limit must be >= 1"),
+    ({"limit": 0}, "^limit=0: expected an integer >= 1, or null$"),
     ({"method": {"name": "quant"}, "ratio": 3}, "quant cannot reach ratio 3: its achievable ratios are"),
 ])
 def test_bad_configs_fail_before_loading(tmp_path, monkeypatch, over, message):
@@ -61,7 +65,7 @@ def test_full_ignores_ratio_and_records_one_setting(tmp_path):
     specs = [RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=r)) for r in (2, 4, None)]
     assert {s.setting for s in specs} == {"ratio-1"}
     assert len({s.run_dir(s.task).path for s in specs}) == 1
-    with pytest.raises(ConfigError, match="ratio must be >= 1"):
+    with pytest.raises(ConfigError, match="^ratio=0.5: expected a number >= 1, or null$"):
         RunSpec.from_config(config(tmp_path, method={"name": "full"}, ratio=0.5))
 
 

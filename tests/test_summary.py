@@ -1,5 +1,6 @@
 """The end-of-sweep table, also for jobs that ran in other processes (Slurm, submitit)."""
 
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from conftest import run_info
@@ -18,3 +19,11 @@ def test_table_is_read_from_disk_when_jobs_ran_elsewhere(tmp_path, capsys):
     SweepSummary().on_multirun_end(config)  # no on_job_end in this process
     table = capsys.readouterr().out
     assert "streaming  ratio-4  exact_match  50.00  3/4  3.98x" in table
+
+
+def test_a_failed_job_is_named_with_its_error(capsys):
+    """Hydra hands a failed job's exception to on_job_end as its value (and re-raises it after the sweep)."""
+    failed = JobReturn(overrides=["method=snapkv", "ratio=4"], status=JobStatus.FAILED,
+                       _return_value=RuntimeError("out of memory"))
+    SweepSummary().on_job_end(OmegaConf.create({}), failed)
+    assert "job failed (method=snapkv ratio=4): RuntimeError: out of memory" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from kvbench.errors import ConfigError
-from kvbench.methods.params import parse_params
+from kvbench.params import parse_params
 from kvbench.storage import DenseStore, Store, read_followed_by
 
 Phase = Literal["prefill", "append", "decode"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.storage import DenseStore
 
 #: outgoing tokens compared with the slots at a time (bounds the similarity matrix, not the result)

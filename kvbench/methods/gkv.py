@@ -52,7 +52,7 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import attention_probs, last_queries, top_and_recent
 from kvbench.storage import gather_tokens
 

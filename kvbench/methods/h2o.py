@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import attention_with_received, top_and_recent
 from kvbench.storage import DenseStore
 

@@ -40,7 +40,7 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 
 
 @dataclass

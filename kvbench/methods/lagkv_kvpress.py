@@ -30,7 +30,7 @@ import torch
 from kvbench.methods import register
 from kvbench.methods.base import Method, ScoreKeepLayer
 from kvbench.methods.lagkv import lag_relative_scores
-from kvbench.methods.params import param
+from kvbench.params import param
 
 
 @dataclass

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase, head_dim
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import attention_with_received
 from kvbench.packing import codes_per_unit
 from kvbench.storage import DenseStore, PackedStore, gather_tokens

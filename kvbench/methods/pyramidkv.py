@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 from kvbench.methods import register
 from kvbench.methods.base import Method
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.snapkv import SnapKVLayer, SnapKVParams
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Method, Phase, head_dim
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.packing import codes_per_unit
 from kvbench.storage import PackedStore
 

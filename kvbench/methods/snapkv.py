@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 from kvbench.methods import register
 from kvbench.methods.base import Method, ScoreKeepLayer
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import last_queries, top_and_recent, window_scores
 
 

@@ -4,7 +4,7 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 
 
 @dataclass

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvbench.errors import ConfigError
-from kvbench.registry import unknown_name
-from kvbench.results import SampleRecord
+from kvbench.errors import DataError
+from kvbench.params import param, parse_params
+from kvbench.results import SampleRecord, read_jsonl_strict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,7 +33,12 @@ COMPRESS_MODES = ("whole", "context")
 def location(default: Any = None) -> Any:
     """A parameter field that says where the task's data is, not what it is: left out of the run
     identity (``Task.describe``), where the data is identified by ``Task.data_fingerprint``."""
-    return field(default=default, metadata={"location": True})
+    return param(default, location=True)
+
+
+def compress_mode(default: str = "whole") -> Any:
+    """The ``compress`` parameter every task has (``whole`` or ``context``, see ``Sample``)."""
+    return param(default, choices=COMPRESS_MODES)
 
 
 def files_fingerprint(folder: str | Path, names: list[str]) -> dict[str, Any]:
@@ -97,13 +104,10 @@ class Task:
 
     @classmethod
     def parse_params(cls, values: dict[str, Any]) -> Any:
-        fields = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise unknown_name(f"{cls.kind} task parameter", unknown[0], fields)
-        params = cls.Params(**values)
-        if getattr(params, "compress", "whole") not in COMPRESS_MODES:
-            raise ConfigError(f"task compress mode must be one of {COMPRESS_MODES}, got '{params.compress}'")
+        """``Params`` from a config mapping: every value checked against its declared type and bounds
+        (``kvbench.params``, messages ``passkey.key_digits=0: expected an integer >= 1``), then by the
+        parameters' own ``validate()`` (checks that involve several, or the task's tables)."""
+        params = parse_params(cls.kind, cls.Params, values, noun="task parameter")
         validate = getattr(params, "validate", None)
         if validate is not None:
             validate()
@@ -135,6 +139,11 @@ class Task:
         """A content hash of the data files this task reads (None: it reads none)."""
         return None
 
+    def check_data(self) -> None:
+        """Read and check the local data files this task reads (a ``DataError`` naming the file and
+        line, or the file and sample id), so bad data fails before the model loads. Hub data is
+        checked when it is loaded."""
+
     def groups(self) -> list[TaskGroup]:
         """The groups of tasks this task's scores are also averaged in, in reports."""
         return []
@@ -155,7 +164,7 @@ class Task:
 
 
 def require_fields(row: Any, where: str, fields: dict[str, type | tuple[type, ...]],
-                   error: type[Exception] = ConfigError) -> dict:
+                   error: type[Exception] = DataError) -> dict:
     """``row`` if it is an object holding ``fields`` with their official types (a bool is no int);
     otherwise ``error`` naming ``where`` (file and line, or hub row) and the field."""
     if not isinstance(row, dict):
@@ -163,6 +172,39 @@ def require_fields(row: Any, where: str, fields: dict[str, type | tuple[type, ..
     for name, kind in fields.items():
         if name not in row:
             raise error(f"{where}: missing field '{name}'")
-        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(row[name], kinds) or (isinstance(row[name], bool) and bool not in kinds):
             raise error(f"{where}: field '{name}' has type {type(row[name]).__name__}")
     return row
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, object) for every non-blank line of a task's JSONL data file; a line that is
+    not UTF-8 or not JSON raises a DataError naming the file and line."""
+    return read_jsonl_strict(Path(path), DataError)
+
+
+def read_json(path: str | Path) -> Any:
+    """A task's JSON data file; a DataError naming the file and line where it is not UTF-8 or not
+    JSON."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = 1 + raw.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
+def unique_ids(rows: Iterable[tuple[str, str]], source: str) -> None:
+    """A DataError naming both places of the first id given twice; ``rows`` is (where, id) pairs."""
+    seen: dict[str, str] = {}
+    for where, sample_id in rows:
+        if sample_id in seen:
+            raise DataError(f"{where}: duplicate sample id {sample_id!r} in {source} (first at {seen[sample_id]})")
+        seen[sample_id] = where

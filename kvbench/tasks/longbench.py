@@ -43,11 +43,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import ConfigError
-from kvbench.results import SampleRecord, read_jsonl_strict
+from kvbench.errors import ConfigError, DataError
+from kvbench.params import param
+from kvbench.results import SampleRecord
 from kvbench.scoring.longbench import CATEGORIES, E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, TaskGroup, files_fingerprint, location, require_fields
+from kvbench.tasks.base import (Sample, Task, TaskGroup, compress_mode, files_fingerprint, location, read_jsonl,
+                                require_fields, unique_ids)
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,12 @@ DATA_ZIP_URL = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/dat
 SAMSUM_STOP_TOKENS = ["\n"]
 
 
-class DataError(ConfigError):
-    """Missing or malformed LongBench data. A ConfigError, so the CLI prints the message (naming
-    the file and line, or where to put the data) instead of a traceback."""
-
-
 @dataclass
 class LongBenchParams:
     #: LongBench task names (base names, also for LongBench-E); null = every task of the variant
     tasks: list[str] | None = None
     #: v1: LongBench (21 tasks); e: LongBench-E, the `{task}_e` sets of 13 tasks
-    variant: str = "v1"
+    variant: str = param("v1", choices=VARIANTS)
     #: folder of official-format `{task}.jsonl` / `{task}_e.jsonl` (the unzipped data.zip);
     #: null = the hub dataset (needs network access). Not part of the run identity: the file's
     #: content hash is (moving the folder keeps a results directory resumable)
@@ -79,29 +76,19 @@ class LongBenchParams:
     #: hub revision when data_dir is null
     revision: str = HUB_REVISION
     #: whole: prompt and question compressed together (pred.py's token sequence); context: see above
-    compress: str = "whole"
+    compress: str = compress_mode()
     #: a seeded random subset of this many examples per task (kept in dataset order); null = all.
     #: (The top-level `limit=N` takes the first N of each task instead, for smoke tests.)
-    limit: int | None = None
+    limit: int | None = param(None, ge=1)
     seed: int = 42
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"longbench variant must be one of {VARIANTS}, got '{self.variant}'")
-        if isinstance(self.tasks, str):  # task.tasks=hotpotqa on the command line
-            self.tasks = [self.tasks]
         available = available_tasks(self.variant)
         if self.tasks is None:
             self.tasks = available
-        if not self.tasks:
-            raise ConfigError("longbench tasks must list at least one task (or be null for all)")
         for name in self.tasks:
             if name not in available:
                 raise ConfigError(_unknown_task_message(name, self.variant))
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"longbench tasks lists a task twice: {self.tasks}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"longbench limit must be >= 1 (or null for all), got {self.limit}")
         if self.data_dir is not None:
             for name in self.tasks:
                 data_file(self.data_dir, dataset_name(name, self.variant))  # fail before the model loads
@@ -161,10 +148,15 @@ def check_example(example: Any, where: str) -> dict:
     return example
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_examples(path: Path) -> list[dict]:
     """Examples of an official-format JSONL file; blank lines are skipped, anything else malformed
-    stops with the file and line number."""
-    return [check_example(example, where) for where, example in read_jsonl_strict(path, DataError)]
+    (encoding, JSON, fields, a repeated ``_id``) stops with the file and line number."""
+    places, examples = [], []
+    for where, example in read_jsonl(path):
+        places.append(where)
+        examples.append(check_example(example, where))
+    unique_ids(zip(places, (example["_id"] for example in examples)), str(path))
+    return examples
 
 
 def load_hub(name: str, revision: str) -> list[dict]:
@@ -178,14 +170,17 @@ def load_hub(name: str, revision: str) -> list[dict]:
             f"could not load {HUB_DATASET} '{name}' (revision {revision}) from the Hugging Face hub: "
             f"{type(err).__name__}: {err}. Without hub access, {LAYOUT_HELP}"
         ) from err
-    return [check_example(dict(row), f"{HUB_DATASET} {name} row {i}") for i, row in enumerate(rows)]
+    places = [f"{HUB_DATASET} {name} row {i}" for i in range(len(rows))]
+    examples = [check_example(dict(row), where) for where, row in zip(places, rows)]
+    unique_ids(zip(places, (example["_id"] for example in examples)), f"{HUB_DATASET} {name}")
+    return examples
 
 
 def load_examples(name: str, params: LongBenchParams) -> list[dict]:
     """One dataset's examples (local folder or hub), subsampled if ``limit``; never empty."""
     if params.data_dir is not None:
         path = data_file(params.data_dir, name)
-        examples, source = read_jsonl(path), str(path)
+        examples, source = read_examples(path), str(path)
     else:
         examples, source = load_hub(name, params.revision), f"{HUB_DATASET} {name}"
     if not examples:
@@ -318,6 +313,11 @@ class LongBench(Task):
         if self.params.variant == "e":
             summary["score_e"] = task_score_e(scores, [r.meta["length"] for r in records])
         return summary
+
+    def check_data(self) -> None:
+        if self.params.data_dir is not None:
+            for task in self.subtasks():
+                read_examples(data_file(self.params.data_dir, task.dataset))
 
     def data_fingerprint(self) -> dict[str, Any] | None:
         """The local data file a subtask reads; None for hub data, which the ``revision`` parameter

@@ -39,11 +39,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from kvbench.errors import ConfigError
-from kvbench.results import SampleRecord, read_jsonl_strict
+from kvbench.errors import ConfigError, DataError
+from kvbench.params import param
+from kvbench.results import SampleRecord
 from kvbench.scoring.math import equivalent, extract, gsm8k_gold, last_boxed
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, files_fingerprint, location, require_fields
+from kvbench.tasks.base import (Sample, Task, compress_mode, files_fingerprint, location, read_jsonl, require_fields,
+                                unique_ids)
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -52,13 +54,9 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 class MathParams:
     #: folder of the dataset's published files (table in the module doc); null = the hub dataset
     data_dir: str | None = location()
-    max_new_tokens: int = 4096
+    max_new_tokens: int = param(4096, ge=1)
     #: whole: the prompt is prefilled and compressed; context: the assistant header is appended after
-    compress: str = "whole"
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"math task max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    compress: str = compress_mode()
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def _gsm8k(row: Any, part: str, index: int, where: str) -> Problem:
     try:
         gold = gsm8k_gold(row["answer"])
     except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise DataError(f"{where}: {err}") from None
     return Problem(f"test-{index}", row["question"], gold, {})
 
 
@@ -116,25 +114,23 @@ class Dataset:
 
     def load(self, data_dir: str | None, task: str) -> list[Problem]:
         """Every problem, from the local folder or the hub; never empty."""
-        problems: list[Problem] = []
         if data_dir is not None:
-            for (config, name), path in zip(self.parts, self.files(data_dir, task)):
-                part = config or Path(name).stem
-                rows = read_jsonl_strict(path, ConfigError)
-                problems += [self.read(row, part, i, where) for i, (where, row) in enumerate(rows)]
-            source = str(data_dir)
-        else:
-            for config, name in self.parts:
-                part = config or Path(name).stem
-                rows = self._hub_rows(config, task)
-                problems += [self.read(dict(row), part, i, f"{self.hub} {part} row {i}")
-                             for i, row in enumerate(rows)]
-            source = self.hub
+            self.files(data_dir, task)
+        problems: list[Problem] = []
+        places: list[str] = []  # each problem's file and line, or hub row
+        for config, name in self.parts:
+            part = config or Path(name).stem
+            if data_dir is not None:
+                rows = list(read_jsonl(Path(data_dir) / name))
+            else:
+                rows = [(f"{self.hub} {part} row {i}", dict(row)) for i, row in enumerate(self._hub_rows(config, task))]
+            for i, (where, row) in enumerate(rows):
+                problems.append(self.read(row, part, i, where))
+                places.append(where)
+        source = str(data_dir) if data_dir is not None else self.hub
         if not problems:
-            raise ConfigError(f"task {task}: {source} has no problems")
-        ids = [p.id for p in problems]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"task {task}: {source} has duplicate problem ids")
+            raise DataError(f"task {task}: {source} has no problems")
+        unique_ids(zip(places, (p.id for p in problems)), source)
         return problems
 
     def _hub_rows(self, config: str | None, task: str):
@@ -205,6 +201,10 @@ class MathTask(Task):
             summary["truncated"] = round(100 * cut / len(records), 2)
             summary["mean_new_tokens"] = round(sum(r.new_tokens for r in records) / len(records), 2)
         return summary
+
+    def check_data(self) -> None:
+        if self.params.data_dir is not None:
+            self.dataset.load(self.params.data_dir, self.kind)
 
     def data_fingerprint(self) -> dict[str, Any] | None:
         """The local data files read; None for hub data."""

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import mean
 
 import yaml
 
-from kvbench.errors import ConfigError
 from kvbench.results import SampleRecord
 from kvbench.scoring.passkey import exact_match, partial_match
+from kvbench.params import param
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task
+from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode
 
 SCORERS = {"exact_match": exact_match, "partial_match": partial_match}
 
@@ -21,30 +21,18 @@ SCORERS = {"exact_match": exact_match, "partial_match": partial_match}
 @dataclass
 class PasskeyParams:
     #: digits of the key, each uniform in 0-9 (a leading 0 is possible), as in longctx_bench
-    key_digits: int = 5
+    key_digits: int = param(5, ge=1)
     #: target prompt lengths in tokens of the model's tokenizer (the measured length is recorded)
-    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    lengths: list[int] = param([512, 1024], ge=1)
     #: needle depths as fractions of the haystack (0 = start, 1 = end)
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    samples_per_cell: int = 1
+    depths: list[float] = param([0.0, 0.5, 1.0], ge=0, le=1)
+    samples_per_cell: int = param(1, ge=1)
     seed: int = 0
-    max_new_tokens: int = 12
+    max_new_tokens: int = param(12, ge=1)
     #: whole: the question is compressed with the haystack (LagKV's setting); context: appended after
-    compress: str = "whole"
+    compress: str = compress_mode()
     #: the metric reported as the task's score
-    metric: str = "exact_match"
-
-    def validate(self):
-        if self.key_digits < 1:
-            raise ConfigError(f"passkey key_digits must be >= 1, got {self.key_digits}")
-        if not self.lengths or min(self.lengths) < 1:
-            raise ConfigError(f"passkey lengths must be a non-empty list of positive token counts, got {self.lengths}")
-        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
-            raise ConfigError(f"passkey depths must be fractions in [0, 1], got {self.depths}")
-        if self.samples_per_cell < 1:
-            raise ConfigError("passkey samples_per_cell must be >= 1")
-        if self.metric not in SCORERS:
-            raise ConfigError(f"passkey metric must be one of {sorted(SCORERS)}, got '{self.metric}'")
+    metric: str = param("exact_match", choices=tuple(SCORERS))
 
 
 def load_texts() -> dict[str, str]:

@@ -61,23 +61,23 @@ question + the template's closing + answer prefix.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 import string
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from kvbench.errors import ConfigError
+from kvbench.errors import ConfigError, DataError
+from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import PREFIX, SAMPLE_SCORERS, SPEC, TASK_NAMES, TASK_SCORERS, metric_of
 from kvbench.tasks import register
-from kvbench.tasks.base import Sample, Task, files_fingerprint, location
+from kvbench.tasks.base import Sample, Task, compress_mode, files_fingerprint, location, read_json, require_fields
 
 TEMPLATES = ("base", "chat")
 SOURCES = ("generate", "kvpress")
@@ -113,14 +113,14 @@ class RulerParams:
     #: RULER task names; null = all 13, in synthetic.yaml's order
     tasks: list[str] | None = None
     #: target lengths in tokens (prompt + tokens to generate); RULER: 4096 ... 131072
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    lengths: list[int] = param([1024, 2048], ge=1)
     #: samples per task and length (RULER: 500); null = every row of kvpress's set
-    samples_per_length: int | None = 5
+    samples_per_length: int | None = param(5, ge=1)
     seed: int = 42
     #: base: RULER's base template, no chat wrapper (default); chat: the model's chat template
-    template: str = "base"
+    template: str = param("base", choices=TEMPLATES)
     #: generate: RULER's generators; kvpress: kvpress's pre-generated set
-    source: str = "generate"
+    source: str = param("generate", choices=SOURCES)
     #: folder of RULER's data files (PaulGrahamEssays.json, squad.json, hotpotqa.json);
     #: null = SQuAD and HotpotQA from the hub, and no essay tasks. Not part of the run identity:
     #: the content of the files read is
@@ -128,30 +128,16 @@ class RulerParams:
     #: local copy of simonjegou/ruler (<dir>/<length>/*.parquet); null = the hub
     kvpress_dir: str | None = location()
     #: whole: the question is compressed with the context; context: appended after, uncompressed
-    compress: str = "whole"
+    compress: str = compress_mode()
 
     def validate(self) -> None:
-        if isinstance(self.tasks, str):  # task.tasks=vt on the command line
-            self.tasks = [self.tasks]
         if self.tasks is None:
             self.tasks = list(TASK_NAMES)
-        if not self.tasks:
-            raise ConfigError("ruler tasks must list at least one task (or be null for all 13)")
         for name in self.tasks:
             if name not in TASK_NAMES:
                 raise ConfigError(f"unknown RULER task '{name}'; valid tasks: {', '.join(TASK_NAMES)}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"ruler tasks lists a task twice: {self.tasks}")
-        if not self.lengths or min(self.lengths) < 1:
-            raise ConfigError(f"ruler lengths must be a non-empty list of positive token counts, got {self.lengths}")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"ruler template must be one of {TEMPLATES}, got '{self.template}'")
-        if self.source not in SOURCES:
-            raise ConfigError(f"ruler source must be one of {SOURCES}, got '{self.source}'")
         if self.samples_per_length is None and self.source != "kvpress":
             raise ConfigError("ruler samples_per_length may be null (every row) only with source=kvpress")
-        if self.samples_per_length is not None and self.samples_per_length < 1:
-            raise ConfigError(f"ruler samples_per_length must be >= 1, got {self.samples_per_length}")
         if self.source == "kvpress":
             other = sorted(set(self.lengths) - set(KVPRESS_LENGTHS))
             if other:
@@ -193,21 +179,13 @@ def check_data(tasks: list[str], data_dir: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read RULER data file {path}: {err}") from err
-
-
 @lru_cache(maxsize=None)
 def essay_words(data_dir: str) -> tuple[str, ...]:
     """The essays, whitespace-normalised and split into words (RULER's haystack units)."""
     path = Path(data_dir) / DATA_FILES["essay"]
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not data["text"].strip():
-        raise ConfigError(f"{path}: expected a JSON object with a non-empty string field 'text'")
+    data = require_fields(read_json(path), str(path), {"text": str})
+    if not data["text"].strip():
+        raise DataError(f"{path}: field 'text' is empty")
     return tuple(re.sub(r"\s+", " ", data["text"]).split(" "))
 
 
@@ -217,6 +195,34 @@ class QA(NamedTuple):
     docs: list[int]
     #: the other paragraphs of the same article (SQuAD), preferred as distractors
     more: list[int]
+
+
+def check_squad(data: Any, source: str) -> None:
+    """A DataError naming the entry (``squad.json: data[3].paragraphs[0].qas[2]``) of the first field
+    :func:`read_squad` needs that is missing or of the wrong type."""
+    for a, article in enumerate(require_fields(data, source, {"data": list})["data"]):
+        where = f"{source}: data[{a}]"
+        for p, paragraph in enumerate(require_fields(article, where, {"paragraphs": list})["paragraphs"]):
+            at = f"{where}.paragraphs[{p}]"
+            for q, qa in enumerate(require_fields(paragraph, at, {"context": str, "qas": list})["qas"]):
+                entry = f"{at}.qas[{q}]"
+                require_fields(qa, entry, {"question": str, "is_impossible": bool, "answers": list})
+                for n, answer in enumerate(qa["answers"]):
+                    require_fields(answer, f"{entry}.answers[{n}]", {"text": str})
+
+
+def check_hotpotqa(data: Any, source: str) -> None:
+    """A DataError naming the entry (``hotpotqa.json: [12]``) of the first field
+    :func:`read_hotpotqa` needs that is missing or of the wrong type."""
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list of questions, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        where = f"{source}: [{i}]"
+        row = require_fields(row, where, {"question": str, "answer": str, "context": list})
+        for p, paragraph in enumerate(row["context"]):
+            if not (isinstance(paragraph, list) and len(paragraph) == 2 and isinstance(paragraph[0], str)
+                    and isinstance(paragraph[1], list) and all(isinstance(s, str) for s in paragraph[1])):
+                raise DataError(f"{where}.context[{p}]: expected [title, [sentences...]]")
 
 
 def read_squad(data: Any) -> tuple[list[QA], list[str]]:
@@ -274,7 +280,8 @@ def qa_set(kind: str, data_dir: str | None) -> tuple[list[QA], list[str]]:
     """(questions, documents) of SQuAD or HotpotQA, from data_dir or the hub."""
     if data_dir is not None:
         path = Path(data_dir) / DATA_FILES[kind]
-        data = _read_json(path)
+        data = read_json(path)
+        (check_squad if kind == "squad" else check_hotpotqa)(data, str(path))
     else:
         name, config = HUB_QA[kind]
         try:
@@ -286,13 +293,9 @@ def qa_set(kind: str, data_dir: str | None) -> tuple[list[QA], list[str]]:
                               f"without hub access put {DATA_HELP[kind]} in a folder and pass data_dir=<folder>") from err
         path = name
         data = _squad_from_hub(rows) if kind == "squad" else _hotpotqa_from_hub(rows)
-    try:
-        qas, docs = read_squad(data) if kind == "squad" else read_hotpotqa(data)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{path} is not in the {kind} format RULER reads ({type(err).__name__}: {err}); "
-                          f"expected {DATA_HELP[kind]}") from err
+    qas, docs = read_squad(data) if kind == "squad" else read_hotpotqa(data)
     if not qas:
-        raise ConfigError(f"{path} has no answerable questions")
+        raise DataError(f"{path} has no answerable questions")
     return qas, docs
 
 
@@ -746,6 +749,14 @@ class Ruler(Task):
         if len(self.params.tasks) != 1:
             raise RuntimeError(f"'{self.name}' is a suite of {len(self.params.tasks)} tasks; use its subtasks()")
         return self.params.tasks[0]
+
+    def check_data(self) -> None:
+        """The local RULER data files the generated tasks read (read once: they are cached)."""
+        p = self.params
+        if p.source != "generate" or p.data_dir is None:
+            return
+        for kind in {needs(task) for task in p.tasks} - {None}:
+            essay_words(p.data_dir) if kind == "essay" else qa_set(kind, p.data_dir)
 
     def samples(self, tokenizer, model_cfg) -> list[Sample]:
         p = self.params

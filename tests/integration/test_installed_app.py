@@ -77,7 +77,7 @@ def test_the_wheel_ships_every_config_and_task_file(installed):
         assert not missing
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for line in ("kvbench = kvbench.__main__:main", "kvbench-score = kvbench.score:main",
+    for line in ("kvbench = kvbench.__main__:cli", "kvbench-score = kvbench.score:main",
                  "kvbench-report = kvbench.report:main"):
         assert line in scripts
 

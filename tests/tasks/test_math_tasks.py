@@ -291,7 +291,7 @@ def test_scores_and_summary():
 
 
 def test_max_new_tokens_must_be_positive():
-    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="^gsm8k.max_new_tokens=0: expected an integer >= 1$"):
         task("gsm8k", max_new_tokens=0)
 
 
