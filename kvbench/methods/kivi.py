@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kvbench.errors import ConfigError
 from kvbench.methods import register
 from kvbench.methods.base import KVLayer, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.quant import BITS, Quant
 from kvbench.packing import codes_per_unit
 from kvbench.storage import ChannelPackedStore, PackedStore

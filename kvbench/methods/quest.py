@@ -10,7 +10,7 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import EvictionLayer, Method
-from kvbench.methods.params import param
+from kvbench.params import param
 
 
 @dataclass

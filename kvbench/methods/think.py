@@ -11,7 +11,7 @@ import torch
 from kvbench.errors import ConfigError
 from kvbench.methods import build_method, method_class, register, registered
 from kvbench.methods.base import KVLayer, Method, Phase
-from kvbench.methods.params import param
+from kvbench.params import param
 from kvbench.methods.scores import last_queries
 from kvbench.storage import DenseStore
 
