@@ -52,6 +52,8 @@ class Generation:
     stopped_by: list[str] = field(default_factory=list)
     #: the uncompressed prefill state, when asked for (``keep_prefill``) or reused
     prefilled: "Prefilled | None" = None
+    #: mean bytes a decoding step read from the cache (None: no decoding forward step)
+    decode_bytes_read: float | None = None
 
 
 @dataclass
@@ -210,6 +212,7 @@ def generate(
         start, limit = [0] * batch, [max_new_tokens] * batch
         pending, forced = [bool(followup_ids)] * batch, [[] for _ in range(batch)]
         decode_compress_s = 0.0
+        read, steps = 0, 0
         t0 = time.perf_counter()
         banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
         for step in itertools.count():
@@ -238,6 +241,7 @@ def generate(
             if all(stopped_by):
                 break
             logits, step_bytes = _forward(model, cache, next_ids[:, None], seen)
+            read, steps = read + cache.bytes_read(), steps + 1
             decode_compress_s += _end_step(cache, "decode")
             in_step = max(in_step, step_bytes)
             seen += 1
@@ -263,4 +267,5 @@ def generate(
         curve=curve,
         stopped_by=stopped_by,
         prefilled=prefilled,
+        decode_bytes_read=read / steps if steps else None,
     )
