@@ -92,6 +92,10 @@ class KVCache(Cache):
     def bytes_full(self) -> int:
         return sum(layer.bytes_full() for layer in self.layers)
 
+    def bytes_read(self) -> int:
+        """Bytes the last forward step read from the cache, every layer together."""
+        return sum(layer.bytes_read() for layer in self.layers)
+
     def tokens_per_layer(self) -> list[float]:
         """Mean tokens held per KV head, for every layer."""
         return [layer.tokens_held().float().mean().item() for layer in self.layers]

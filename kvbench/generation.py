@@ -55,6 +55,8 @@ class Generation:
     prefilled: "Prefilled | None" = None
     #: the cache as decoding started, when asked for (``keep_compressed``)
     compressed: "Compressed | None" = None
+    #: mean bytes a decoding step read from the cache (None: no decoding forward step)
+    decode_bytes_read: float | None = None
 
 
 @dataclass
@@ -230,6 +232,7 @@ def generate(
         start, limit = [0] * batch, [max_new_tokens] * batch
         pending, forced = [bool(followup_ids)] * batch, [[] for _ in range(batch)]
         decode_compress_s = 0.0
+        read, steps = 0, 0
         t0 = time.perf_counter()
         banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
         for step in itertools.count():
@@ -258,6 +261,7 @@ def generate(
             if all(stopped_by):
                 break
             logits, step_bytes = _forward(model, cache, next_ids[:, None], seen)
+            read, steps = read + cache.bytes_read(), steps + 1
             decode_compress_s += _end_step(cache, "decode")
             in_step = max(in_step, step_bytes)
             seen += 1
@@ -284,4 +288,5 @@ def generate(
         stopped_by=stopped_by,
         prefilled=prefilled,
         compressed=compressed,
+        decode_bytes_read=read / steps if steps else None,
     )

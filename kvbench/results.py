@@ -231,6 +231,9 @@ class KVUsage:
     #: most tokens a compressed layer's KV head held between steps (None: recorded before it was)
     peak_tokens_held: int | None = None
     curve: HeldCurve | None = None
+    #: mean bytes a decoding step read from the cache (less than held for Quest; None: no decoding
+    #: step, or recorded before this was)
+    decode_bytes_read: float | None = None
 
 
 @dataclass

@@ -353,7 +353,8 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         decode_compress_s=round(gen.decode_compress_s, 4),
         kv=KVUsage(after_prefill=KVStats(**gen.after_prefill), at_end=KVStats(**gen.at_end),
                    peak_bytes_held=gen.peak_bytes_held, peak_bytes_in_step=gen.peak_bytes_in_step,
-                   peak_tokens_held=gen.peak_tokens_held, curve=gen.curve),
+                   peak_tokens_held=gen.peak_tokens_held, curve=gen.curve,
+                   decode_bytes_read=gen.decode_bytes_read),
         finished_at=_now(),
         fidelity=sample_fidelity,
     )

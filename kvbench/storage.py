@@ -1,5 +1,6 @@
 """What a cache layer holds, as a type: a :class:`DenseStore` (a tensor) or a :class:`PackedStore`
-(quantised codes with their scales and zeros), with one interface.
+(quantised codes with their scales and zeros), with one interface; a :class:`ChannelPackedStore`
+quantises along tokens instead (KIVI's keys).
 
 Every store holds tokens along dim 2 of (batch, heads, n, ...) tensors and offers ``append``, ``keep``,
 ``evict_one``, ``truncate``, ``clear``, ``nbytes``, ``read`` (into a tensor) and ``clone`` (for
@@ -208,7 +209,53 @@ class PackedStore:
         return copy
 
 
-Store = DenseStore | PackedStore
+class ChannelPackedStore:
+    """Tokens quantised per channel in blocks of ``group`` consecutive tokens (KIVI's keys): each
+    channel of a block gets ``group`` codes of ``bits`` bits and its own fp16 scale and zero.
+
+    Held as a :class:`PackedStore` whose rows are the (block, channel) pairs, ``group`` codes each,
+    so the per-token kernels pack them. Tokens arrive in whole blocks and are never evicted (KIVI
+    only appends), so the store offers ``append``, ``read``, ``clear``, ``nbytes`` and ``clone``."""
+
+    bookkeeping = False
+
+    def __init__(self, bits: int, group: int, channels: int):
+        self.group, self.channels = group, channels
+        self.rows = PackedStore(bits, group)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.tokens // self.channels * self.group
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantise ``x`` (batch, heads, q, channels), q a multiple of ``group``, and add it."""
+        b, h, q, d = x.shape
+        blocks = x.reshape(b, h, q // self.group, self.group, d).transpose(3, 4)
+        self.rows.append(blocks.reshape(b, h, q // self.group * d, self.group))
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def nbytes(self) -> int:
+        return self.rows.nbytes()
+
+    def read(self, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantised tokens (batch, heads, n, channels), in ``dtype`` (float32 if None) or
+        written into ``out``."""
+        rows = self.rows.read()
+        b, h = rows.shape[:2]
+        x = rows.view(b, h, -1, self.channels, self.group).transpose(3, 4).reshape(b, h, -1, self.channels)
+        if out is not None:
+            return out.copy_(x)
+        return x if dtype is None else x.to(dtype)
+
+    def clone(self) -> "ChannelPackedStore":
+        copy = ChannelPackedStore(self.rows.bits, self.group, self.channels)
+        copy.rows = self.rows.clone()
+        return copy
+
+
+Store = DenseStore | PackedStore | ChannelPackedStore
 
 
 def read_followed_by(stores: list[Store], new: torch.Tensor) -> torch.Tensor:

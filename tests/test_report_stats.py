@@ -1,6 +1,7 @@
 """Intervals and paired comparisons in scores.json, the run table and the leaderboards."""
 
 import dataclasses
+import itertools
 import json
 import shutil
 
@@ -119,7 +120,9 @@ def test_exported_intervals_and_paired_columns_agree_with_samples_jsonl(tree):
 def passkey_table(root):
     markdown = report.leaderboard_markdown(report.collect(root), "m")
     section = markdown[markdown.index("### passkey"):]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    lines = list(itertools.takewhile(lambda line: line.startswith("| "), lines[start:]))  # the first table
     cells = {line.split(" | ")[0].removeprefix("| "): [c.strip() for c in line.strip("| ").split(" | ")[1:]]
              for line in lines[2:]}
     return cells, section

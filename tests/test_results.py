@@ -49,7 +49,7 @@ def test_a_record_round_trips_and_keeps_every_key_of_the_old_schema():
     written = json.loads(line)
     # fields added since have defaults, so old records read as they were
     assert set(old) < set(written) and set(written) - set(old) == {"schema_version", "completions", "fidelity"}
-    assert set(written["kv"]) - set(old["kv"]) == {"peak_tokens_held", "curve"}
+    assert set(written["kv"]) - set(old["kv"]) == {"peak_tokens_held", "curve", "decode_bytes_read"}
     assert set(old["kv"]["after_prefill"]) == set(written["kv"]["at_end"])
     assert SampleRecord.from_json(old).completions == [] and SampleRecord.from_json(old).kv.curve is None
     assert SampleRecord.from_json(old).fidelity is None

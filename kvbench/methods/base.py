@@ -267,6 +267,11 @@ class KVLayer(CacheLayerProtocol):
         such as positions and scores excluded) plus :meth:`state_bytes`."""
         return sum(s.nbytes() for s in self.stores.values() if not s.bookkeeping) + self.state_bytes()
 
+    def bytes_read(self) -> int:
+        """Bytes of KV storage the last forward step read: by default everything held (the step
+        attended over its whole cache); a layer that attends over part of it (Quest) says less."""
+        return self.bytes_held()
+
     def full_tokens(self) -> int:
         """Tokens per head the uncompressed cache would hold for the same sequence."""
         return self.seen
@@ -404,6 +409,9 @@ class Method:
     budget_per_layer: ClassVar[bool] = True
     #: why the method takes no budget (a ConfigError when given one); None: it holds one
     budget_refusal: ClassVar[str | None] = None
+    #: whether ``budget`` bounds what the cache holds (False: it names something else, such as the
+    #: tokens Quest's decoding steps read, and ``budget_bounds`` says what is held instead)
+    budget_is_capacity: ClassVar[bool] = True
 
     def __init__(self, params: Any, compression: Compression | None, seed: int = 0):
         self.params = params

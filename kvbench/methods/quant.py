@@ -51,9 +51,9 @@ class Quant(Method):
     (default the whole head: one fp16 scale and zero per token and head), to ``bits`` bits, and
     stored packed (8 / bits values per uint8) with its fp16 scales and zeros, so ``bytes_held`` is
     the real storage. Attention runs on the dequantised values; a step's new tokens are quantised at
-    its end (the step itself sees them exactly). Simplifications w.r.t. KIVI: keys are quantised per
-    token like values (KIVI quantises keys per channel), and there is no full-precision residual
-    window of recent tokens.
+    its end (the step itself sees them exactly). The simple per-token baseline, not KIVI: keys are
+    quantised per token like values, and no recent tokens stay in full precision; ``kivi`` is KIVI
+    as its paper defines it (keys per channel in groups of tokens, a full-precision residual window).
 
     Ratio: quantisation compresses by its bit width, not by dropping tokens, so the ratio selects the
     bit width as ``bits = 16 / ratio`` - ratio 2, 4, 8 = int8, int4, int2 - the usual convention of
@@ -78,17 +78,17 @@ class Quant(Method):
         super().__init__(params, compression, seed)
         self.bits = self.bits_for(params, compression)
 
-    @staticmethod
-    def bits_for(params: QuantParams, compression) -> int:
+    @classmethod
+    def bits_for(cls, params: QuantParams, compression) -> int:
         if compression is None or compression.budget is not None:
-            raise ConfigError(f"quant takes no budget: {Quant.budget_refusal}; give ratio = 16 / bits instead "
+            raise ConfigError(f"{cls.name} takes no budget: {cls.budget_refusal}; give ratio = 16 / bits instead "
                               f"({', '.join(f'{16 // b} for int{b}' for b in BITS)})")
         achievable = {16 // b: b for b in BITS}
         if params.bits is not None and compression.ratio != 16 / params.bits:
-            raise ConfigError(f"quant with bits={params.bits} compresses {16 / params.bits:g}x (16-bit / "
+            raise ConfigError(f"{cls.name} with bits={params.bits} compresses {16 / params.bits:g}x (16-bit / "
                               f"{params.bits}-bit); ratio {compression.ratio:g} is not achievable with it")
         if compression.ratio not in achievable:
-            raise ConfigError(f"quant cannot reach ratio {compression.ratio:g}: its achievable ratios are "
+            raise ConfigError(f"{cls.name} cannot reach ratio {compression.ratio:g}: its achievable ratios are "
                               f"{', '.join(f'{r} (int{b})' for r, b in achievable.items())}")
         return achievable[compression.ratio]
 
@@ -98,8 +98,12 @@ class Quant(Method):
 
     def group_for(self, channels: int) -> int:
         """Channels per quantisation group for heads of ``channels``; checks that the codes pack."""
-        group = self.params.group_size or channels
+        group = self.channel_group(channels)
         if channels % group or channels % codes_per_unit(self.bits):
-            raise ConfigError(f"quant: head_dim {channels} must be a multiple of group_size {group} "
+            raise ConfigError(f"{self.name}: head_dim {channels} must be a multiple of group_size {group} "
                               f"and of {codes_per_unit(self.bits)} (values per byte at {self.bits} bits)")
         return group
+
+    def channel_group(self, channels: int) -> int:
+        """``group_size``, or the whole head if it is null."""
+        return self.params.group_size or channels

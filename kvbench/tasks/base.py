@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import yaml
+
 from kvbench.errors import DataError
 from kvbench.params import param, parse_params
 from kvbench.results import SampleRecord, read_jsonl_strict
@@ -26,6 +28,13 @@ if TYPE_CHECKING:
 
 #: task texts and tables, shipped as package data (``kvbench/task_data/``)
 TASK_DATA = resources.files("kvbench") / "task_data"
+
+
+def task_yaml(kind: str, name: str) -> Any:
+    """A task's texts or table shipped in ``kvbench/task_data/<kind>/<name>`` (YAML)."""
+    with open(TASK_DATA / kind / name) as f:
+        return yaml.safe_load(f)
+
 
 COMPRESS_MODES = ("whole", "context")
 

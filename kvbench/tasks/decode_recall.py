@@ -28,13 +28,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import yaml
 
 from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.decode_recall import counted, recalled
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode
+from kvbench.tasks.base import Sample, Task, compress_mode, task_yaml
 
 
 @dataclass
@@ -52,8 +51,7 @@ class DecodeRecallParams:
 
 
 def load_texts() -> dict:
-    with open(TASK_DATA / "decode_recall" / "decode_recall.yaml") as f:
-        return yaml.safe_load(f)
+    return task_yaml("decode_recall", "decode_recall.yaml")
 
 
 @register

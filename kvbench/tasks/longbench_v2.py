@@ -36,7 +36,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from kvbench.errors import DataError
 from kvbench.params import param
@@ -44,7 +43,6 @@ from kvbench.results import SampleRecord
 from kvbench.scoring.longbench_v2 import CHOICES, DIFFICULTIES, LENGTHS, accuracies, judge
 from kvbench.tasks import register
 from kvbench.tasks.base import (
-    TASK_DATA,
     ReportRun,
     Sample,
     Task,
@@ -54,6 +52,7 @@ from kvbench.tasks.base import (
     location,
     read_json,
     require_fields,
+    task_yaml,
     unique_ids,
 )
 from kvbench.tasks.longbench import split_question
@@ -144,8 +143,7 @@ def truncate_middle(prompt: str, tokenizer, max_tokens: int) -> tuple[str, bool]
 
 @lru_cache(maxsize=1)
 def prompt_spec() -> dict:
-    with open(TASK_DATA / "longbench_v2" / "prompts.yaml") as f:
-        return yaml.safe_load(f)
+    return task_yaml("longbench_v2", "prompts.yaml")
 
 
 @register

@@ -52,14 +52,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from kvbench.errors import ConfigError
 from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.ruler import SPEC, match_all
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode, files_fingerprint, location
+from kvbench.tasks.base import Sample, Task, compress_mode, files_fingerprint, location, task_yaml
 from kvbench.tasks.passkey import depth_length_heatmap, grid_summary
 from kvbench.tasks.ruler import (
     DATA_FILES,
@@ -130,8 +129,7 @@ class NiahParams:
 
 @lru_cache(maxsize=1)
 def kamradt_texts() -> dict[str, str]:
-    with open(TASK_DATA / "niah" / "niah.yaml") as f:
-        return yaml.safe_load(f)
+    return task_yaml("niah", "niah.yaml")
 
 
 @lru_cache(maxsize=None)

@@ -7,13 +7,12 @@ import random
 from dataclasses import dataclass
 from statistics import mean
 
-import yaml
 
 from kvbench.results import SampleRecord
 from kvbench.scoring.passkey import exact_match, partial_match
 from kvbench.params import param
 from kvbench.tasks import register
-from kvbench.tasks.base import TASK_DATA, Sample, Task, compress_mode
+from kvbench.tasks.base import Sample, Task, compress_mode, task_yaml
 
 SCORERS = {"exact_match": exact_match, "partial_match": partial_match}
 
@@ -36,8 +35,7 @@ class PasskeyParams:
 
 
 def load_texts() -> dict[str, str]:
-    with open(TASK_DATA / "passkey" / "passkey.yaml") as f:
-        return yaml.safe_load(f)
+    return task_yaml("passkey", "passkey.yaml")
 
 
 @register

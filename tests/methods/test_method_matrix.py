@@ -207,7 +207,8 @@ def test_deterministic_given_seed(name, tiny_llama):
 
 # -- the budget is a capacity -----------------------------------------------------------------------
 
-HOLDING = [name for name, cls in METHODS.items() if cls.uses_compression and not cls.budget_refusal]
+HOLDING = [name for name, cls in METHODS.items()
+           if cls.uses_compression and not cls.budget_refusal and cls.budget_is_capacity]
 BUDGET, PROMPT, NEW, CHUNK = 64, 300, 50, 64
 
 
