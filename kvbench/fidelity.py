@@ -40,19 +40,22 @@ def compare(full_logits: torch.Tensor, compressed_logits: torch.Tensor, target_i
 
 
 def _next_token_logits(model, cache: KVCache, last_logits: torch.Tensor, feed_ids: torch.Tensor,
-                       start: int, k: int) -> torch.Tensor:
+                       start: int, k: int, per_token: bool = False) -> torch.Tensor:
     """The last ``k`` next-token predictions (k, vocab) of: ``last_logits`` (1, vocab), the
-    prediction the cache already made, followed by those after each of ``feed_ids`` (1, q), fed in
-    one forward at positions ``start...``. No ``end_step``: the method does not compress over the
-    fed tokens."""
+    prediction the cache already made, followed by those after each of ``feed_ids`` (1, q), fed at
+    positions ``start...`` in one forward, or with ``per_token`` one token per forward as decoding
+    feeds them (so attention that a method makes sparse for decoding queries, Quest's, is). No
+    ``end_step``: the method does not compress over the fed tokens."""
     q = feed_ids.shape[1]
-    if q == 0:
-        return last_logits[-k:]
-    positions = torch.arange(start, start + q, device=feed_ids.device)[None]
-    with cache.active():  # only the rows needed: a long question's logits would be vocab-wide each
-        out = model(input_ids=feed_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=min(k, q))
-    return torch.cat([last_logits, out.logits[0]])[-k:]
+    rows = [last_logits]
+    with cache.active():
+        for begin, end in ([(i, i + 1) for i in range(q)] if per_token else [(0, q)] if q else []):
+            positions = torch.arange(start + begin, start + end, device=feed_ids.device)[None]
+            # only the rows needed: a long question's logits would be vocab-wide each
+            out = model(input_ids=feed_ids[:, begin:end], position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=min(k, end - begin))
+            rows.append(out.logits[0])
+    return torch.cat(rows)[-k:]
 
 
 @torch.inference_mode()
@@ -64,7 +67,9 @@ def measure(model, fresh: KVCache, prefilled: Prefilled, question_ids: torch.Ten
 
     The full cache is ``prefilled`` (the prompt's prefill before compression) restored into ``fresh``
     (a cache of a new instance of the same method, which stores the state as it was taken), with the
-    question and answer fed without compression. Both forwards change only these two caches.
+    question and answer fed in one forward without compression. The compressed cache is fed the
+    answer one token per forward, as decoding feeds tokens, without compressing over them. The
+    forwards change only these two caches.
     """
     targets = answer_ids[0]
     answer_feed = answer_ids[:, :-1]
@@ -74,5 +79,6 @@ def measure(model, fresh: KVCache, prefilled: Prefilled, question_ids: torch.Ten
     question = question_ids if question_ids is not None else answer_ids[:, :0]
     k = targets.shape[0]
     full = _next_token_logits(model, fresh, prefilled.logits, torch.cat([question, answer_feed], dim=1), prompt, k)
-    comp = _next_token_logits(model, compressed.cache, compressed.logits, answer_feed, compressed.seen, k)
+    comp = _next_token_logits(model, compressed.cache, compressed.logits, answer_feed, compressed.seen, k,
+                              per_token=True)
     return compare(full, comp, targets)

@@ -36,10 +36,10 @@ def test_metrics_by_hand():
         compare(full, compressed, torch.tensor([1]))
 
 
-def fidelity_of(model, method, answer_len=6, question=True, **comp):
+def fidelity_of(model, method, answer_len=6, question=True, params=None, **comp):
     prompt, question = random_prompt(40), random_prompt(5, seed=1) if question else None
     answer = random_prompt(answer_len, seed=2)
-    make = lambda: KVCache(build_method(method, {}, Compression(**comp)), layer_windows(model.config))  # noqa: E731
+    make = lambda: KVCache(build_method(method, params or {}, Compression(**comp)), layer_windows(model.config))  # noqa: E731
     gen = generate(model, make(), prompt, question, 4, eos_ids=set(), keep_prefill=True, keep_compressed=True)
     return measure(model, make(), gen.prefilled, question, gen.compressed, answer)
 
@@ -51,9 +51,11 @@ def test_a_cache_that_evicts_nothing_is_the_full_cache(tiny_llama, question):
     assert (f.top1_agreement, f.tokens) == (1.0, 6)
 
 
-@pytest.mark.parametrize("method", ["streaming", "snapkv"])
-def test_an_evicting_cache_moves_the_distributions(tiny_llama, method):
-    f = fidelity_of(tiny_llama, method, ratio=4)
+@pytest.mark.parametrize("method,params", [("streaming", {}), ("snapkv", {}),
+                                           # sparse attention for decoding queries only: fed as decoding does
+                                           ("quest", {"page_size": 4, "dense_layers": 0})])
+def test_an_evicting_cache_moves_the_distributions(tiny_llama, method, params):
+    f = fidelity_of(tiny_llama, method, params=params, ratio=4)
     assert f.kl > 1e-4 and f.tokens == 6
 
 
