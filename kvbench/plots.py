@@ -250,6 +250,9 @@ def save(fig: Figure, stem: Path, formats: list[str]) -> list[Path]:
     """Write ``stem.<format>`` for each format (png, svg); return the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.parent / f"{stem.name}.{fmt}" for fmt in formats]  # not with_suffix: "ratio-1.5" has a dot
-    for path in paths:
-        fig.savefig(path, dpi=110)
+    # no date and ids salted by the file name: the same figure gives the same bytes (a committed board
+    # regenerated from the same runs does not change)
+    with matplotlib.rc_context({"svg.hashsalt": stem.name}):
+        for path in paths:
+            fig.savefig(path, dpi=110, metadata={"Date": None} if path.suffix == ".svg" else None)
     return paths

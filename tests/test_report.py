@@ -152,8 +152,10 @@ def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
     assert "failed: no scores.json (run.json status 'running', 1 of 4 samples written)" in markdown
     average = table_blocks(markdown)[0]
     alpha = cells_of(next(line for line in average if line.startswith("| alpha |")))
-    # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, footnoted, not bold
-    assert alpha[2].startswith("60.0 ±0 (75.0%) [")
+    # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, marked in the cell, footnoted, not bold
+    assert alpha[2].startswith("60.0 ±0 (75.0%) *1 of 2 tasks, 1 partial* [")
+    per_task = table_blocks(markdown.split("### passkey_long")[1])[0]
+    assert "*partial 2/4*" in next(line for line in per_task if line.startswith("| alpha |"))
     assert "mean over 1 of 2 tasks; left out: passkey_long (partial, 2 of 4)" in markdown
     assert "passkey_long (failed)" in markdown and "passkey_long (not run)" in markdown
     # zeta 2x covers both tasks (mean of 40 and 25, of 50% and 50%); the only such cell of its

@@ -1,0 +1,271 @@
+"""The published board (kvbench.publish) and the papers' claims (kvbench.claims), on small runs trees
+written here with the runner's schema; and the committed tree itself, regenerated and re-scored."""
+
+import dataclasses
+import filecmp
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_info, sample_record
+
+from kvbench import claims, publish, report
+from kvbench.errors import ConfigError
+from kvbench.results import RunDir
+from kvbench.runner import summarize_run
+from kvbench.score import rescore
+from kvbench.tasks import task_from_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RUNS = ROOT / "leaderboard" / "runs"
+PASSKEY = {"name": "passkey", "kind": "passkey",
+           "params": {"compress": "whole", "depths": [0.0, 1.0], "lengths": [512], "metric": "exact_match",
+                      "key_digits": 5, "samples_per_cell": 1, "seed": 0, "max_new_tokens": 12}}
+
+
+def write_run(root: Path, outcomes: str, model="m", method="full", setting="ratio-1", task=PASSKEY,
+              n_expected=None, bytes_held=1000, peak_tokens=None) -> RunDir:
+    """A results directory as the runner writes it: one record per character of ``outcomes``
+    ("1": the key recalled, "0": not), sample ids s0, s1, ...; scores.json as the runner summarises
+    them (so ``kvbench.score --write`` leaves it unchanged)."""
+    kind, _, value = setting.partition("-")
+    ratio, budget = (float(value), None) if kind == "ratio" else (None, int(value))
+    run = RunDir(root / model / task["name"] / method / setting)
+    n_expected = n_expected or len(outcomes)
+    run.write_run(run_info(task, model=model, method=method, ratio=ratio, budget=budget, label=setting,
+                           n_expected=n_expected, status="complete" if len(outcomes) == n_expected else "partial"))
+    task_obj = task_from_identity(task)
+    records = []
+    for i, outcome in enumerate(outcomes):
+        record = sample_record(f"s{i}", pred="12345" if outcome == "1" else "99999", meta={"length": 512, "depth": 0.0})
+        stats = dataclasses.replace(record.kv.after_prefill, bytes_held=bytes_held, ratio=4000 / bytes_held)
+        record.kv = dataclasses.replace(record.kv, after_prefill=stats, peak_tokens_held=peak_tokens)
+        record.scores = task_obj.score_record(record)
+        run.append(record)
+        records.append(record)
+    run.write_scores(summarize_run(task_obj, records, n_expected))
+    return run
+
+
+def board(root: Path, outcomes: dict[tuple[str, str], str], **fields) -> Path:
+    """A runs tree of one model and task: (method, setting) -> outcomes."""
+    for (method, setting), result in outcomes.items():
+        write_run(root, result, method=method, setting=setting, **fields)
+    return root
+
+
+def verdict(root: Path, test, models=("m",)) -> claims.Verdict:
+    (result,) = claims.evaluate(report.collect(root), claims.Claim("paper", "claim", "figure", test, models))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts
+# ---------------------------------------------------------------------------------------------
+
+BEATS = claims.Beats("a", "b", "passkey", "ratio-2")
+
+
+def test_a_method_above_its_rival_on_enough_samples_is_reproduced_in_direction(tmp_path):
+    # a recalls all 30 keys, b 10 of them: +66.7 points, the interval far above 0
+    board(tmp_path, {("full", "ratio-1"): "1" * 30, ("a", "ratio-2"): "1" * 30, ("b", "ratio-2"): "1" * 10 + "0" * 20})
+    v = verdict(tmp_path, BEATS)
+    assert v.verdict == claims.REPRODUCED and v.n == 30
+    assert "difference +66.7" in v.figure and "p = " in v.figure
+
+
+def test_a_method_below_its_rival_or_level_with_it_is_not_reproduced(tmp_path):
+    board(tmp_path, {("full", "ratio-1"): "1" * 30, ("a", "ratio-2"): "0" * 30, ("b", "ratio-2"): "1" * 30})
+    assert verdict(tmp_path, BEATS).verdict == claims.NOT_REPRODUCED
+    # identical scores: the interval is [0, 0], which shows no gain
+    board(tmp_path, {("a", "ratio-2"): "1" * 30})
+    assert verdict(tmp_path, BEATS).verdict == claims.NOT_REPRODUCED
+
+
+def test_a_difference_whose_interval_straddles_zero_is_inconclusive(tmp_path):
+    # one sample gained, one lost: difference 0 but the interval reaches both sides
+    board(tmp_path, {("full", "ratio-1"): "1111", ("a", "ratio-2"): "1011", ("b", "ratio-2"): "0111"})
+    v = verdict(tmp_path, BEATS)
+    assert v.verdict == claims.INCONCLUSIVE and v.n == 4
+
+
+def test_missing_and_partial_cells_are_not_run_yet_and_named(tmp_path):
+    board(tmp_path, {("full", "ratio-1"): "1111", ("a", "ratio-2"): "11"}, n_expected=None)
+    write_run(tmp_path, "11", method="a", setting="ratio-2", n_expected=4)
+    v = verdict(tmp_path, BEATS)
+    assert v.verdict == claims.NOT_RUN
+    assert v.why == "a/ratio-2 partial (2 of 4) on passkey; b/ratio-2 missing on passkey"
+
+
+def test_a_task_the_full_cache_fails_is_not_testable(tmp_path):
+    board(tmp_path, {("full", "ratio-1"): "0000", ("a", "ratio-2"): "0000", ("b", "ratio-2"): "0000"})
+    v = verdict(tmp_path, BEATS)
+    assert (v.verdict, v.why) == (claims.NOT_TESTABLE, "the full cache scores 0 on passkey")
+
+
+def test_retention_is_judged_against_the_claimed_floor(tmp_path):
+    # 19 of 20 kept: retention 95%; the paired interval is about [85, 100]
+    board(tmp_path, {("full", "ratio-1"): "1" * 20, ("a", "ratio-2"): "1" * 19 + "0"}, bytes_held=2000)
+    judged = {floor: verdict(tmp_path, claims.Retention("a", "ratio-2", ("passkey",), floor)) for floor in (80, 95, 101)}
+    assert judged[80].verdict == claims.REPRODUCED
+    assert judged[95].verdict == claims.INCONCLUSIVE
+    assert judged[101].verdict == claims.NOT_REPRODUCED
+    assert judged[80].figure.startswith("retention 95.0% [") and judged[80].figure.endswith("(measured ratio 2.00x)")
+
+
+def test_a_cell_that_compressed_nothing_cannot_test_a_compression_claim(tmp_path):
+    board(tmp_path, {("full", "ratio-1"): "1" * 20, ("a", "ratio-2"): "1" * 20}, bytes_held=4000)
+    v = verdict(tmp_path, claims.Retention("a", "ratio-2", ("passkey",), 95))
+    assert v.verdict == claims.NOT_TESTABLE and "compressed nothing on passkey (measured ratio 1.00x)" in v.why
+
+
+def test_the_rival_given_no_fewer_bytes_is_the_closest_above(tmp_path):
+    write_run(tmp_path, "1" * 20)
+    write_run(tmp_path, "1" * 20, method="a", setting="ratio-2", bytes_held=700)
+    for setting, held in (("ratio-2", 2000), ("ratio-4", 1000), ("ratio-8", 500)):
+        write_run(tmp_path, "0" * 20, method="b", setting=setting, bytes_held=held)
+    test = claims.BeatsWithFewerBytes("a", "b", "passkey", "ratio-2", ("ratio-2", "ratio-4", "ratio-8"))
+    v = verdict(tmp_path, test)
+    # ratio-8 holds less than a (500 < 700): never chosen; ratio-4 (1000) is the closest above
+    assert v.cells == "passkey: a/ratio-2 vs b/ratio-4" and v.verdict == claims.REPRODUCED
+    write_run(tmp_path, "0" * 20, method="a", setting="ratio-4", bytes_held=3000)
+    v = verdict(tmp_path, dataclasses.replace(test, setting="ratio-4"))
+    assert v.verdict == claims.NOT_TESTABLE and "no b cell" in v.why
+
+
+def test_capacity_is_checked_on_every_record(tmp_path):
+    write_run(tmp_path, "11", method="a", setting="budget-8", peak_tokens=8)
+    test = claims.WithinCapacity("a", "budget-8", ("passkey",))
+    v = verdict(tmp_path, test)
+    assert (v.verdict, v.n) == (claims.REPRODUCED, 2)
+    assert v.figure == "most tokens held by a KV head between steps: 8 (capacity 8)"
+    write_run(tmp_path / "over", "11", method="a", setting="budget-8", peak_tokens=9)
+    assert verdict(tmp_path / "over", test).verdict == claims.NOT_REPRODUCED
+
+
+def test_claims_that_need_a_gpu_say_why():
+    claim = next(c for c in claims.CLAIMS if isinstance(c.test, claims.NotOnCpu))
+    (v,) = claims.evaluate(report.collect(Path("/nonexistent")), claim)
+    assert v.verdict == claims.NOT_TESTABLE and v.why
+
+
+def test_every_claim_reads_cells_of_the_cpu_sweep():
+    """Each claim names tasks of the CPU board and settings it sweeps, so a typo cannot leave a row
+    "not run yet" for ever."""
+    settings = {"ratio-1", "ratio-2", "ratio-4", "ratio-8", claims.BUDGET}
+    for claim in claims.CLAIMS:
+        test = claim.test
+        tasks = getattr(test, "tasks", None) or (getattr(test, "task", None),)
+        if isinstance(test, claims.NotOnCpu):
+            continue
+        assert set(tasks) <= set(claims.CPU_TASKS), claim
+        assert {test.setting, *getattr(test, "rival_settings", ())} <= settings, claim
+
+
+# ---------------------------------------------------------------------------------------------
+# The published files
+# ---------------------------------------------------------------------------------------------
+
+README_TEXT = "# project\n\nIntro.\n\n## Leaderboard\n" + publish.BEGIN + "\nold\n" + publish.END + "\n\n## After\ntext\n"
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A repository root with README.md and a runs tree (one complete, one partial cell)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text(README_TEXT)
+    runs = tmp_path / "leaderboard" / "runs"
+    write_run(runs, "1" * 10)
+    write_run(runs, "1" * 8 + "00", method="a", setting="ratio-2", bytes_held=2000)
+    write_run(runs, "1" * 4, method="a", setting="ratio-4", bytes_held=1000, n_expected=10)
+    return tmp_path
+
+
+def publish_here(formats=("md", "csv")) -> list[Path]:
+    return publish.publish(Path("leaderboard/runs"), Path("leaderboard"), formats=formats)
+
+
+def test_the_readme_block_is_rewritten_and_the_rest_kept_byte_for_byte(repo):
+    publish_here()
+    text = (repo / "README.md").read_text()
+    head, rest = text.split(publish.BEGIN)
+    block, tail = rest.split(publish.END)
+    assert head == README_TEXT.split(publish.BEGIN)[0] and tail == README_TEXT.split(publish.END)[1]
+    assert "`python -m kvbench.report leaderboard/runs --out leaderboard --publish`" in block
+    # the partial cell says so in the cell, with its samples
+    row = next(line for line in block.splitlines() if line.startswith("| a |"))
+    assert row == "| a | – | 80.0 ±25 (80.0%) | n/a *0 of 1 tasks, 1 partial* [1] |"
+    assert "[1] mean over 0 of 1 tasks; left out: passkey (partial, 4 of 10)" in block
+    assert "passkey: n = 10, full cache 100.0, detectable drop" in block
+    assert "[leaderboard/leaderboards/m.md](leaderboard/leaderboards/m.md)" in block
+    assert "[passkey](leaderboard/leaderboards/plots/m/passkey/score_vs_kv_bytes.png)" in block
+
+
+def test_publishing_twice_gives_the_same_bytes_and_leaves_the_runs_alone(repo):
+    runs = repo / "leaderboard" / "runs"
+    before = {p: p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+    publish_here(("md", "csv", "parquet", "png", "svg"))
+    first = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+    publish_here(("md", "csv", "parquet", "png", "svg"))
+    second = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+    assert first == second
+    assert {p: b for p, b in second.items() if runs in p.parents} == before
+    index = (repo / "leaderboard" / "LEADERBOARD.md").read_text()
+    assert "Generated by `python -m kvbench.report leaderboard/runs --out leaderboard --publish`" in index
+    assert "../results" not in index
+
+
+def test_reproductions_name_every_claim_and_the_gpu_command(repo):
+    publish_here(("md",))
+    text = (repo / "docs" / "reproductions.md").read_text()
+    for claim in claims.CLAIMS:
+        assert claim.claim in text
+    assert publish.GPU_EXPERIMENT in text and "| not run yet |" in text
+
+
+def test_no_markers_no_runs_nothing_written(repo):
+    (repo / "README.md").write_text("# no markers\n")
+    with pytest.raises(ConfigError, match="kvbench:leaderboard"):
+        publish_here()
+    assert not (repo / "leaderboard" / "LEADERBOARD.md").exists()
+    with pytest.raises(ConfigError, match="no runs folder"):
+        publish.publish(Path("missing"), Path("leaderboard"))
+
+
+def test_the_cli_publishes(repo, capsys):
+    assert report.main(["leaderboard/runs", "--out", "leaderboard", "--publish", "--format", "md"]) == 0
+    assert (repo / "docs" / "reproductions.md").is_file()
+    assert "published" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed tree
+# ---------------------------------------------------------------------------------------------
+
+needs_committed_runs = pytest.mark.skipif(not COMMITTED_RUNS.is_dir(),
+                                          reason="no committed runs yet (leaderboard/runs/ does not exist)")
+
+
+@needs_committed_runs
+def test_the_committed_board_is_what_the_committed_runs_regenerate(tmp_path, monkeypatch):
+    """Markdown only: the figures take long to draw, and their bytes are covered by the test above."""
+    (tmp_path / "leaderboard").mkdir()
+    (tmp_path / "leaderboard" / "runs").symlink_to(COMMITTED_RUNS)
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.chdir(tmp_path)
+    publish_here(("md",))
+    for path in ("leaderboard/LEADERBOARD.md", "README.md", "docs/reproductions.md"):
+        assert (tmp_path / path).read_text() == (ROOT / path).read_text(), f"{path} is stale: run {publish.command(Path('leaderboard/runs'), Path('leaderboard'))}"
+
+
+@needs_committed_runs
+def test_the_committed_runs_are_scored_as_kvbench_scores_them(tmp_path):
+    copy = shutil.copytree(COMMITTED_RUNS, tmp_path / "runs")
+    rescore(copy)
+    compare = filecmp.dircmp(COMMITTED_RUNS, copy)
+
+    def differing(cmp) -> list[str]:
+        return [*cmp.diff_files, *cmp.left_only, *cmp.right_only,
+                *(f"{name}/{d}" for name, sub in cmp.subdirs.items() for d in differing(sub))]
+
+    assert not differing(compare), "kvbench.score --write changes these committed files"
