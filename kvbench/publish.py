@@ -152,14 +152,16 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
     verdicts = []
     for claim in claims.CLAIMS:
         for v in claims.evaluate(df, claim):
-            tables.setdefault(claim.paper, {}).setdefault((claim.claim, claim.paper_figure), []).append(_verdict_row(v))
+            key = (claim.claim, claim.paper_figure, claim.note)
+            tables.setdefault(claim.paper, {}).setdefault(key, []).append(_verdict_row(v))
             verdicts.append(v.verdict)
     header = ["model", "cells read", "kvbench [95% CI]", "n", "verdict"]
     parts.append("Verdicts now: " + ", ".join(f"{verdicts.count(v)} {v}" for v in claims.VERDICT_RULES) + ".")
     for paper, by_claim in tables.items():
         parts.append(f"## {paper}")
-        for (claim, figure), body in by_claim.items():
-            parts += [f"**Claim:** {claim}. **Paper:** {figure}.", report.markdown_table(header, body)]
+        for (claim, figure, note), body in by_claim.items():
+            parts += [f"**Claim:** {claim}. **Paper:** {figure}." + (f" **kvbench:** {note}." if note else ""),
+                      report.markdown_table(header, body)]
     parts += [
         "## On GPUs: hub models",
         f"The same experiment on the papers' models, Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct, on LongBench "

@@ -119,6 +119,25 @@ def test_a_cell_that_compressed_nothing_cannot_test_a_compression_claim(tmp_path
     assert v.verdict == claims.NOT_TESTABLE and "compressed nothing on passkey (measured ratio 1.00x)" in v.why
 
 
+def test_a_budget_cell_whose_prompt_fits_is_still_judged(tmp_path):
+    # decode_recall's prompt fits the budget: nothing is evicted at prefill (measured ratio 1), the
+    # compression happens while decoding
+    board(tmp_path, {("full", "ratio-1"): "1" * 30, ("a", "budget-8"): "1" * 30, ("b", "budget-8"): "0" * 30},
+          bytes_held=4000)
+    assert verdict(tmp_path, claims.Beats("a", "b", "passkey", "budget-8")).verdict == claims.REPRODUCED
+
+
+def test_the_gpu_table_reads_the_hub_models_runs(tmp_path):
+    passkey64 = {**PASSKEY, "name": "passkey64"}
+    row = next(r for r in claims.GPU_ROWS if r.tasks == "passkey64" and r.method == "lagkv")
+    llama, qwen = claims.GPU_MODELS
+    write_run(tmp_path, "1101", model=llama, method="lagkv", setting=row.setting, task=passkey64)
+    write_run(tmp_path, "11", model=qwen, method="lagkv", setting=row.setting, task=passkey64, n_expected=4)
+    df = report.collect(tmp_path)
+    assert claims.gpu_figure(df, llama, row) == "75.00"
+    assert claims.gpu_figure(df, qwen, row) == claims.NOT_RUN
+
+
 def test_the_rival_given_no_fewer_bytes_is_the_closest_above(tmp_path):
     write_run(tmp_path, "1" * 20)
     write_run(tmp_path, "1" * 20, method="a", setting="ratio-2", bytes_held=700)
