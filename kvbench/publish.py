@@ -162,12 +162,19 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
         for (claim, figure, note), body in by_claim.items():
             parts += [f"**Claim:** {claim}. **Paper:** {figure}." + (f" **kvbench:** {note}." if note else ""),
                       report.markdown_table(header, body)]
+    parts.append("## Sample sizes\n\nPer model and task, the full cache's n and score and the smallest drop from it "
+                 "that a two-proportion test detects at that n (80% power, alpha 0.05); the paired tests above detect "
+                 "smaller ones (docs/statistics.md).")
+    parts += [f"- {model}: {_sample_sizes(df[df.model == model])}." for model in sorted(df.model.unique())] or [
+        "No runs yet."]
     parts += [
         "## On GPUs: hub models",
         f"The same experiment on the papers' models, Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct, on LongBench "
         f"and RULER at 4k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. The papers' numbers stand next to "
         "where kvbench's go; a kvbench figure is the mean score over the complete runs of those cells (how many "
-        "tasks when a suite), \"not run yet\" until they are committed.",
+        "tasks when a suite), \"not run yet\" until they are committed. kvbench's LongBench figure averages the "
+        "tasks the experiment runs; the paper's average is over its own selection. RULER at 4k has no paper number "
+        "in kvbench's notes: its scores are on the board's per-model pages.",
         report.markdown_table(
             ["source", "setting", *(f"paper, {m}" for m in claims.GPU_MODELS), *(f"kvbench, {m}" for m in claims.GPU_MODELS)],
             [[row.source, row.what, *row.paper, *(claims.gpu_figure(df, m, row) for m in claims.GPU_MODELS)]

@@ -2,13 +2,15 @@
 
     python -m kvbench.report [results_dir] [--out DIR] [--format md csv parquet png svg]
     python -m kvbench.report [results_dir] [--out DIR] --compare A B
+    python -m kvbench.report leaderboard/runs --out leaderboard --publish     (kvbench.publish)
 
 ``DIR`` defaults to ``results_dir`` (so the default is ``results/LEADERBOARD.md`` and
 ``results/leaderboards/``); the sweep regenerates it at its end (``report: true`` in the config)::
 
     DIR/LEADERBOARD.md                        index: each model's average table and plot, links
                                               (to results_dir/bench/bench_methods.md too, when
-                                              scripts/bench_methods.py wrote one)
+                                              scripts/bench_methods.py wrote one inside DIR), the
+                                              command that wrote it
     DIR/leaderboards/<model>.md               a model's leaderboard (average, efficiency, per
                                               task group (``Task.groups``), per task)
     DIR/leaderboards/results.csv, .parquet    the run table of :func:`collect`, one row per run
@@ -27,8 +29,8 @@ How numbers are compared:
   (``identity.task.params`` in run.json). retention = 100 * score / baseline score. Without such a
   run (not run, partial, other task parameters) or with a baseline score of 0, retention is "n/a"
   with a footnote.
-* partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, with a
-  footnote, and never enter an average: averages over tasks use complete runs only, and a cell
+* partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, marked
+  in the cell (``partial 40/100``; an average says ``3 of 9 tasks``) with a footnote, and never enter an average: averages over tasks use complete runs only, and a cell
   that does not cover every task of its table names the tasks left out and is not bolded.
 * intervals (``ci_low``, ``ci_high``, cells' ``±`` half-width) and the paired comparison with the
   baseline (:data:`VS_FULL`) are recomputed from each run's samples.jsonl (the main metric's per-sample
