@@ -312,6 +312,13 @@ def _beats(df: pd.DataFrame, model: str, test: Beats) -> Verdict:
     return _untestable(model, names, [run, rival], test.method) or _paired(model, names, run, rival)
 
 
+def _size(nbytes: float) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def _beats_with_fewer_bytes(df: pd.DataFrame, model: str, test: BeatsWithFewerBytes) -> Verdict:
     cells = _Cells(df, model)
     names = f"{test.task}: {test.method}/{test.setting} vs {test.rival} with no fewer bytes"
@@ -323,14 +330,14 @@ def _beats_with_fewer_bytes(df: pd.DataFrame, model: str, test: BeatsWithFewerBy
     if not enough:
         return Verdict(model, names, "–", None, NOT_TESTABLE,
                        f"no {test.rival} cell of {', '.join(test.rival_settings)} holds as many bytes as "
-                       f"{test.method}/{test.setting} ({run.bytes_held / 2**20:.2f} MiB)")
+                       f"{test.method}/{test.setting} ({_size(run.bytes_held)})")
     rival = min(enough, key=lambda r: r.bytes_held)
     names = f"{test.task}: {test.method}/{test.setting} vs {test.rival}/{rival.setting}"
     untestable = _untestable(model, names, [run, rival], test.method)
     if untestable:
         return untestable
     verdict = _paired(model, names, run, rival)
-    held = f"; KV bytes held {run.bytes_held / 2**20:.2f} vs {rival.bytes_held / 2**20:.2f} MiB"
+    held = f"; KV held after prefill {_size(run.bytes_held)} vs {_size(rival.bytes_held)}"
     return Verdict(model, names, verdict.figure + held, verdict.n, verdict.verdict)
 
 

@@ -710,14 +710,16 @@ def palette(df: pd.DataFrame) -> plots.Palette:
     return plots.Palette(df.row, reference=BASELINE_METHOD)
 
 
-def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str]) -> tuple[dict, list[Path]]:
-    """Every figure of every model; returns ({model: {task or None: [figure stems]}}, files)."""
+def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: bool = True) -> tuple[dict, list[Path]]:
+    """Every figure of every model; returns ({model: {task or None: [figure stems]}}, files).
+    ``save=False`` only lists the stems (nothing is written)."""
     stems: dict[str, dict[str | None, list[Path]]] = {}
     written: list[Path] = []
     styles = palette(df)
 
     def draw(model: str, task: str | None, stem: Path, fig) -> None:
-        written.extend(plots.save(fig, stem, formats))
+        if save:
+            written.extend(plots.save(fig, stem, formats))
         stems.setdefault(model, {}).setdefault(task, []).append(stem)
 
     for model in df.model.unique():
@@ -773,7 +775,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Iterable[str] = FORMATS, generated_by: str | None = None,
-                 df: pd.DataFrame | None = None) -> list[Path]:
+                 df: pd.DataFrame | None = None, draw: bool = True) -> list[Path]:
     """Write the index, per-model leaderboards, exports and figures (see the module docstring)
     for the runs under ``results_dir`` into ``out_dir`` (default: ``results_dir``); return the
     files written.
@@ -787,7 +789,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
 
     ``generated_by`` is the command the index names (default: the report command, with ``--out``
     where ``out_dir`` is another folder); ``df`` is :func:`collect` of ``results_dir`` where the
-    caller has it already."""
+    caller has it already. ``draw=False`` writes the pages as ``formats`` say, linking their figures,
+    without drawing them (the figures are the slow part): for checking pages in a scratch folder."""
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir
     if generated_by is None and out != results_dir:
@@ -800,7 +803,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        written = _write_all(df, results_dir, out, staging, formats, generated_by)
+        written = _write_all(df, results_dir, out, staging, formats, generated_by, draw)
         _carry_over(out / REPORT_DIR, staging / REPORT_DIR, formats)
         _swap_in(staging, out)
     finally:
@@ -809,14 +812,14 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, formats: list[str],
-               generated_by: str | None) -> list[Path]:
+               generated_by: str | None, draw: bool) -> list[Path]:
     """The report of ``df`` under ``staging``, laid out (and linked) as it will be under ``out``."""
     report_dir = staging / REPORT_DIR
     written: list[Path] = []
     image_format = next((f for f in ("png", "svg") if f in formats), None)
     stems: dict = {}
     if image_format:
-        stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")])
+        stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")], draw)
         written += files
     if "csv" in formats:
         report_dir.mkdir(parents=True, exist_ok=True)

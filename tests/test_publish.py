@@ -147,6 +147,7 @@ def test_the_rival_given_no_fewer_bytes_is_the_closest_above(tmp_path):
     v = verdict(tmp_path, test)
     # ratio-8 holds less than a (500 < 700): never chosen; ratio-4 (1000) is the closest above
     assert v.cells == "passkey: a/ratio-2 vs b/ratio-4" and v.verdict == claims.REPRODUCED
+    assert v.figure.endswith("; KV held after prefill 700 B vs 1000 B")
     write_run(tmp_path, "0" * 20, method="a", setting="ratio-4", bytes_held=3000)
     v = verdict(tmp_path, dataclasses.replace(test, setting="ratio-4"))
     assert v.verdict == claims.NOT_TESTABLE and "no b cell" in v.why
@@ -234,6 +235,17 @@ def test_publishing_twice_gives_the_same_bytes_and_leaves_the_runs_alone(repo):
     assert "../results" not in index
 
 
+def test_pages_link_the_same_figures_whether_or_not_they_are_drawn(repo):
+    pages = ["leaderboard/LEADERBOARD.md", "leaderboard/leaderboards/m.md", "README.md", "docs/reproductions.md"]
+    publish.publish(Path("leaderboard/runs"), Path("leaderboard"), draw=False)
+    linked = {page: (repo / page).read_text() for page in pages}
+    assert not (repo / "leaderboard" / "leaderboards" / "plots").exists()
+    assert "plots/m/passkey/score_vs_kv_bytes.png" in linked["leaderboard/leaderboards/m.md"]
+    publish.publish(Path("leaderboard/runs"), Path("leaderboard"))
+    assert {page: (repo / page).read_text() for page in pages} == linked
+    assert (repo / "leaderboard" / "leaderboards" / "plots" / "m" / "passkey" / "score_vs_kv_bytes.png").is_file()
+
+
 def test_reproductions_name_every_claim_and_the_gpu_command(repo):
     publish_here(("md",))
     text = (repo / "docs" / "reproductions.md").read_text()
@@ -267,13 +279,17 @@ needs_committed_runs = pytest.mark.skipif(not COMMITTED_RUNS.is_dir(),
 
 @needs_committed_runs
 def test_the_committed_board_is_what_the_committed_runs_regenerate(tmp_path, monkeypatch):
-    """Markdown only: the figures take long to draw, and their bytes are covered by the test above."""
+    """The pages only: the figures are linked, not drawn (drawing them all is slow; that the same runs
+    draw the same figure bytes is the test above's)."""
     (tmp_path / "leaderboard").mkdir()
     (tmp_path / "leaderboard" / "runs").symlink_to(COMMITTED_RUNS)
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     monkeypatch.chdir(tmp_path)
-    publish_here(("md",))
-    for path in ("leaderboard/LEADERBOARD.md", "README.md", "docs/reproductions.md"):
+    publish.publish(Path("leaderboard/runs"), Path("leaderboard"), draw=False)
+    pages = sorted(p.name for p in (tmp_path / "leaderboard" / "leaderboards").glob("*.md"))
+    assert pages == sorted(p.name for p in (ROOT / "leaderboard" / "leaderboards").glob("*.md"))
+    for path in ("leaderboard/LEADERBOARD.md", *(f"leaderboard/leaderboards/{name}" for name in pages),
+                 "leaderboard/leaderboards/results.csv", "README.md", "docs/reproductions.md"):
         assert (tmp_path / path).read_text() == (ROOT / path).read_text(), f"{path} is stale: run {publish.command(Path('leaderboard/runs'), Path('leaderboard'))}"
 
 
