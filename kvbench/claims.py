@@ -12,7 +12,9 @@ Verdicts (:data:`VERDICT_RULES`), decided in this order:
 - **not run yet**: a cell the test reads is missing, partial or failed (named in the row);
 - **not testable on CPU**: the test cannot say anything on the embedded models (the full cache itself
   scores 0 on the task, or the method cell compressed nothing at these prompt lengths), or the claim
-  needs models or tasks beyond a CPU (:class:`NotOnCpu`, the reason given);
+  needs models or tasks beyond a CPU (:class:`NotOnCpu`, the reason given). A retention over several
+  tasks leaves out (and names) those on which the full cache scores 0, and is untestable only when
+  none remains;
 - **reproduced in direction**: the 95% interval lies wholly on the claimed side (a difference above 0,
   a retention at or above the claimed floor); for a capacity, no record held more than its capacity;
 - **not reproduced**: the interval lies wholly on the other side (a difference at or below 0 — equal
@@ -46,7 +48,8 @@ NOT_TESTABLE = "not testable on CPU"
 #: the verdicts and the rule of each, as docs/reproductions.md states them (the module docstring explains)
 VERDICT_RULES = {
     NOT_RUN: "a cell the claim reads is missing, partial or failed (named in the row)",
-    NOT_TESTABLE: "the embedded models cannot test it: the full cache scores 0 on the task, the method cell "
+    NOT_TESTABLE: "the embedded models cannot test it: the full cache scores 0 on the task (a retention over "
+                  "several tasks leaves such tasks out, named, and needs one left), the method cell at a ratio "
                   "compressed nothing at these prompt lengths (measured ratio below 1.05x), or the claim needs "
                   "models or tasks beyond a CPU (reason given)",
     REPRODUCED: "the 95% interval lies wholly on the claimed side: method - rival above 0, or retention at or "
@@ -283,16 +286,19 @@ def _retention(df: pd.DataFrame, model: str, test: Retention) -> Verdict:
     bases = [cells.get(task, *BASELINE) for task in test.tasks]
     if cells.unusable:
         return cells.not_run(names)
-    untestable = _untestable(model, names, runs, test.method)
+    # retention is undefined where the full cache scores 0: such tasks leave the mean, named
+    failed = [run.task for run in runs if run.baseline_score == 0]
+    kept = [(base, run) for base, run in zip(bases, runs) if run.baseline_score != 0]
+    untestable = _untestable(model, names, runs if not kept else [run for _, run in kept], test.method)
     if untestable:
         return untestable
-    pairs = [_shared(base.sample_scores, run.sample_scores) for base, run in zip(bases, runs)]
-    interval = retention_ci(pairs)
-    ratio = sum(r.measured_ratio for r in runs) / len(runs)
+    interval = retention_ci([_shared(base.sample_scores, run.sample_scores) for base, run in kept])
+    ratio = sum(run.measured_ratio for _, run in kept) / len(kept)
     figure = (f"retention {interval.estimate:.1f}% [{interval.low:.1f}, {interval.high:.1f}] "
               f"(measured ratio {ratio:.2f}x)")
     verdict = _by_interval(interval.low, interval.high, test.floor, strict=False)
-    return Verdict(model, names, figure, interval.n, verdict, f"floor {test.floor:g}%")
+    why = f"floor {test.floor:g}%" + (f"; left out, the full cache scores 0: {', '.join(failed)}" if failed else "")
+    return Verdict(model, names, figure, interval.n, verdict, why)
 
 
 def _paired(model: str, names: str, run: pd.Series, rival: pd.Series) -> Verdict:

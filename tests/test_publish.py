@@ -113,6 +113,17 @@ def test_retention_is_judged_against_the_claimed_floor(tmp_path):
     assert judged[80].figure.startswith("retention 95.0% [") and judged[80].figure.endswith("(measured ratio 2.00x)")
 
 
+def test_a_retention_over_tasks_leaves_out_those_the_full_cache_fails(tmp_path):
+    other = {**PASSKEY, "name": "passkey_long"}
+    board(tmp_path, {("full", "ratio-1"): "1" * 20, ("a", "ratio-2"): "1" * 20}, bytes_held=2000)
+    board(tmp_path, {("full", "ratio-1"): "0" * 20, ("a", "ratio-2"): "0" * 20}, bytes_held=2000, task=other)
+    v = verdict(tmp_path, claims.Retention("a", "ratio-2", ("passkey", "passkey_long"), 95))
+    assert (v.verdict, v.n) == (claims.REPRODUCED, 20)
+    assert v.why == "floor 95%; left out, the full cache scores 0: passkey_long"
+    v = verdict(tmp_path, claims.Retention("a", "ratio-2", ("passkey_long",), 95))
+    assert (v.verdict, v.why) == (claims.NOT_TESTABLE, "the full cache scores 0 on passkey_long")
+
+
 def test_a_cell_that_compressed_nothing_cannot_test_a_compression_claim(tmp_path):
     board(tmp_path, {("full", "ratio-1"): "1" * 20, ("a", "ratio-2"): "1" * 20}, bytes_held=4000)
     v = verdict(tmp_path, claims.Retention("a", "ratio-2", ("passkey",), 95))
