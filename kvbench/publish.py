@@ -190,13 +190,13 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
 
 def publish(runs_dir: str | Path, out_dir: str | Path, readme: str | Path = README,
             reproductions: str | Path = REPRODUCTIONS, formats: Iterable[str] = report.FORMATS,
-            draw: bool = True) -> list[Path]:
+            draw: bool = True, pages: bool = True) -> list[Path]:
     """Regenerate the board in ``out_dir``, README's leaderboard section and docs/reproductions.md
     from the runs under ``runs_dir``; return the files written. Paths are taken as given (relative
     ones from the working directory: run it from the repository root), and the commands and links
     written are built from them. Nothing is written unless the runs folder exists and README holds
-    the section's markers. ``draw=False``: the figures are linked, not drawn
-    (:func:`kvbench.report.write_report`)."""
+    the section's markers. ``draw=False``: the figures are linked, not drawn; ``pages=False``: no
+    per-model page is written (:func:`kvbench.report.write_report`; both for checks in a scratch folder)."""
     runs_dir, out_dir, readme, reproductions = map(Path, (runs_dir, out_dir, readme, reproductions))
     if not runs_dir.is_dir():
         raise ConfigError(f"no runs folder {runs_dir}: --publish reads the committed runs (e.g. leaderboard/runs)")
@@ -204,7 +204,7 @@ def publish(runs_dir: str | Path, out_dir: str | Path, readme: str | Path = READ
     replace_block(readme_text, "", str(readme))  # check the markers before anything is written
     cmd = command(runs_dir, out_dir)
     df = report.collect(runs_dir)
-    written = report.write_report(runs_dir, out_dir, formats, generated_by=cmd, df=df, draw=draw)
+    written = report.write_report(runs_dir, out_dir, formats, generated_by=cmd, df=df, draw=draw, pages=pages)
     def link(path: Path) -> str:
         return Path(os.path.relpath(path, readme.parent)).as_posix()
 

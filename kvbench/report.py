@@ -625,11 +625,12 @@ def index_markdown(df: pd.DataFrame, results_dir: Path, pages: Mapping[str, str]
 # ---------------------------------------------------------------------------------------------
 
 
-def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> pd.DataFrame:
+def retention_points(df: pd.DataFrame, model: str, task: str | None = None, intervals: bool = True) -> pd.DataFrame:
     """(row, nominal_ratio, retention, ci_low, ci_high) of a model's compressing methods at nominal
     ratios, for one task or averaged over all its tasks; complete runs only, averages only where they
     cover every task (the same cells as the tables rank). The interval is :func:`kvbench.stats.retention_ci`
-    over the task's (or every task's) samples, NaN where a run lacks per-sample scores."""
+    over the task's (or every task's) samples, NaN where a run lacks per-sample scores (or with
+    ``intervals=False``, which skips the bootstrap)."""
     runs = df[(df.model == model) & df.budget.isna() & (df.method != BASELINE_METHOD)]
     tasks = _tasks(df[df.model == model]) if task is None else [task]
     runs = runs[runs.task.isin(tasks)]
@@ -638,7 +639,7 @@ def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> p
         cell = _average_cell(group, tasks)
         if cell.rankable and pd.notna(cell.retention):
             ratio = group.nominal_ratio.iloc[0]
-            paired = _retention_samples(group, [ratio])
+            paired = _retention_samples(group, [ratio]) if intervals else None
             interval = retention_ci([(ref, [at[0] for at in scores]) for ref, scores in paired]).columns(1) if paired else {}
             points.append({"row": row, "nominal_ratio": ratio, "retention": cell.retention, **interval,
                            "key": (_row_key(group.iloc[0]), _column_key(group.iloc[0]))})
@@ -710,39 +711,42 @@ def palette(df: pd.DataFrame) -> plots.Palette:
     return plots.Palette(df.row, reference=BASELINE_METHOD)
 
 
-def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: bool = True) -> tuple[dict, list[Path]]:
+def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: bool = True,
+                 per_task: bool = True) -> tuple[dict, list[Path]]:
     """Every figure of every model; returns ({model: {task or None: [figure stems]}}, files).
-    ``save=False`` only lists the stems (nothing is written)."""
+    ``save=False`` only lists the stems: nothing is drawn or written, and no interval computed (a
+    figure's presence does not depend on them). ``per_task=False``: the models' figures only."""
     stems: dict[str, dict[str | None, list[Path]]] = {}
     written: list[Path] = []
     styles = palette(df)
 
-    def draw(model: str, task: str | None, stem: Path, fig) -> None:
+    def draw(model: str, task: str | None, stem: Path, figure: Callable[[], object]) -> None:
         if save:
-            written.extend(plots.save(fig, stem, formats))
+            written.extend(plots.save(figure(), stem, formats))
         stems.setdefault(model, {}).setdefault(task, []).append(stem)
 
     for model in df.model.unique():
         runs = df[df.model == model]
-        points = retention_points(df, model)
+        points = retention_points(df, model, intervals=save)
         if not points.empty:
             draw(model, None, plot_dir / model / "retention_average",
-                 plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks", styles))
-        auc = retention_auc_table(df, model)
+                 lambda: plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks", styles))
+        # the area table has a row per method row of the points
+        auc = retention_auc_table(df, model) if save else points
         if not auc.empty:
             draw(model, None, plot_dir / model / "retention_auc",
-                 plots.retention_auc_bars(auc, f"{model}: area under the retention curve", styles))
-        for task in _tasks(runs):
+                 lambda: plots.retention_auc_bars(auc, f"{model}: area under the retention curve", styles))
+        for task in _tasks(runs) if per_task else []:
             task_runs = runs[runs.task == task]
-            points = retention_points(df, model, task)
+            points = retention_points(df, model, task, intervals=save)
             if not points.empty:
                 draw(model, task, plot_dir / model / task / "retention",
-                     plots.retention_vs_ratio(points, f"{model} · {task}: retention", styles))
+                     lambda: plots.retention_vs_ratio(points, f"{model} · {task}: retention", styles))
             bytes_points = _bytes_points(task_runs)
             if not bytes_points.empty:
                 metric = task_runs.metric.dropna().iloc[0]
                 draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
-                     plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric, styles))
+                     lambda: plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric, styles))
             for run in task_runs.itertuples():
                 task_obj = _task(run.suite, run.task, run.task_params)
                 if task_obj is None or not isinstance(run.metrics, dict):
@@ -750,7 +754,8 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: boo
                 flag = f" (partial: {run.n} of {run.n_expected})" if run.state == "partial" else ""
                 title = f"{model} · {task} · {run.row} {run.column}{flag}"
                 for name, fig in task_obj.figures(run.metrics, title).items():
-                    draw(model, task, plot_dir / model / task / f"{name}_{run.method}_{run.setting}", fig)
+                    draw(model, task, plot_dir / model / task / f"{name}_{run.method}_{run.setting}",
+                         lambda fig=fig: fig)
     return stems, written
 
 
@@ -775,7 +780,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
                  formats: Iterable[str] = FORMATS, generated_by: str | None = None,
-                 df: pd.DataFrame | None = None, draw: bool = True) -> list[Path]:
+                 df: pd.DataFrame | None = None, draw: bool = True, pages: bool = True) -> list[Path]:
     """Write the index, per-model leaderboards, exports and figures (see the module docstring)
     for the runs under ``results_dir`` into ``out_dir`` (default: ``results_dir``); return the
     files written.
@@ -790,7 +795,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     ``generated_by`` is the command the index names (default: the report command, with ``--out``
     where ``out_dir`` is another folder); ``df`` is :func:`collect` of ``results_dir`` where the
     caller has it already. ``draw=False`` writes the pages as ``formats`` say, linking their figures,
-    without drawing them (the figures are the slow part): for checking pages in a scratch folder."""
+    without drawing them (the figures are the slow part); ``pages=False`` writes no per-model page (the
+    index links them as ever): both for checking the index in a scratch folder."""
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir
     if generated_by is None and out != results_dir:
@@ -803,7 +809,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
             shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        written = _write_all(df, results_dir, out, staging, formats, generated_by, draw)
+        written = _write_all(df, results_dir, out, staging, formats, generated_by, draw, pages)
         _carry_over(out / REPORT_DIR, staging / REPORT_DIR, formats)
         _swap_in(staging, out)
     finally:
@@ -812,14 +818,15 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, formats: list[str],
-               generated_by: str | None, draw: bool) -> list[Path]:
+               generated_by: str | None, draw: bool, pages: bool) -> list[Path]:
     """The report of ``df`` under ``staging``, laid out (and linked) as it will be under ``out``."""
     report_dir = staging / REPORT_DIR
     written: list[Path] = []
     image_format = next((f for f in ("png", "svg") if f in formats), None)
     stems: dict = {}
     if image_format:
-        stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")], draw)
+        stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")], draw,
+                                    pages)
         written += files
     if "csv" in formats:
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -831,7 +838,7 @@ def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, fo
         written.append(report_dir / "results.parquet")
     if "md" in formats:
         exports = [p for p in written if p.suffix in (".csv", ".parquet")]
-        written += _write_markdown(df, results_dir, out, staging, stems, image_format, exports, generated_by)
+        written += _write_markdown(df, results_dir, out, staging, stems, image_format, exports, generated_by, pages)
     return written
 
 
@@ -878,7 +885,8 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 
 def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, stems: Mapping,
-                    image_format: str | None, exports: list[Path], generated_by: str | None) -> list[Path]:
+                    image_format: str | None, exports: list[Path], generated_by: str | None,
+                    write_pages: bool) -> list[Path]:
     report_dir = staging / REPORT_DIR
 
     def relative(stem: Path, start: Path) -> str:
@@ -886,9 +894,10 @@ def _write_markdown(df: pd.DataFrame, results_dir: Path, out: Path, staging: Pat
 
     written, pages = [], {}
     for model in sorted(df.model.unique()):
-        images = {task: [relative(s, report_dir) for s in paths] for task, paths in stems.get(model, {}).items()}
-        page = _write_text(report_dir / f"{model}.md", leaderboard_markdown(df, model, images))
-        written.append(page)
+        page = report_dir / f"{model}.md"
+        if write_pages:
+            images = {task: [relative(s, report_dir) for s in paths] for task, paths in stems.get(model, {}).items()}
+            written.append(_write_text(page, leaderboard_markdown(df, model, images)))
         pages[model] = page.relative_to(staging).as_posix()
     index_images = {model: [relative(s, staging) for s in by_task.get(None, [])] for model, by_task in stems.items()}
     export_links = [p.relative_to(staging).as_posix() for p in exports]
