@@ -288,7 +288,7 @@ def _retention(df: pd.DataFrame, model: str, test: Retention) -> Verdict:
         return cells.not_run(names)
     # retention is undefined where the full cache scores 0: such tasks leave the mean, named
     failed = [run.task for run in runs if run.baseline_score == 0]
-    kept = [(base, run) for base, run in zip(bases, runs) if run.baseline_score != 0]
+    kept = [(base, run) for base, run in zip(bases, runs, strict=True) if run.baseline_score != 0]
     untestable = _untestable(model, names, runs if not kept else [run for _, run in kept], test.method)
     if untestable:
         return untestable

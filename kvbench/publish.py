@@ -109,7 +109,8 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
     for model in sorted(df.model.unique()):
         runs = df[df.model == model]
         tasks = _column_tasks(runs)
-        table = report._score_table(runs, lambda group: report._average_cell(group, tasks[group.column.iloc[0]]))
+        table = report._score_table(
+            runs, lambda group, tasks=tasks: report._average_cell(group, tasks[group.column.iloc[0]]))
         page = f"{board_link}/{report.REPORT_DIR}/{model}.md"
         figures = _figure_links(runs, model, f"{board_link}/{report.REPORT_DIR}/plots")
         parts += [f"### {model}", table, f"Sample sizes: {_sample_sizes(runs)}.",

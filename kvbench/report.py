@@ -720,9 +720,10 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: boo
     written: list[Path] = []
     styles = palette(df)
 
-    def draw(model: str, task: str | None, stem: Path, figure: Callable[[], object]) -> None:
+    def draw(model: str, task: str | None, stem: Path, figure: Callable, *args) -> None:
+        """``figure(*args)`` is the figure, built only when it is saved."""
         if save:
-            written.extend(plots.save(figure(), stem, formats))
+            written.extend(plots.save(figure(*args), stem, formats))
         stems.setdefault(model, {}).setdefault(task, []).append(stem)
 
     for model in df.model.unique():
@@ -730,23 +731,23 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: boo
         points = retention_points(df, model, intervals=save)
         if not points.empty:
             draw(model, None, plot_dir / model / "retention_average",
-                 lambda: plots.retention_vs_ratio(points, f"{model}: retention averaged over tasks", styles))
+                 plots.retention_vs_ratio, points, f"{model}: retention averaged over tasks", styles)
         # the area table has a row per method row of the points
         auc = retention_auc_table(df, model) if save else points
         if not auc.empty:
             draw(model, None, plot_dir / model / "retention_auc",
-                 lambda: plots.retention_auc_bars(auc, f"{model}: area under the retention curve", styles))
+                 plots.retention_auc_bars, auc, f"{model}: area under the retention curve", styles)
         for task in _tasks(runs) if per_task else []:
             task_runs = runs[runs.task == task]
             points = retention_points(df, model, task, intervals=save)
             if not points.empty:
                 draw(model, task, plot_dir / model / task / "retention",
-                     lambda: plots.retention_vs_ratio(points, f"{model} · {task}: retention", styles))
+                     plots.retention_vs_ratio, points, f"{model} · {task}: retention", styles)
             bytes_points = _bytes_points(task_runs)
             if not bytes_points.empty:
                 metric = task_runs.metric.dropna().iloc[0]
                 draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
-                     lambda: plots.score_vs_bytes(bytes_points, f"{model} · {task}: score vs KV held", metric, styles))
+                     plots.score_vs_bytes, bytes_points, f"{model} · {task}: score vs KV held", metric, styles)
             for run in task_runs.itertuples():
                 task_obj = _task(run.suite, run.task, run.task_params)
                 if task_obj is None or not isinstance(run.metrics, dict):
@@ -755,7 +756,7 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: boo
                 title = f"{model} · {task} · {run.row} {run.column}{flag}"
                 for name, fig in task_obj.figures(run.metrics, title).items():
                     draw(model, task, plot_dir / model / task / f"{name}_{run.method}_{run.setting}",
-                         lambda fig=fig: fig)
+                         lambda built: built, fig)
     return stems, written
 
 
