@@ -1,8 +1,8 @@
 """The source papers' claims as data, and the verdicts kvbench's runs give them (docs/reproductions.md).
 
 Each :class:`Claim` quotes a paper, gives the paper's own figure and where it stands, and names the
-board cells it reads through its test (:data:`Test`): a cell is (model, task, method, setting), the
-setting being a results directory name (``ratio-2``, ``budget-128``). A claim is judged on every
+board cells it reads through its test (:data:`Test`, ``test.cells()``): a cell is (task, method,
+setting) on each model, the setting being a results directory name (``ratio-2``, ``budget-128``). A claim is judged on every
 model of ``models``, one row each, by :func:`evaluate`, from the run table of
 :func:`kvbench.report.collect` (per-sample scores, bytes held, states) and, for capacities, the
 records themselves.
@@ -79,6 +79,10 @@ class Retention:
     tasks: tuple[str, ...]
     floor: float
 
+    def cells(self) -> list[tuple[str, str, str]]:
+        return [(task, method, setting) for task in self.tasks
+                for method, setting in ((self.method, self.setting), BASELINE)]
+
 
 @dataclass(frozen=True)
 class Beats:
@@ -88,6 +92,9 @@ class Beats:
     rival: str
     task: str
     setting: str
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        return [(self.task, self.method, self.setting), (self.task, self.rival, self.setting)]
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,9 @@ class BeatsWithFewerBytes:
     rival_settings: tuple[str, ...]
     tolerance: float = 0.02
 
+    def cells(self) -> list[tuple[str, str, str]]:
+        return [(self.task, self.method, self.setting), *((self.task, self.rival, s) for s in self.rival_settings)]
+
 
 @dataclass(frozen=True)
 class WithinCapacity:
@@ -113,12 +123,18 @@ class WithinCapacity:
     setting: str
     tasks: tuple[str, ...]
 
+    def cells(self) -> list[tuple[str, str, str]]:
+        return [(task, self.method, self.setting) for task in self.tasks]
+
 
 @dataclass(frozen=True)
 class NotOnCpu:
     """A claim the embedded models cannot test; ``reason`` says why."""
 
     reason: str
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        return []
 
 
 Test = Retention | Beats | BeatsWithFewerBytes | WithinCapacity | NotOnCpu

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from conftest import run_info, sample_record
+from test_experiments import axes
 
 from kvbench import claims, publish, report
+from kvbench.config import compose_config
 from kvbench.errors import ConfigError
 from kvbench.results import RunDir
 from kvbench.runner import summarize_run
@@ -180,17 +182,21 @@ def test_claims_that_need_a_gpu_say_why():
     assert v.verdict == claims.NOT_TESTABLE and v.why
 
 
-def test_every_claim_reads_cells_of_the_cpu_sweep():
-    """Each claim names tasks of the CPU board and settings it sweeps, so a typo cannot leave a row
-    "not run yet" for ever."""
-    settings = {"ratio-1", "ratio-2", "ratio-4", "ratio-8", claims.BUDGET}
+def test_every_claim_reads_cells_the_cpu_sweeps_run():
+    """The cells a claim reads are cells of ``+experiment=leaderboard_cpu`` or its budget half, so a
+    typo cannot leave a row "not run yet" for ever."""
+    swept = set()
+    for name in ("leaderboard_cpu", "leaderboard_cpu_budget"):
+        sweep = axes(name)
+        budget = compose_config([f"+experiment={name}"])["budget"]
+        settings = [f"ratio-{r}" for r in sweep["ratio"] if r != "null"] or [f"budget-{budget}"]
+        tasks = [compose_config([f"+experiment={name}", f"task={task}"])["task"]["name"] for task in sweep["task"]]
+        swept |= {(task, method, setting) for task in tasks for method in sweep["method"] for setting in settings}
+        swept |= {(task, *claims.BASELINE) for task in tasks}
     for claim in claims.CLAIMS:
-        test = claim.test
-        tasks = getattr(test, "tasks", None) or (getattr(test, "task", None),)
-        if isinstance(test, claims.NotOnCpu):
-            continue
-        assert set(tasks) <= set(claims.CPU_TASKS), claim
-        assert {test.setting, *getattr(test, "rival_settings", ())} <= settings, claim
+        assert set(claim.test.cells()) <= swept, claim
+        if not isinstance(claim.test, claims.NotOnCpu):
+            assert set(claim.models) == set(axes("leaderboard_cpu")["model"])
 
 
 # ---------------------------------------------------------------------------------------------
