@@ -168,6 +168,9 @@ LAGKV_NOTE = ("the board runs lagkv at its defaults (sink 16, lag 1024), the pap
               "prompts of at least sink + 2 x lag = 2064 tokens, so at the board's lengths (up to 2048) its cells "
               "read \"compressed nothing\"; a run with a smaller lag is a setting of its own (lag 128: the paper's "
               "weakest row)")
+GKV_NOTE = ("gkv compresses every divide_length = 128 generated tokens (its authors' schedule), so at budget 128 it "
+            "holds between 128 and 255 tokens while snapkv and h2o hold 128: the peak KV held stands next to the "
+            "difference")
 MIKV_NOTE = ("kvbench's mikv at ratio R keeps round(n / R) important tokens in fp16 and every other token in int2 "
              "(ratio_mode tokens), so it holds more bytes than an eviction at R; its budget counts bytes of 16-bit "
              "tokens, half an H2O budget's bytes on these float32 models. Equal settings are not equal memory, so "
@@ -198,7 +201,7 @@ CLAIMS: tuple[Claim, ...] = (
     *(Claim(GKV, f"the global score beats local-score eviction ({rival}) at the same decode-time budget",
             "abstract: earlier methods use \"token eviction with local attention score, overlooking the long-term "
             "importance of tokens\"; its figures are pass@1 of reasoning models (no number in kvbench's notes)",
-            Beats("gkv", rival, "decode_recall", BUDGET)) for rival in ("snapkv", "h2o")),
+            Beats("gkv", rival, "decode_recall", BUDGET), note=GKV_NOTE) for rival in ("snapkv", "h2o")),
     Claim(GKV, "the gain holds for reasoning models over long generations",
           "pass@1 on math and coding under KV budgets, with RL and distillation post-training (abstract)",
           NotOnCpu("reasoning models (7-8B) generating thousands of tokens need a GPU; the post-training is out of "
@@ -323,6 +326,8 @@ def _paired(model: str, names: str, run: pd.Series, rival: pd.Series) -> Verdict
     figure = (f"{run.method} {mine:.1f} vs {rival.method} {theirs:.1f}: difference {100 * pair.diff:+.1f} "
               f"[{100 * pair.ci_low:+.1f}, {100 * pair.ci_high:+.1f}] points, p = {pair.p:.3g} ({pair.test}); "
               f"measured ratios {_measured(run)} vs {_measured(rival)}")
+    if pd.notna(run.peak_bytes_held) and pd.notna(rival.peak_bytes_held):
+        figure += f"; peak KV held {_size(run.peak_bytes_held)} vs {_size(rival.peak_bytes_held)}"
     return Verdict(model, names, figure, pair.n, _by_interval(pair.ci_low, pair.ci_high, 0.0, strict=True))
 
 

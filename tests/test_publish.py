@@ -73,7 +73,8 @@ def test_a_method_above_its_rival_on_enough_samples_is_reproduced_in_direction(t
     board(tmp_path, {("full", "ratio-1"): "1" * 30, ("a", "ratio-2"): "1" * 30, ("b", "ratio-2"): "1" * 10 + "0" * 20})
     v = verdict(tmp_path, BEATS)
     assert v.verdict == claims.REPRODUCED and v.n == 30
-    assert "difference +66.7" in v.figure and "p = " in v.figure
+    assert "a 100.0 vs b 33.3: difference +66.7 [" in v.figure and "p = " in v.figure
+    assert v.figure.endswith("measured ratios 4.00x vs 4.00x; peak KV held 1000 B vs 1000 B")
 
 
 def test_a_method_below_its_rival_or_level_with_it_is_not_reproduced(tmp_path):
