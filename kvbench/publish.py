@@ -174,8 +174,10 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
         f"and RULER at 4k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. The papers' numbers stand next to "
         "where kvbench's go; a kvbench figure is the mean score over the complete runs of those cells (how many "
         "tasks when a suite), \"not run yet\" until they are committed. kvbench's LongBench figure averages the "
-        "tasks the experiment runs; the paper's average is over its own selection. RULER at 4k has no paper number "
-        "in kvbench's notes: its scores are on the board's per-model pages.",
+        "tasks the experiment runs; the paper's average is over its own selection. The experiment runs the board's "
+        "methods, lagkv at lag 128 among them, and not passkey64: its rows fill when the sweep is also run with "
+        "`task=board/passkey64`. RULER at 4k has no paper number in kvbench's notes: its scores are on the board's "
+        "per-model pages.",
         report.markdown_table(
             ["source", "setting", *(f"paper, {m}" for m in claims.GPU_MODELS), *(f"kvbench, {m}" for m in claims.GPU_MODELS)],
             [[row.source, row.what, *row.paper, *(claims.gpu_figure(df, m, row) for m in claims.GPU_MODELS)]

@@ -30,7 +30,7 @@ def write_run(root: Path, outcomes: str, model="m", method="full", setting="rati
     """A results directory as the runner writes it: one record per character of ``outcomes``
     ("1": the key recalled, "0": not), sample ids s0, s1, ...; scores.json as the runner summarises
     them (so ``kvbench.score --write`` leaves it unchanged)."""
-    kind, _, value = setting.partition("-")
+    kind, _, value = setting.partition("_")[0].partition("-")  # "ratio-2_lag_size-128": a variant
     ratio, budget = (float(value), None) if kind == "ratio" else (None, int(value))
     run = RunDir(root / model / task["name"] / method / setting)
     n_expected = n_expected or len(outcomes)
@@ -144,6 +144,7 @@ def test_a_budget_cell_whose_prompt_fits_is_still_judged(tmp_path):
 def test_the_gpu_table_reads_the_hub_models_runs(tmp_path):
     passkey64 = {**PASSKEY, "name": "passkey64"}
     row = next(r for r in claims.GPU_ROWS if r.tasks == "passkey64" and r.method == "lagkv")
+    assert row.setting == "ratio-2_lag_size-128"
     llama, qwen = claims.GPU_MODELS
     write_run(tmp_path, "1101", model=llama, method="lagkv", setting=row.setting, task=passkey64)
     write_run(tmp_path, "11", model=qwen, method="lagkv", setting=row.setting, task=passkey64, n_expected=4)
