@@ -100,6 +100,8 @@ COMPARISONS_DIR = "comparisons"
 #: where scripts/bench_methods.py writes by default (under the results directory); the index links it
 BENCH_PAGE = Path("bench") / "bench_methods.md"
 FORMATS = ("md", "csv", "parquet", "png", "svg")
+#: a task's score vs measured KV bytes figure, with the Pareto frontier (plots/<model>/<task>/<stem>.<format>)
+BYTES_FIGURE = "score_vs_kv_bytes"
 MIB = 2**20
 
 #: mean output tokens (every generation), its change against the full cache in %, seconds per correct answer
@@ -746,7 +748,7 @@ def _write_plots(df: pd.DataFrame, plot_dir: Path, formats: list[str], save: boo
             bytes_points = _bytes_points(task_runs)
             if not bytes_points.empty:
                 metric = task_runs.metric.dropna().iloc[0]
-                draw(model, task, plot_dir / model / task / "score_vs_kv_bytes",
+                draw(model, task, plot_dir / model / task / BYTES_FIGURE,
                      plots.score_vs_bytes, bytes_points, f"{model} · {task}: score vs KV held", metric, styles)
             for run in task_runs.itertuples():
                 task_obj = _task(run.suite, run.task, run.task_params)
@@ -818,12 +820,17 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     return [out / path.relative_to(staging) for path in written]
 
 
+def _image_format(formats: Iterable[str]) -> str | None:
+    """The figure format pages link: PNG where it is written, else SVG, else none."""
+    return next((f for f in ("png", "svg") if f in formats), None)
+
+
 def _write_all(df: pd.DataFrame, results_dir: Path, out: Path, staging: Path, formats: list[str],
                generated_by: str | None, draw: bool, pages: bool) -> list[Path]:
     """The report of ``df`` under ``staging``, laid out (and linked) as it will be under ``out``."""
     report_dir = staging / REPORT_DIR
     written: list[Path] = []
-    image_format = next((f for f in ("png", "svg") if f in formats), None)
+    image_format = _image_format(formats)
     stems: dict = {}
     if image_format:
         stems, files = _write_plots(df, report_dir / "plots", [f for f in formats if f in ("png", "svg")], draw,

@@ -225,8 +225,8 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def publish_here(formats=("md", "csv")) -> list[Path]:
-    return publish.publish(Path("leaderboard/runs"), Path("leaderboard"), formats=formats)
+def publish_here(formats=("md", "csv", "png"), draw=False) -> list[Path]:
+    return publish.publish(Path("leaderboard/runs"), Path("leaderboard"), formats=formats, draw=draw)
 
 
 def test_the_readme_block_is_rewritten_and_the_rest_kept_byte_for_byte(repo):
@@ -243,14 +243,18 @@ def test_the_readme_block_is_rewritten_and_the_rest_kept_byte_for_byte(repo):
     assert "passkey: n = 10, full cache 100.0, detectable drop" in block
     assert "[leaderboard/leaderboards/m.md](leaderboard/leaderboards/m.md)" in block
     assert "[passkey](leaderboard/leaderboards/plots/m/passkey/score_vs_kv_bytes.png)" in block
+    publish_here(("md", "svg"))
+    assert "[passkey](leaderboard/leaderboards/plots/m/passkey/score_vs_kv_bytes.svg)" in (repo / "README.md").read_text()
+    publish_here(("md",))
+    assert "score_vs_kv_bytes" not in (repo / "README.md").read_text()
 
 
 def test_publishing_twice_gives_the_same_bytes_and_leaves_the_runs_alone(repo):
     runs = repo / "leaderboard" / "runs"
     before = {p: p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
-    publish_here(("md", "csv", "parquet", "png", "svg"))
+    publish_here(report.FORMATS, draw=True)
     first = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
-    publish_here(("md", "csv", "parquet", "png", "svg"))
+    publish_here(report.FORMATS, draw=True)
     second = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
     assert first == second
     assert {p: b for p, b in second.items() if runs in p.parents} == before
