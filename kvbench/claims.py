@@ -2,16 +2,17 @@
 
 Each :class:`Claim` quotes a paper, gives the paper's own figure and where it stands, and names the
 board cells it reads through its test (:data:`Test`, ``test.cells()``): a cell is (task, method,
-setting) on each model, the setting being a results directory name (``ratio-2``, ``budget-128``). A claim is judged on every
-model of ``models``, one row each, by :func:`evaluate`, from the run table of
-:func:`kvbench.report.collect` (per-sample scores, bytes held, states) and, for capacities, the
-records themselves.
+setting) on each model, the setting being a results directory name (``ratio-2``, ``budget-128``,
+``ratio-2_lag_size-128``). A claim is judged on every model of ``models``, one row each, by
+:func:`evaluate`, from the run table of :func:`kvbench.report.collect` (per-sample scores, bytes
+held, states) and, for capacities, the records themselves.
 
 Verdicts (:data:`VERDICT_RULES`), decided in this order:
 
 - **not run yet**: a cell the test reads is missing, partial or failed (named in the row);
 - **not testable on CPU**: the test cannot say anything on the embedded models (the full cache itself
-  scores 0 on the task, or the method cell compressed nothing at these prompt lengths), or the claim
+  scores 0 on the task, or the method cell at a ratio compressed nothing at these prompt lengths:
+  measured ratio below :data:`COMPRESSED_NOTHING`), or the claim
   needs models or tasks beyond a CPU (:class:`NotOnCpu`, the reason given). A retention over several
   tasks leaves out (and names) those on which the full cache scores 0, and is untestable only when
   none remains;
