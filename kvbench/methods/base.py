@@ -166,6 +166,9 @@ class KVLayer(CacheLayerProtocol):
     #: receives the step's new tokens. Their tokens are what the layer holds.
     key_stores: ClassVar[tuple[str, ...]] = ("keys",)
     value_stores: ClassVar[tuple[str, ...]] = ("values",)
+    #: whether its heads may hold different numbers of tokens (AdaKV: the flat layout of
+    #: ``kvbench.storage``); methods that rework a base's uniform stores (ThinK, ChunkKV) refuse it
+    ragged_heads: ClassVar[bool] = False
     #: attributes besides the stores that hold the sequence's state (not configuration): what a
     #: prefill snapshot copies. Layers that record more before compressing (queries) extend it.
     state_fields: ClassVar[tuple[str, ...]] = ("seen", "kv_shape")

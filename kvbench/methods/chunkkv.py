@@ -23,7 +23,8 @@ class ChunkKVParams:
 def scorer_methods() -> list[str]:
     """The methods ChunkKV can use as its base: score-and-keep methods that compress the prefill."""
     return [name for name, cls in registered().items()
-            if issubclass(cls.layer, ScoreKeepLayer) and "prefill" in cls.phases and name != ChunkKV.name]
+            if issubclass(cls.layer, ScoreKeepLayer) and "prefill" in cls.phases and name != ChunkKV.name
+            and not cls.layer.ragged_heads]
 
 
 def chunk_choice(token_scores: torch.Tensor, chunk_length: int, keep: int) -> torch.Tensor:
