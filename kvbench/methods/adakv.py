@@ -128,9 +128,9 @@ class AdaKVLayer(ScoreKeepLayer):
         try:
             for segment in range(b * h):
                 idx = (segments == segment).nonzero().squeeze(1)  # in held order: position order
-                self.stores = {name: DenseStore.holding(part.expand(b, h, *part.shape[2:]))
-                               for name, part in ((name, store.tensor[:, :, idx]) for name, store in held.items())}
-                out[idx] = self.token_scores(len(idx), self.score())[segment // h, segment % h]
+                parts = {name: store.tensor[:, :, idx] for name, store in held.items()}
+                self.stores = {name: DenseStore.holding(part.expand(b, h, *part.shape[2:])) for name, part in parts.items()}
+                out[idx] = self.token_scores(len(idx), self.score())[segment // h, segment % h].to(out.device)
         finally:
             self.stores = held
         return out
@@ -139,20 +139,21 @@ class AdaKVLayer(ScoreKeepLayer):
         """Keep AdaKV's head-wise choice (:func:`head_allocation`) of ``kept_tokens()`` per head on
         average, moving the stores to the flat layout the first time."""
         b, h = self.kv_shape[:2]
+        device = self.keys.device  # scores may be on another device (random's CPU generator)
         if not self.is_flat:
             n = self.get_seq_length()
-            scores = self.token_scores(n, self.score()).reshape(b, h * n)
+            scores = self.token_scores(n, self.score()).reshape(b, h * n).to(device)
             for store in self.stores.values():
                 store.to_flat_layout()
-            self.stores["segments"].set(segment_ids(b, h, n, scores.device))
-            rows = torch.arange(b * h * n, device=scores.device).view(b, h * n)
+            self.stores["segments"].set(segment_ids(b, h, n, device))
+            rows = torch.arange(b * h * n, device=device).view(b, h * n)
         else:  # every batch row holds the same number of tokens, interleaved by the appends
             scores = self.flat_scores()
             rows = (self.stores["segments"].tensor[0, 0] // h).argsort(stable=True).view(b, -1)
             scores = scores[rows]
         heads = self.stores["segments"].tensor[0, 0][rows] % h
         chosen = rows.gather(-1, head_allocation(scores, heads, h, self.kept_tokens(), self.alpha_safeguard))
-        self.keep(chosen.reshape(1, 1, -1).to(self.keys.device))
+        self.keep(chosen.reshape(1, 1, -1))
 
 
 @register
