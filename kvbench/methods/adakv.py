@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import ragged_attention
-from kvbench.methods import build_method, register, registered
-from kvbench.methods.base import Method, ScoreKeepLayer
+from kvbench.methods import register, registered
+from kvbench.methods.base import MethodOverBase, ScoreKeepLayer
 from kvbench.params import param
-from kvbench.registry import unknown_name
 from kvbench.storage import DenseStore, pad_segments, segment_counts, segment_ids
 
 
@@ -157,7 +156,7 @@ class AdaKVLayer(ScoreKeepLayer):
 
 
 @register
-class AdaKV(Method):
+class AdaKV(MethodOverBase):
     """AdaKV (Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation",
     arXiv 2407.11550; code FFY0/AdaKV and kvpress's ``AdaKVPress``): head-wise budgets over any
     score-based method.
@@ -203,23 +202,8 @@ class AdaKV(Method):
     budget_unit = "tokens, mean over the layer's KV heads (per-head shares by score)"
 
     @classmethod
-    def check_params(cls, params) -> None:
-        valid = adakv_bases()
-        if params.base not in valid:
-            raise unknown_name("adakv base method", params.base, valid)
+    def bases(cls) -> list[str]:
+        return adakv_bases()
 
-    def __init__(self, params, compression, seed=0):
-        super().__init__(params, compression, seed)
-        self.base = build_method(params.base, {}, compression, seed)
-        base_layer = type(self.base).layer
-        self.base.layer = type(f"AdaKV{base_layer.__name__}", (AdaKVLayer, base_layer),
-                               {"alpha_safeguard": params.alpha_safeguard})
-        # a base with per-layer shares (PyramidKV) bounds the mean over layers in budget mode
-        self.budget_per_layer = self.base.budget_per_layer
-
-    def setup(self, model) -> None:
-        super().setup(model)
-        self.base.setup(model)
-
-    def make_layer(self, layer_idx: int):
-        return self.base.make_layer(layer_idx)
+    def layer_attributes(self, params):
+        return {"alpha_safeguard": params.alpha_safeguard}
