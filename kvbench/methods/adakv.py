@@ -167,7 +167,8 @@ class AdaKV(MethodOverBase):
     ``heads x capacity`` best scores of all its heads together (the scores flattened over (head,
     token)), so heads whose attention is concentrated give places to heads whose attention is spread.
     Every head first keeps its ``int(alpha_safeguard x capacity)`` best tokens (the safeguard,
-    kvpress's rule and default 0.2). A base that scores only the tokens before a window it always
+    kvpress's rule and default 0.2; the authors' README example sets their ``floor_alpha`` to 0.5,
+    ``method.alpha_safeguard=0.5``). A base that scores only the tokens before a window it always
     keeps (SnapKV, PyramidKV) keeps that window in every head (scored above every other token; kvpress
     pads it with the layer's best score). A base that keeps its lowest scores (KNorm) is negated.
     Ties go to the earlier token.
@@ -179,12 +180,20 @@ class AdaKV(MethodOverBase):
     total may differ from ``heads x capacity`` by a few tokens; kvpress's form, used here, holds it
     exactly.
 
-    Storage: kvpress only masks the evicted keys, so its cache does not shrink. Here every head holds
-    only its own tokens (the flat layout of ``kvbench.storage``: the tokens of all heads in one
-    tensor, with their head and position), so the bytes held are the ragged size and a decoding step
-    attends, per head, over that head's tokens only (``cache.ragged_attention``, one SDPA call over
-    the held tokens with a per-head mask). Until the first eviction the layer holds the base's
-    uniform stores, so a prompt shorter than the capacity runs exactly as the full cache.
+    Storage: kvpress only masks the evicted keys, so its cache does not shrink. Here, as in the
+    authors' flattened cache, every head holds only its own tokens (the flat layout of
+    ``kvbench.storage``: the tokens of all heads in one tensor, with their head and position), so the
+    bytes held are the ragged size and a decoding step attends, per head, over that head's tokens only
+    (``cache.ragged_attention``, one SDPA call over the held tokens with a per-head mask, where the
+    authors call ``flash_attn_varlen_func``). The authors keep each head's tokens contiguous and copy
+    the cache into a new one at every decoding step; here a step's tokens are appended after the
+    held ones (one per head, into spare room), so a head's tokens are not contiguous. The masked call
+    computes every query row's logits against every held token, the KV heads' count times dense
+    attention's arithmetic (reading each held byte once); a step with many queries after the first
+    eviction (a prefill chunk) also holds a (query heads x queries) x held-tokens boolean mask. Until
+    the first eviction the layer holds the base's uniform stores, so a prompt shorter than the
+    capacity runs exactly as the full cache. ``positions`` reads back (batch, heads, longest head)
+    with -1 where a head holds fewer tokens; ``get_seq_length`` is the mean per head.
 
     Phases: compresses the prefill (after every chunk of a chunked prefill); in ratio mode an appended
     question and the decoded tokens are added uncompressed, one per head per step. Budget mode (a hard
@@ -192,7 +201,9 @@ class AdaKV(MethodOverBase):
     tokens per head more than the budget on average, the base scores every held token again, each head
     over its own tokens (as the base re-scores a uniform cache), and the same allocation keeps
     ``heads x budget``; so a layer holds at most ``heads x (budget + evict_every - 1)`` tokens, one
-    head possibly more than the budget and another fewer.
+    head possibly more than the budget and another fewer. This re-scoring runs the base once per
+    (batch row, KV head), each time over a (batch, heads) view of that head's tokens, so it costs
+    about the heads' count times the base's own re-scoring.
     """
 
     name = "adakv"

@@ -136,3 +136,16 @@ def test_bases_and_their_errors():
         build_method("think", {"base": "adakv"}, Compression(ratio=2))
     with pytest.raises(ConfigError, match="alpha_safeguard"):
         build_method("adakv", {"alpha_safeguard": 1.5}, Compression(ratio=2))
+
+
+def test_nothing_evicted_is_the_full_cache_and_stays_uniform(tiny_llama):
+    prompt, question = random_prompt(60, batch=2), random_prompt(4, batch=2, seed=1)
+    runs = []
+    for name, comp in (("full", None), ("adakv", Compression(ratio=1))):
+        method = build_method(name, {}, comp)
+        method.setup(tiny_llama)
+        cache = KVCache(method, layer_windows(tiny_llama.config))
+        runs.append((generate(tiny_llama, cache, prompt, question, 6, eos_ids=set()), cache))
+    (full, _), (ada, cache) = runs
+    assert ada.tokens == full.tokens and ada.at_end == full.at_end
+    assert not any(layer.is_flat for layer in cache.layers)
