@@ -178,7 +178,9 @@ class AdaKV(MethodOverBase):
     shares of the base (PyramidKV) are kept. The authors' code gives each head a floor of
     ``int(alpha x capacity)`` plus ``(1 - alpha)`` of its share of the flattened top-k, rounded, whose
     total may differ from ``heads x capacity`` by a few tokens; kvpress's form, used here, holds it
-    exactly.
+    exactly. Records count truthfully: tokens held are the mean over heads (the budget's unit), the
+    peak tokens held the largest head's (above the budget when a head takes more than its share), and
+    the bytes held those of the tokens stored.
 
     Storage: kvpress only masks the evicted keys, so its cache does not shrink. Here, as in the
     authors' flattened cache, every head holds only its own tokens (the flat layout of
