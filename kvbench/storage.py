@@ -84,7 +84,7 @@ def segment_counts(segments: torch.Tensor, n_segments: int) -> torch.Tensor:
 
 def pad_segments(x: torch.Tensor, segments: torch.Tensor, batch: int, heads: int, fill) -> torch.Tensor:
     """The flat layout's ``x`` (1, 1, T, ...) as (batch, heads, m, ...), m the longest segment: each
-    segment's tokens in their held order, then ``fill``. A view for reading, not a store."""
+    segment's tokens in their held order, then ``fill``. A copy to read, not a store."""
     seg = segments.flatten()
     counts = segment_counts(seg, batch * heads)
     order = seg.argsort(stable=True)  # grouped by segment, held order inside each

@@ -10,7 +10,7 @@ from kvbench.cache import ragged_attention
 from kvbench.methods import register, registered
 from kvbench.methods.base import MethodOverBase, ScoreKeepLayer
 from kvbench.params import param
-from kvbench.storage import DenseStore, pad_segments, segment_counts, segment_ids
+from kvbench.storage import DenseStore, flatten_heads, pad_segments, segment_counts, segment_ids
 
 
 @dataclass
@@ -97,8 +97,7 @@ class AdaKVLayer(ScoreKeepLayer):
             return super().append(key_states, value_states)
         b, h, q, _ = key_states.shape
         position = torch.arange(self.seen, self.seen + q, device=key_states.device).repeat(b * h)[None, None]
-        for name, new in (("keys", key_states.reshape(1, 1, -1, key_states.shape[-1])),
-                          ("values", value_states.reshape(1, 1, -1, value_states.shape[-1])),
+        for name, new in (("keys", flatten_heads(key_states)), ("values", flatten_heads(value_states)),
                           ("positions", position), ("segments", segment_ids(b, h, q, key_states.device))):
             self.stores[name].append(new)
         self.seen += q
