@@ -105,9 +105,12 @@ GENERATION = ["mean_new_tokens", "new_tokens_vs_full", "s_per_correct"]
 #: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison),
 #: on the ``vs_full_n`` samples both runs hold
 VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained", "vs_full_n"]
-#: fidelity to the full cache over the gold answer (kvbench.fidelity): each metric's mean over the records
-#: that hold it and its 95% bootstrap interval, on the metric's own scale
-FIDELITY = [f"{m}{part}" for m in FIDELITY_METRICS for part in ("", "_ci_low", "_ci_high")]
+#: fidelity to the full cache (kvbench.fidelity) over the gold answer (``kl``...) and over the full cache's
+#: greedy output (``greedy_kl``...): each metric's mean over the records that hold it and its 95% interval,
+#: on the metric's own scale
+FIDELITY_PREFIXES = {"gold": "", "greedy": "greedy_"}
+FIDELITY = [f"{prefix}{m}{part}" for prefix in FIDELITY_PREFIXES.values() for m in FIDELITY_METRICS
+            for part in ("", "_ci_low", "_ci_high")]
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
@@ -191,7 +194,8 @@ def _run_row(run: RunDir) -> dict:
         "decode_s_mean": _mean(r.decode_s for r in records),
         "mean_new_tokens": _mean(g.new_tokens for r in records for g in generations(r)),
         "s_per_correct": seconds_per_correct(records, metric) if metric else None,
-        **{f"{m}{part}": value for m, summary in (summarize_fidelity(records) or {}).items()
+        **{f"{prefix}{m}{part}": value for over, prefix in FIDELITY_PREFIXES.items()
+           for m, summary in (summarize_fidelity(records, over) or {}).items()
            for part, value in zip(("", "_ci_low", "_ci_high"), (summary["mean"], *summary["ci95"]))},
         "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
@@ -446,19 +450,21 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
 
 
 def _fidelity_table(runs: pd.DataFrame) -> str | None:
-    """Per method and setting of one task: fidelity to the full cache over the gold answer with 95%
-    intervals; None where no run measured it."""
-    measured = runs[runs.kl.notna()]
-    if measured.empty:
+    """Per method and setting of one task: fidelity to the full cache over the gold answer and over
+    the full cache's greedy output, with 95% intervals; None where no run measured it."""
+    header = ["method", "setting", "over", "KL(full ‖ compressed), nats", "NLL change, nats", "top-1 agreement, %"]
+    body = [[run.row, run.column, label,
+             *(_interval_text(scale * getattr(run, f"{prefix}{m}"), scale * getattr(run, f"{prefix}{m}_ci_low"),
+                              scale * getattr(run, f"{prefix}{m}_ci_high"), spec)
+               for m, scale, spec in (("kl", 1, ".3g"), ("nll_delta", 1, "+.3g"), ("top1_agreement", 100, ".1f")))]
+            for run in runs.itertuples()
+            for label, prefix in (("gold answer", FIDELITY_PREFIXES["gold"]),
+                                  ("greedy output", FIDELITY_PREFIXES["greedy"]))
+            if pd.notna(getattr(run, f"{prefix}kl"))]
+    if not body:
         return None
-    header = ["method", "setting", "KL(full ‖ compressed), nats", "NLL change, nats", "top-1 agreement, %"]
-    body = [[run.row, run.column, *(_interval_text(scale * getattr(run, m), scale * getattr(run, f"{m}_ci_low"),
-                                                   scale * getattr(run, f"{m}_ci_high"), spec)
-                                    for m, scale, spec in (("kl", 1, ".3g"), ("nll_delta", 1, "+.3g"),
-                                                           ("top1_agreement", 100, ".1f")))]
-            for run in measured.itertuples()]
-    return ("Fidelity to the full cache, teacher-forced over the gold answer (means over samples [95% CI], "
-            "docs/statistics.md):\n\n" + markdown_table(header, body))
+    return ("Fidelity to the full cache, teacher-forced over the gold answer and over the full cache's greedy "
+            "output (means over samples [95% CI], docs/statistics.md):\n\n" + markdown_table(header, body))
 
 
 def _generation_table(runs: pd.DataFrame) -> str:
