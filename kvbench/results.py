@@ -47,10 +47,10 @@ import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 from kvbench.decoding import Decoding
-from kvbench.stats import bootstrap_ci
+from kvbench.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,9 @@ class SampleRecord:
     #: the same over the full cache's greedy output (decoded as the sample's generation is); None
     #: for the full method, with a chunked prefill, with ``fidelity=false``, and in older records
     fidelity_greedy: Fidelity | None = None
+    #: the sample's context cluster (``kvbench.tasks.Sample.cluster``): records with one key are
+    #: resampled together; None (and in older records): the record is its own cluster
+    cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -350,8 +353,9 @@ class RunScores:
     bytes_held: float | None
     peak_bytes_held: float | None
     decode_tokens_per_s: float | None
-    #: 95% interval of the main metric on the scale of ``score`` (kvbench.stats.bootstrap_ci of the
-    #: records' per-sample main-metric scores, see :func:`sample_scores`); None where a record lacks
+    #: 95% interval of the main metric on the scale of ``score`` (kvbench.stats.mean_ci of the
+    #: records' per-sample main-metric scores, see :func:`sample_scores`, clustered by
+    #: :func:`sample_clusters`; ``ci_method`` names it); None where a record lacks
     #: the metric, and in files written before intervals were recorded
     ci95: list[float] | None = None
     ci_method: str | None = None
@@ -386,14 +390,26 @@ def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] 
     return {r.id: r.scores[metric] for r in records}
 
 
+def sample_clusters(records: list[SampleRecord]) -> dict[str, Hashable] | None:
+    """Sample id -> cluster key, for intervals and paired tests (``kvbench.stats``); None when no
+    record has a cluster. A record without one is its own cluster (a key no other record has)."""
+    if all(r.cluster is None for r in records):
+        return None
+    return {r.id: ("sample", r.id) if r.cluster is None else r.cluster for r in records}
+
+
 def summarize_fidelity(records: list[SampleRecord], over: str = "gold") -> dict[str, dict[str, Any]] | None:
     """scores.json's ``fidelity`` (``over="gold"``) or ``fidelity_greedy`` (``"greedy"``): each
-    metric's mean over the records that hold that fidelity, with its bootstrap 95% interval (on the
-    metric's own scale, unlike ``ci95``); None when none holds it."""
-    measured = [f for r in records if (f := getattr(r, FIDELITY_FIELDS[over])) is not None]
+    metric's mean over the records that hold that fidelity, with its 95% interval
+    (``kvbench.stats.mean_ci``, clustered as the records are; on the metric's own scale, unlike
+    ``ci95``); None when none holds it."""
+    measured = [r for r in records if getattr(r, FIDELITY_FIELDS[over]) is not None]
     if not measured:
         return None
-    intervals = {name: bootstrap_ci([getattr(f, name) for f in measured]) for name in FIDELITY_METRICS}
+    clusters = sample_clusters(measured)
+    keys = [clusters[r.id] for r in measured] if clusters else None
+    intervals = {name: mean_ci([getattr(getattr(r, FIDELITY_FIELDS[over]), name) for r in measured], keys)
+                 for name in FIDELITY_METRICS}
     return {name: {"mean": i.estimate, "ci95": [i.low, i.high], "n": i.n} for name, i in intervals.items()}
 
 

@@ -37,8 +37,8 @@ from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
 from kvbench.results import (FIDELITY_FIELDS, Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo,
-                             RunScores, SampleRecord, sample_scores, summarize_fidelity)
-from kvbench.stats import bootstrap_ci
+                             RunScores, SampleRecord, sample_clusters, sample_scores, summarize_fidelity)
+from kvbench.stats import mean_ci
 from kvbench.tasks import Sample, Task, build_task
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         finished_at=_now(),
         fidelity=sample_fidelity[0],
         fidelity_greedy=sample_fidelity[1],
+        cluster=sample.cluster,
     )
     if n > 1:
         record.completions = [
@@ -403,7 +404,8 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
 
     decode_s = sum(r.decode_s for r in records)
     per_sample = sample_scores(records, task.main_metric)
-    interval = bootstrap_ci(list(per_sample.values())) if per_sample else None
+    clusters = sample_clusters(records)
+    interval = mean_ci(list(per_sample.values()), clusters and list(clusters.values())) if per_sample else None
     return RunScores(
         task=task.name,
         metric=task.main_metric,

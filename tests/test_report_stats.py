@@ -16,6 +16,7 @@ from kvbench.runner import summarize_run
 from kvbench.stats import (
     bootstrap_ci,
     detectable_drop_unpaired,
+    mean_ci,
     paired_comparison,
     retention_auc,
     retention_auc_ci,
@@ -27,16 +28,30 @@ PASSKEY = {"name": "passkey", "kind": "passkey",
            "params": {"compress": "whole", "depths": [0.0, 1.0], "lengths": [512, 1024], "metric": "exact_match"}}
 
 
-def test_scores_json_records_the_main_metrics_bootstrap_interval():
+def test_scores_json_records_the_main_metrics_interval():
     task = task_from_identity(PASSKEY)
     hits = [1.0, 0.0, 1.0, 1.0]
-    records = [sample_record(f"s{i}", meta={"length": 512, "depth": 0.0}, scores={"exact_match": h, "partial_match": h})
-               for i, h in enumerate(hits)]
-    scores = summarize_run(task, records, 4)
-    interval = bootstrap_ci(hits)
+
+    def summary(scores, clusters=(None,) * 4):
+        return summarize_run(task, [sample_record(f"s{i}", meta={"length": 512, "depth": 0.0}, cluster=c,
+                                                  scores={"exact_match": h, "partial_match": h})
+                                    for i, (h, c) in enumerate(zip(scores, clusters))], 4)
+
+    # 0/1 scores of independent samples: Wilson's interval, by hand (3 + z^2/2) / (4 + z^2) -+
+    # z / (4 + z^2) * sqrt(3 / 4 + z^2 / 4) = 0.6275 -+ 0.3269
+    scores = summary(hits)
+    assert scores.ci95 == [30.06, 95.44] and scores.score == 75.0
+    assert (scores.ci_method, scores.ci_resamples, scores.ci_seed) == ("Wilson score", None, None)
+    # other scores: the percentile bootstrap
+    scores = summary([1.0, 0.0, 0.5, 1.0])
+    interval = bootstrap_ci([1.0, 0.0, 0.5, 1.0])
     assert scores.ci95 == [round(100 * interval.low, 2), round(100 * interval.high, 2)]
-    assert scores.ci95[0] < scores.score == 75.0 <= scores.ci95[1] == 100.0
     assert (scores.ci_method, scores.ci_resamples, scores.ci_seed) == ("percentile bootstrap", 10_000, 0)
+    # samples sharing a context: the clustered bootstrap over the records' clusters
+    scores = summary(hits, ["x", "x", "y", None])
+    interval = bootstrap_ci(hits, ["x", "x", "y", "s3"])
+    assert scores.ci95 == [round(100 * interval.low, 2), round(100 * interval.high, 2)]
+    assert scores.ci_method == "clustered percentile bootstrap"
 
 
 def test_no_interval_when_a_record_lacks_the_main_metric():
@@ -91,7 +106,7 @@ def recomputed(root, method):
         run = next(r for r in find_runs(root) if r.read_run().identity.method["name"] == m)
         return {r.id: r.scores["exact_match"] for r in run.records()}
 
-    columns = bootstrap_ci(list(scores(method).values())).columns()
+    columns = mean_ci(list(scores(method).values())).columns()
     return {**columns, **(paired_comparison(scores("full"), scores(method)).columns() if method != "full" else {})}
 
 
@@ -135,7 +150,8 @@ def test_cells_show_the_interval_and_bold_the_runs_indistinguishable_from_the_be
     # 0.016 after Holm): zeta stays bold with beta, alpha does not
     half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
     assert cells["alpha"][1] == f"33.3 ±{half} (40.0%)"
-    assert cells["beta"][1] == "**100.0 ±0 (120.0%)**"
+    # 12 of 12: Wilson's [12 / (12 + z^2), 1] = [75.8, 100], not the bootstrap's [100, 100]
+    assert cells["beta"][1] == "**100.0 ±12 (120.0%)**"
     assert cells["zeta"][1].startswith("**83.3 ±") and cells["zeta"][1].endswith("(100.0%)**")
     assert cells["full"][0].startswith("83.3 ±")  # alone in its column: nothing to compare
     drop = 100 * detectable_drop_unpaired(12, 10 / 12)
