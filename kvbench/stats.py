@@ -186,8 +186,11 @@ def wilson_ci(successes: int, n: int, *, level: float = LEVEL) -> Interval:
     z = NormalDist().inv_cdf((1 + level) / 2)
     centre = (successes + z * z / 2) / (n + z * z)
     half = z / (n + z * z) * math.sqrt(successes * (n - successes) / n + z * z / 4)
-    return Interval(estimate=successes / n, low=max(0.0, centre - half), high=min(1.0, centre + half), n=n,
-                    method=WILSON, resamples=None, seed=None, level=level)
+    # the ends are exactly 0 and 1 with no success or no failure; the formula leaves rounding there
+    low = 0.0 if successes == 0 else centre - half
+    high = 1.0 if successes == n else centre + half
+    return Interval(estimate=successes / n, low=low, high=high, n=n, method=WILSON, resamples=None, seed=None,
+                    level=level)
 
 
 def mean_ci(

@@ -69,13 +69,14 @@ def test_scores_json_without_interval_fields_still_loads():
     assert scores.ci95 is None and scores.ci_method is None
 
 
-def write_run(root, method, hits, setting="ratio-1", ratio=1, with_interval=True):
-    """A passkey results directory whose records score ``hits`` (0/1 per sample, ids s0, s1, ...);
-    ``with_interval=False`` writes scores.json as kvbench did before it recorded intervals."""
+def write_run(root, method, hits, setting="ratio-1", ratio=1, with_interval=True, clusters=None):
+    """A passkey results directory whose records score ``hits`` (0/1 per sample, ids s0, s1, ...), in
+    ``clusters`` (a key per record; None: unclustered); ``with_interval=False`` writes scores.json as
+    kvbench did before it recorded intervals."""
     run = RunDir(root / "m" / "passkey" / method / setting)
     run.write_run(run_info(PASSKEY, method=method, ratio=ratio, label=setting, n_expected=len(hits)))
-    for i, h in enumerate(hits):
-        run.append(sample_record(f"s{i}", scores={"exact_match": h}))
+    for i, (h, c) in enumerate(zip(hits, clusters or [None] * len(hits))):
+        run.append(sample_record(f"s{i}", scores={"exact_match": h}, cluster=c))
     scores = RunScores(task="passkey", metric="exact_match", score=100 * sum(hits) / len(hits),
                        metrics={"exact_match": 100 * sum(hits) / len(hits)}, n=len(hits), n_expected=len(hits),
                        complete=True, measured_ratio=float(ratio), tokens_held=1.0, bytes_held=1000.0 / ratio,
@@ -130,6 +131,28 @@ def test_exported_intervals_and_paired_columns_agree_with_samples_jsonl(tree):
     assert (table.lost["zeta"], table.gained["zeta"], table.vs_full_p["zeta"]) == (1, 1, 1.0)
     assert table.vs_full_ci_low["alpha"] < -50 < table.vs_full_ci_high["alpha"] < 0
     assert table.ci_low["full"] < 100 * 10 / 12 < table.ci_high["full"]
+
+
+def test_clustered_runs_get_clustered_intervals_and_comparisons(tree):
+    # alpha's records (written again, clustered) share contexts in pairs; the full cache's are old records
+    # without clusters: the comparison resamples alpha's clusters
+    shutil.rmtree(tree / "m" / "passkey" / "alpha")
+    keys = [f"ctx{i // 2}" for i in range(12)]
+    write_run(tree, "alpha", ALPHA, "ratio-4", 4, clusters=keys)
+    df = report.collect(tree).set_index("method")
+    full = dict(zip((f"s{i}" for i in range(12)), FULL))
+    alpha = dict(zip((f"s{i}" for i in range(12)), ALPHA))
+    interval = mean_ci(ALPHA, keys)
+    assert interval.method == "clustered percentile bootstrap"
+    assert (df.ci_low["alpha"], df.ci_high["alpha"]) == tuple(interval.columns().values())
+    paired = paired_comparison(full, alpha, dict(zip(alpha, keys)))
+    assert paired.ci_method == "clustered percentile bootstrap" and paired.test.startswith("sign-flip")
+    assert (df.vs_full_p["alpha"], df.vs_full_ci_low["alpha"]) == (paired.p, 100 * paired.ci_low)
+    assert df.vs_full_p["alpha"] != pytest.approx(2 / 64)  # not McNemar's on 12 independent pairs
+    # unclustered runs keep Wilson's interval
+    assert (df.ci_low["zeta"], df.ci_high["zeta"]) == tuple(mean_ci(ZETA).columns().values())
+    rows = report.compare(report.collect(tree), "full", "alpha")
+    assert rows.p.iloc[0] == paired.p
 
 
 def passkey_table(root):
@@ -293,3 +316,16 @@ def test_averages_over_tasks_carry_an_interval(tree):
     # one task: the average's interval is the task's own
     half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
     assert f"| alpha | – | 33.3 ±{half} (40.0%) |" in average
+
+
+def test_a_run_records_its_samples_clusters(tiny_llama, tmp_path, monkeypatch):
+    from test_fidelity import run
+
+    from kvbench.tasks.passkey import Passkey
+
+    samples = Passkey.samples
+    monkeypatch.setattr(Passkey, "samples", lambda self, *args: [dataclasses.replace(s, cluster=f"c{i // 2}")
+                                                                 for i, s in enumerate(samples(self, *args))])
+    records, scores = run(tiny_llama, tmp_path, fidelity=False)
+    assert [r.cluster for r in records] == ["c0", "c0", "c1"]
+    assert scores.ci_method == "clustered percentile bootstrap"
