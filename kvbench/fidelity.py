@@ -20,11 +20,11 @@ taken too, and the gold text's wording no longer matters.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import copy
 import dataclasses
+
+import torch
+import torch.nn.functional as F
 
 from kvbench.cache import KVCache, layer_windows
 from kvbench.generation import Compressed, Prefilled, generate

@@ -361,7 +361,7 @@ class RunScores:
     ci_method: str | None = None
     ci_resamples: int | None = None
     ci_seed: int | None = None
-    #: per fidelity metric (:data:`FIDELITY_METRICS`): ``mean``, ``ci95`` (same bootstrap as ``ci95``,
+    #: per fidelity metric (:data:`FIDELITY_METRICS`): ``mean``, ``ci95`` (the interval ``ci95`` uses,
     #: on the metric's own scale) and ``n``, over the records that hold fidelity over the gold answer;
     #: None when none does
     fidelity: dict[str, dict[str, Any]] | None = None
