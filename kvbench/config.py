@@ -190,9 +190,10 @@ def check_overrides(overrides: list[str]) -> None:
                 continue
         else:
             values = [override.value()]
-        if key == "method":  # a config group option: the registered methods
+        if key == "method":  # a config group option: the registered methods, or a packaged variant of one
             for value in values:
-                method_class(value)
+                if not (Path(__file__).parent / "conf" / "method" / f"{value}.yaml").is_file():
+                    method_class(value)
             continue
         kind = _schema_field(key)
         if kind is None:
