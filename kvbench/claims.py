@@ -25,7 +25,8 @@ Verdicts (:data:`VERDICT_RULES`), decided in this order:
 Intervals: :func:`kvbench.stats.paired_comparison` (method - rival, paired by sample id, its
 bootstrap interval; the p-value is shown, the verdict uses the interval) and
 :func:`kvbench.stats.retention_ci` (retention against the full cache, paired by sample id, mean over
-the claim's tasks). Each claim is judged at its own 95% level: no correction across claims, so about
+the claim's tasks), both clustered as the report clusters the runs' samples (samples that share a
+context resample together). Each claim is judged at its own 95% level: no correction across claims, so about
 one in twenty true nulls would read as a direction by chance.
 """
 
@@ -38,6 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import ConfigError
+from kvbench.report import _clusters
 from kvbench.results import RunDir
 from kvbench.stats import paired_comparison, retention_ci
 
@@ -276,6 +278,11 @@ def _shared(reference: dict, run: dict) -> tuple[list[float], list[float]]:
     return [reference[i] for i in ids], [run[i] for i in ids]
 
 
+def _cluster_keys(*runs: pd.Series) -> dict | None:
+    """The clusters the runs' samples are compared in (samples sharing a context resample together)."""
+    return _clusters(*((run.sample_scores, run.sample_clusters) for run in runs))
+
+
 def _by_interval(low: float, high: float, edge: float, strict: bool) -> str:
     """The verdict of an interval against the claimed side ``> edge`` (``strict``) or ``>= edge``."""
     if low > edge or (not strict and low >= edge):
@@ -318,7 +325,10 @@ def _retention(df: pd.DataFrame, model: str, test: Retention) -> Verdict:
     untestable = _untestable(model, names, runs if not kept else [run for _, run in kept], test.method)
     if untestable:
         return untestable
-    interval = retention_ci([_shared(base.sample_scores, run.sample_scores) for base, run in kept])
+    keys = [_cluster_keys(base, run) for base, run in kept]
+    interval = retention_ci([_shared(base.sample_scores, run.sample_scores) for base, run in kept],
+                            [k and [k[i] for i in base.sample_scores if i in run.sample_scores]
+                             for k, (base, run) in zip(keys, kept, strict=True)])
     ratio = sum(run.measured_ratio for _, run in kept) / len(kept)
     figure = (f"retention {interval.estimate:.1f}% [{interval.low:.1f}, {interval.high:.1f}] "
               f"(measured ratio {ratio:.2f}x)")
@@ -328,7 +338,7 @@ def _retention(df: pd.DataFrame, model: str, test: Retention) -> Verdict:
 
 
 def _paired(model: str, names: str, run: pd.Series, rival: pd.Series) -> Verdict:
-    pair = paired_comparison(rival.sample_scores, run.sample_scores)
+    pair = paired_comparison(rival.sample_scores, run.sample_scores, _cluster_keys(rival, run))
     theirs, mine = (100 * sum(scores) / len(scores) for scores in _shared(rival.sample_scores, run.sample_scores))
     figure = (f"{run.method} {mine:.1f} vs {rival.method} {theirs:.1f}: difference {100 * pair.diff:+.1f} "
               f"[{100 * pair.ci_low:+.1f}, {100 * pair.ci_high:+.1f}] points, p = {pair.p:.3g} ({pair.test}); "

