@@ -29,6 +29,7 @@ docs/fidelity.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -273,7 +274,8 @@ def main(argv=None) -> int:
             key = f"{name}@{ratio:g}"
             rows.append({"method": name, "ratio": ratio, "result": compare_kept(ours[key], theirs[key])})
     (out / "comparison.json").write_text(json.dumps(rows))
-    print(f"\nprompt: {args.tokens} tokens of {args.text}; kvpress {KVPRESS_VERSION}\n")
+    digest = hashlib.sha256((out / "prompt_ids.json").read_bytes()).hexdigest()[:12]
+    print(f"\nprompt: the first {args.tokens} tokens of {args.text} (ids sha256 {digest}); kvpress {KVPRESS_VERSION}\n")
     print(table(rows))
     return 0
 
