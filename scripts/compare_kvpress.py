@@ -159,7 +159,7 @@ def kvpress_side(args) -> None:
             compress = press.compress
 
             def capture(module, hidden_states, keys, values, attentions, kwargs, compress=compress, kept=kept):
-                module.masked_key_indices = None
+                module.masked_key_indices = None  # not an earlier head-wise press's
                 new_keys, new_values = compress(module, hidden_states, keys, values, attentions, kwargs)
                 kept[module.layer_idx] = kept_positions(keys, new_keys, getattr(module, "masked_key_indices", None))
                 return new_keys, new_values
@@ -169,7 +169,7 @@ def kvpress_side(args) -> None:
                 model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             out[f"{name}@{ratio:g}"] = [kept[i] for i in sorted(kept)]
             print(f"kvpress {name} ratio {ratio:g}: done", flush=True)
-    Path(args.out).write_text(json.dumps(out))
+    Path(args.kept).write_text(json.dumps(out))
 
 
 # -- kvbench side (the main environment) -------------------------------------------------------------------
@@ -182,14 +182,13 @@ def kvbench_side(model, ids, methods: list[str], ratios: list[float]) -> dict:
     from kvbench.methods.base import Compression, layer_windows
 
     out = {}
-    n = ids.shape[1]
     for name in methods:
         for ratio in ratios:
             method = build_method(name, METHODS[name][0], Compression(ratio=ratio))
             method.setup(model)
             cache = KVCache(method, layer_windows(model.config))
             compressed = generate(model, cache, ids, None, 1, eos_ids=set(), keep_compressed=True).compressed.cache
-            out[f"{name}@{ratio:g}"] = [[sorted(p for p in head.tolist() if p < n) for head in layer.positions[0]]
+            out[f"{name}@{ratio:g}"] = [[sorted(head.tolist()) for head in layer.positions[0]]
                                         for layer in compressed.layers]
             print(f"kvbench {name} ratio {ratio:g}: done", flush=True)
     return out
@@ -225,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--ids", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--gguf-file", help=argparse.SUPPRESS)
+    p.add_argument("--kept", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # quiet progress bars and load reports, in this process and the kvpress one (which inherits them)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     python = ensure_venv(Path(args.venv))
     subprocess.run([str(python), __file__, "--side", "kvpress", "--methods", ",".join(methods), "--ratios",
                     *map(str, args.ratios), "--ids", str(out / "prompt_ids.json"), "--model-dir", where,
-                    "--gguf-file", extra["gguf_file"], "--out", str(out / "kept_kvpress.json")], check=True)
+                    "--gguf-file", extra["gguf_file"], "--kept", str(out / "kept_kvpress.json")], check=True)
     theirs = json.loads((out / "kept_kvpress.json").read_text())
 
     rows = []
