@@ -58,8 +58,9 @@ METHODS = {
     # kvbench's base scores with its own defaults (SnapKV's window 32): kvpress's SnapKVPress is given 32
     "chunkkv": ({"base": "snapkv", "chunk_length": 20},
                 {"press": "ChunkKVPress", "chunk_length": 20, "inner": {"press": "SnapKVPress", "window_size": 32}}),
-    # head-wise budgets over SnapKV's scores (kvbench's window 64 to match kvpress's SnapKVPress)
-    "adakv": ({}, {"press": "AdaKVPress", "alpha_safeguard": 0.2, "inner": {"press": "SnapKVPress"}}),
+    # head-wise budgets; kvbench's base scores with its own defaults (SnapKV's window 32), as for chunkkv
+    "adakv": ({"base": "snapkv", "alpha_safeguard": 0.2},
+              {"press": "AdaKVPress", "alpha_safeguard": 0.2, "inner": {"press": "SnapKVPress", "window_size": 32}}),
 }
 
 
@@ -188,7 +189,8 @@ def kvbench_side(model, ids, methods: list[str], ratios: list[float]) -> dict:
             method.setup(model)
             cache = KVCache(method, layer_windows(model.config))
             compressed = generate(model, cache, ids, None, 1, eos_ids=set(), keep_compressed=True).compressed.cache
-            out[f"{name}@{ratio:g}"] = [[sorted(head.tolist()) for head in layer.positions[0]]
+            # heads holding different numbers of tokens (AdaKV) are padded with position -1
+            out[f"{name}@{ratio:g}"] = [[sorted(p for p in head.tolist() if p >= 0) for head in layer.positions[0]]
                                         for layer in compressed.layers]
             print(f"kvbench {name} ratio {ratio:g}: done", flush=True)
     return out
