@@ -1,0 +1,61 @@
+"""The published board's sweeps (``+experiment=leaderboard_cpu`` and its budget half) cover what they claim to."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import kvbench.conf
+from kvbench.config import compose_config, load_config, register_schema
+from kvbench.errors import ConfigError
+from kvbench.methods import METHODS
+from kvbench.runner import RunSpec
+
+EXPERIMENTS = Path(kvbench.conf.__file__).parent / "experiment"
+NAMES = sorted(p.stem for p in EXPERIMENTS.glob("leaderboard_*.yaml"))
+
+
+def axes(name: str) -> dict[str, list[str]]:
+    """The sweep's axes as Hydra composes them (an experiment may inherit some from another)."""
+    register_schema()
+    with initialize_config_module(config_module="kvbench.conf", version_base="1.3"):
+        params = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    return {key: str(value).split(",") for key, value in params.hydra.sweeper.params.items()}
+
+
+def spec(*overrides: str) -> RunSpec:
+    return RunSpec.from_config(load_config(compose_config(list(overrides))))
+
+
+@pytest.mark.parametrize("name", ["leaderboard_cpu", "leaderboard_gpu"])
+def test_the_ratio_sweeps_run_every_registered_method_once(name):
+    methods = axes(name)["method"]
+    assert len(set(methods)) == len(methods)
+    assert sorted(methods) == sorted(METHODS.all())
+
+
+def test_the_budget_half_leaves_out_exactly_the_methods_that_cannot_hold_its_budget():
+    budget = compose_config(["+experiment=leaderboard_cpu_budget"])["budget"]
+    holding = set()
+    for name in set(METHODS.all()) - {"full"}:  # full ignores a budget: its run is in the ratio half
+        try:
+            spec(f"method={name}", "ratio=null", f"budget={budget}")
+            holding.add(name)
+        except ConfigError:
+            pass
+    assert {"quant", "lagkv"} <= set(METHODS.all()) - holding  # one refuses any budget, one this one
+    methods = axes("leaderboard_cpu_budget")["method"]
+    assert len(set(methods)) == len(methods)
+    assert set(methods) == holding
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_cell_composes_into_the_committed_tree_without_a_report(name):
+    sweep = axes(name)
+    embedded = ["smollm2-135m", "gemma3-270m"]
+    assert sweep["model"] == (embedded if "cpu" in name else ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct"])
+    for task in sweep["task"]:
+        overrides = [f"+experiment={name}", f"task={task}", f"method={sweep['method'][0]}"]
+        cfg = compose_config(overrides)
+        assert (cfg["results_dir"], cfg["report"]) == ("leaderboard/runs", False)
+        spec(*overrides)
