@@ -248,6 +248,8 @@ def main(argv=None) -> int:
     for m in skipped:
         print(f"{m}: skipped, kvbench has no method '{m}' in this checkout", flush=True)
     methods = [m for m in methods if m not in skipped]
+    if not methods:
+        return 1
     cfg = parse_model_config(yaml.safe_load((ROOT / "kvbench/conf/model/smollm2-135m.yaml").read_text()))
     cfg.device = "cpu"
     model, tokenizer = load_model(cfg)
