@@ -5,7 +5,8 @@
 attention implementation ``"kvbench"`` (registered here): it hands the step's queries to the layer
 (``observe``), lets the layer compute the output itself (``attend``), and otherwise runs exact SDPA
 with a mask built from the layer's own length. Building the mask per layer is what lets layers hold different numbers of tokens
-(PyramidKV, sliding layers) after compression.
+(PyramidKV, sliding layers) after compression. Layers whose heads hold different numbers of tokens
+(the flat layout of ``kvbench.storage``) attend with :func:`ragged_attention`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SLIDING_WINDOW_POLICY = "not compressed (window-bounded cache kept as the full c
 _active: contextvars.ContextVar["KVCache | None"] = contextvars.ContextVar("kvbench_cache", default=None)
 
 __all__ = ["ATTN_IMPLEMENTATION", "SLIDING_WINDOW_POLICY", "KVCache", "SlidingWindowLayer", "kvbench_attention",
-           "layer_attention", "layer_windows"]
+           "layer_attention", "layer_windows", "ragged_attention"]
 
 
 class SlidingWindowLayer(KVLayer):
@@ -128,6 +129,28 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.T
     if window is not None:
         mask &= (q - k) < window
     return mask
+
+
+def ragged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, segments: torch.Tensor,
+                     positions: torch.Tensor, kv_heads: int, query_start: int, scaling: float) -> torch.Tensor:
+    """Exact attention over a cache in the flat layout, each KV head over its own tokens only.
+
+    ``query`` (batch, q_heads, q, d) sits at positions ``query_start ..``; ``keys``/``values``
+    (1, 1, T, d) hold the tokens of every (batch, KV head) segment, ``segments``/``positions``
+    (1, 1, T) say whose each token is (``batch * kv_heads + head``) and where it sits, and every
+    segment holds at least the step's own tokens. The queries are the rows of one SDPA call over
+    the T tokens, masked so that a row sees its own segment, causally by position: every held byte
+    is read once, as dense attention reads it. Returns (batch, q_heads, q, d)."""
+    b, hq, q, d = query.shape
+    # rows in (batch, KV head, its group's q heads, query) order: segment = row // (rows per segment)
+    row_segment = torch.arange(b * hq * q, device=query.device) // (hq // kv_heads * q)
+    mask = row_segment[:, None] == segments[0, 0][None, :]
+    if q > 1:  # a decoding step's one query comes after every held token
+        row_position = query_start + torch.arange(q, device=query.device).repeat(b * hq)
+        mask &= positions[0, 0][None, :] <= row_position[:, None]
+    out = F.scaled_dot_product_attention(query.reshape(1, 1, b * hq * q, d), keys, values,
+                                         attn_mask=mask, scale=scaling)
+    return out.view(b, hq, q, -1)
 
 
 def layer_attention(layer: KVLayer, query, keys, values, scaling, window=None) -> torch.Tensor | None:

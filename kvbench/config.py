@@ -52,9 +52,10 @@ class KVBenchConfig:
     decoding: Decoding = field(default_factory=Decoding)
     #: decoding steps between two points of each record's held-cache curve (``kv.curve``)
     cache_curve_every: int = param(16, ge=1)
-    #: record each sample's fidelity to the full cache over the gold answer (``kvbench.fidelity``):
-    #: one more forward per cache over the answer. Adds fields, changes no prediction: not in the
-    #: run identity
+    #: record each sample's fidelity to the full cache over the gold answer and over the full cache's
+    #: greedy output (``kvbench.fidelity``): the full cache's greedy decoding, then teacher-forced
+    #: forwards of both caches over each (docs/statistics.md counts them). Adds fields, changes no
+    #: prediction: not in the run identity
     fidelity: bool = True
     #: where results directories, the leaderboards and Hydra's job folders go: scratch, git-ignored
     #: (the published board, leaderboard/, is written only by ``kvbench.report results --out leaderboard``)
@@ -189,9 +190,10 @@ def check_overrides(overrides: list[str]) -> None:
                 continue
         else:
             values = [override.value()]
-        if key == "method":  # a config group option: the registered methods
+        if key == "method":  # a config group option: the registered methods, or a packaged variant of one
             for value in values:
-                method_class(value)
+                if not (Path(__file__).parent / "conf" / "method" / f"{value}.yaml").is_file():
+                    method_class(value)
             continue
         kind = _schema_field(key)
         if kind is None:

@@ -32,7 +32,8 @@ How numbers are compared:
   that does not cover every task of its table names the tasks left out and is not bolded.
 * intervals (``ci_low``, ``ci_high``, cells' ``±`` half-width) and the paired comparison with the
   baseline (:data:`VS_FULL`) are recomputed from each run's samples.jsonl (the main metric's per-sample
-  scores), so directories whose scores.json predates intervals report them too; ``docs/statistics.md``.
+  scores, and the records' clusters: ``kvbench.stats.mean_ci``, ``paired_comparison``), so directories
+  whose scores.json predates intervals report them too; ``docs/statistics.md``.
 * bold, in per-task tables: the best complete run of each column and every run not significantly
   below it (``kvbench.stats.indistinguishable_from_best``), where at least two compete; averages over
   tasks are not bolded; their interval resamples every task's samples (``kvbench.stats.task_mean_ci``).
@@ -61,7 +62,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -71,13 +72,13 @@ import pandas as pd
 from kvbench import plots
 from kvbench.errors import ConfigError
 from kvbench.registry import unknown_name
-from kvbench.results import (FIDELITY_METRICS, RunDir, find_runs, generations, sample_scores, seconds_per_correct,
-                             summarize_fidelity, write_atomic)
+from kvbench.results import (FIDELITY_METRICS, RunDir, find_runs, generations, sample_clusters, sample_scores,
+                             seconds_per_correct, summarize_fidelity, write_atomic)
 from kvbench.stats import (
-    bootstrap_ci,
     detectable_drop_unpaired,
     holm,
     indistinguishable_from_best,
+    mean_ci,
     paired_comparison,
     retention_auc,
     retention_auc_ci,
@@ -105,18 +106,23 @@ GENERATION = ["mean_new_tokens", "new_tokens_vs_full", "s_per_correct"]
 #: a compressed run against its full-cache baseline, sample by sample (kvbench.stats.PairedComparison),
 #: on the ``vs_full_n`` samples both runs hold
 VS_FULL = ["vs_full_diff", "vs_full_ci_low", "vs_full_ci_high", "vs_full_p", "lost", "gained", "vs_full_n"]
-#: fidelity to the full cache over the gold answer (kvbench.fidelity): each metric's mean over the records
-#: that hold it and its 95% bootstrap interval, on the metric's own scale
-FIDELITY = [f"{m}{part}" for m in FIDELITY_METRICS for part in ("", "_ci_low", "_ci_high")]
+#: fidelity to the full cache (kvbench.fidelity) over the gold answer (``kl``...) and over the full cache's
+#: greedy output (``greedy_kl``...): each metric's mean over the records that hold it and its 95% interval,
+#: on the metric's own scale
+FIDELITY_PREFIXES = {"gold": "", "greedy": "greedy_"}
+FIDELITY = [f"{prefix}{m}{part}" for prefix in FIDELITY_PREFIXES.values() for m in FIDELITY_METRICS
+            for part in ("", "_ci_low", "_ci_high")]
 COLUMNS = [
     "model", "method", "variant", "method_params", "setting", "row", "column", "nominal_ratio", "budget",
     "measured_ratio", "task", "suite", "task_groups", "task_params", "metric", "score", "ci_low", "ci_high",
     "baseline_score", "retention", *VS_FULL, "n", "n_expected", "complete", "state", "status", "tokens_held",
     "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed", "prefill_s_reused",
     "decode_s_mean", *GENERATION, *FIDELITY, "metrics", "run_dir", "sample_scores", "baseline_sample_scores",
+    "sample_clusters",
 ]
-#: per-sample scores (sample id -> 0..1) of the run and of its baseline: for intervals, not exported
-SAMPLE_COLUMNS = ["sample_scores", "baseline_sample_scores"]
+#: per-sample scores (sample id -> 0..1) of the run and of its baseline, and the run's clusters (sample id ->
+#: key, None when unclustered: kvbench.results.sample_clusters): for intervals, not exported
+SAMPLE_COLUMNS = ["sample_scores", "baseline_sample_scores", "sample_clusters"]
 FLOAT_COLUMNS = [
     "nominal_ratio", "measured_ratio", "score", "ci_low", "ci_high", "baseline_score", *VS_FULL[:4], "retention",
     "tokens_held", "bytes_held", "bytes_vs_full", "peak_bytes_held", "decode_tokens_per_s", "prefill_s_computed",
@@ -151,7 +157,8 @@ def _run_row(run: RunDir) -> dict:
     metric = scores.metric if scores else None
     # intervals come from the records, so directories written before scores.json held them report too
     per_sample = sample_scores(records, metric) if scores and scores.score is not None else None
-    interval = bootstrap_ci(list(per_sample.values())).columns() if per_sample else {}
+    clusters = sample_clusters(records)
+    interval = mean_ci(list(per_sample.values()), clusters and list(clusters.values())).columns() if per_sample else {}
     state = "failed" if scores is None else "complete" if scores.complete else "partial"
     setting = compression["label"]
     variant = setting.partition("_")[2]  # non-default method parameters, e.g. "lag-128"
@@ -191,11 +198,13 @@ def _run_row(run: RunDir) -> dict:
         "decode_s_mean": _mean(r.decode_s for r in records),
         "mean_new_tokens": _mean(g.new_tokens for r in records for g in generations(r)),
         "s_per_correct": seconds_per_correct(records, metric) if metric else None,
-        **{f"{m}{part}": value for m, summary in (summarize_fidelity(records) or {}).items()
+        **{f"{prefix}{m}{part}": value for over, prefix in FIDELITY_PREFIXES.items()
+           for m, summary in (summarize_fidelity(records, over) or {}).items()
            for part, value in zip(("", "_ci_low", "_ci_high"), (summary["mean"], *summary["ci95"]))},
         "metrics": scores.metrics if scores else None,
         "run_dir": str(run.path),
         "sample_scores": per_sample,
+        "sample_clusters": clusters,
     }
 
 
@@ -224,6 +233,18 @@ def _baseline_key(row: dict) -> tuple:
     return row["model"], row["task"], row["task_params"]
 
 
+def _clusters(*runs: tuple[dict | None, dict | None]) -> dict[str, Hashable] | None:
+    """The clusters of runs of one task compared sample by sample, each run given as its
+    (``sample_scores``, ``sample_clusters``): every run's clusters together, a sample no run
+    clusters being its own; None when no run is clustered."""
+    if all(clusters is None for _, clusters in runs):
+        return None
+    merged = {i: ("sample", i) for scores, _ in runs for i in scores or {}}
+    for _, clusters in runs:
+        merged.update(clusters or {})
+    return merged
+
+
 def _add_baselines(rows: list[dict]) -> None:
     """Attach the score and KV bytes of the complete full-cache run with the same model, task and
     task parameters, the retention and bytes relative to it, and (for the other methods) the paired
@@ -242,7 +263,8 @@ def _add_baselines(rows: list[dict]) -> None:
         paired = row["method"] != BASELINE_METHOD and row["sample_scores"] and base.get("sample_scores")
         shared = paired and row["sample_scores"].keys() & base["sample_scores"].keys()
         if shared:
-            comparison = paired_comparison(base["sample_scores"], row["sample_scores"])
+            comparison = paired_comparison(base["sample_scores"], row["sample_scores"],
+                                           _clusters(*((r["sample_scores"], r["sample_clusters"]) for r in (base, row))))
             row.update(comparison.columns(), vs_full_n=comparison.n)
 
 
@@ -286,6 +308,8 @@ class Cell:
     samples: dict[str, float] | None = None
     half_width: float | None = None
     n: int | None = None
+    #: the run's clusters (``sample_clusters``)
+    clusters: dict[str, Hashable] | None = None
 
 
 class Footnotes:
@@ -323,7 +347,7 @@ def _run_cell(runs: pd.DataFrame) -> Cell:
     run = runs.iloc[0]  # one results directory per model x task x method x setting
     half_width = (run.ci_high - run.ci_low) / 2 if pd.notna(run.ci_low) else None
     return Cell(run.score, run.retention, _run_notes(run), rankable=run.state == "complete" and pd.notna(run.score),
-                samples=run.sample_scores, half_width=half_width, n=run.n)
+                samples=run.sample_scores, half_width=half_width, n=run.n, clusters=run.sample_clusters)
 
 
 def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
@@ -347,7 +371,8 @@ def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
         notes.append(f"retention n/a: no usable full-cache baseline for {', '.join(no_baseline)}")
     retention = complete.retention.mean() if not no_baseline else math.nan
     samples = list(complete.sample_scores)
-    interval = task_mean_ci([list(s.values()) for s in samples]) if samples and all(samples) else None
+    clusters = [c and [c[i] for i in s] for s, c in zip(samples, complete.sample_clusters)]
+    interval = task_mean_ci([list(s.values()) for s in samples], clusters) if samples and all(samples) else None
     return Cell(complete.score.mean(), retention, notes, rankable=not left_out and not complete.empty,
                 half_width=(interval.high - interval.low) * 50 if interval else None)
 
@@ -376,8 +401,10 @@ def _marked(column: Mapping[str, Cell]) -> set[str]:
     """The rows to bold in a column (row -> cell): the best single run and every run not significantly
     below it (:func:`kvbench.stats.indistinguishable_from_best`), among complete runs with per-sample
     scores, where at least two compete. Averages over tasks are never marked."""
-    runs = {row: cell.samples for row, cell in column.items() if cell.rankable and cell.samples}
-    return set(indistinguishable_from_best(runs)) if len(runs) > 1 else set()
+    ranked = {row: cell for row, cell in column.items() if cell.rankable and cell.samples}
+    runs = {row: cell.samples for row, cell in ranked.items()}
+    clusters = _clusters(*((cell.samples, cell.clusters) for cell in ranked.values()))
+    return set(indistinguishable_from_best(runs, clusters)) if len(runs) > 1 else set()
 
 
 def _sample_size_note(cells: Mapping[tuple[str, str], Cell]) -> str | None:
@@ -446,19 +473,21 @@ def _efficiency_table(runs: pd.DataFrame, tasks: list[str]) -> str:
 
 
 def _fidelity_table(runs: pd.DataFrame) -> str | None:
-    """Per method and setting of one task: fidelity to the full cache over the gold answer with 95%
-    intervals; None where no run measured it."""
-    measured = runs[runs.kl.notna()]
-    if measured.empty:
+    """Per method and setting of one task: fidelity to the full cache over the gold answer and over
+    the full cache's greedy output, with 95% intervals; None where no run measured it."""
+    header = ["method", "setting", "over", "KL(full ‖ compressed), nats", "NLL change, nats", "top-1 agreement, %"]
+    body = [[run.row, run.column, label,
+             *(_interval_text(scale * getattr(run, f"{prefix}{m}"), scale * getattr(run, f"{prefix}{m}_ci_low"),
+                              scale * getattr(run, f"{prefix}{m}_ci_high"), spec)
+               for m, scale, spec in (("kl", 1, ".3g"), ("nll_delta", 1, "+.3g"), ("top1_agreement", 100, ".1f")))]
+            for run in runs.itertuples()
+            for label, prefix in (("gold answer", FIDELITY_PREFIXES["gold"]),
+                                  ("greedy output", FIDELITY_PREFIXES["greedy"]))
+            if pd.notna(getattr(run, f"{prefix}kl"))]
+    if not body:
         return None
-    header = ["method", "setting", "KL(full ‖ compressed), nats", "NLL change, nats", "top-1 agreement, %"]
-    body = [[run.row, run.column, *(_interval_text(scale * getattr(run, m), scale * getattr(run, f"{m}_ci_low"),
-                                                   scale * getattr(run, f"{m}_ci_high"), spec)
-                                    for m, scale, spec in (("kl", 1, ".3g"), ("nll_delta", 1, "+.3g"),
-                                                           ("top1_agreement", 100, ".1f")))]
-            for run in measured.itertuples()]
-    return ("Fidelity to the full cache, teacher-forced over the gold answer (means over samples [95% CI], "
-            "docs/statistics.md):\n\n" + markdown_table(header, body))
+    return ("Fidelity to the full cache, teacher-forced over the gold answer and over the full cache's greedy "
+            "output (means over samples [95% CI], docs/statistics.md):\n\n" + markdown_table(header, body))
 
 
 def _generation_table(runs: pd.DataFrame) -> str:
@@ -480,7 +509,8 @@ def _generation_table(runs: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 
 CELL_LEGEND = (
-    "Cells: score ±half-width of its 95% bootstrap interval over samples (retention = score / score of "
+    "Cells: score ±half-width of its 95% interval over samples (Wilson's for 0/1 scores, else a bootstrap; "
+    "samples sharing a context are resampled together) (retention = score / score of "
     "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
     "over complete runs only, each task weighted equally, their interval from resampling every task's "
     "samples; partial and failed runs are footnoted and left out. "
@@ -620,8 +650,9 @@ def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> p
         cell = _average_cell(group, tasks)
         if cell.rankable and pd.notna(cell.retention):
             ratio = group.nominal_ratio.iloc[0]
-            paired = _retention_samples(group, [ratio])
-            interval = retention_ci([(ref, [at[0] for at in scores]) for ref, scores in paired]).columns(1) if paired else {}
+            paired, clusters = _retention_samples(group, [ratio])
+            interval = (retention_ci([(ref, [at[0] for at in scores]) for ref, scores in paired], clusters).columns(1)
+                        if paired else {})
             points.append({"row": row, "nominal_ratio": ratio, "retention": cell.retention, **interval,
                            "key": (_row_key(group.iloc[0]), _column_key(group.iloc[0]))})
     points.sort(key=lambda p: p["key"])
@@ -629,22 +660,25 @@ def retention_points(df: pd.DataFrame, model: str, task: str | None = None) -> p
         {"ci_low": float, "ci_high": float})
 
 
-def _retention_samples(runs: pd.DataFrame, ratios: list[float]) -> list[tuple[list[float], list[list[float]]]] | None:
+def _retention_samples(runs: pd.DataFrame, ratios: list[float]) -> tuple[list | None, list]:
     """Per task of ``runs`` (one method row's complete runs): the full cache's per-sample scores and,
-    per sample, the run's at each of ``ratios``, on the samples all of them hold; None where a run
-    is missing or lacks per-sample scores (or its baseline does)."""
-    tasks = []
+    per sample, the run's at each of ``ratios``, on the samples all of them hold, and per task the
+    runs' cluster keys of those samples (None: unclustered); (None, []) where a run is missing or
+    lacks per-sample scores (or its baseline does)."""
+    tasks, clusters = [], []
     for _, task_runs in runs.groupby("task", sort=True):
         by_ratio = {run.nominal_ratio: run for run in task_runs.itertuples()}
         chosen = [by_ratio.get(ratio) for ratio in ratios]
         if any(run is None or not run.sample_scores or not run.baseline_sample_scores for run in chosen):
-            return None
+            return None, []
         base = chosen[0].baseline_sample_scores
         ids = [i for i in base if all(i in run.sample_scores for run in chosen)]
         if not ids:
-            return None
+            return None, []
         tasks.append(([base[i] for i in ids], [[run.sample_scores[i] for run in chosen] for i in ids]))
-    return tasks or None
+        keys = _clusters(*((run.sample_scores, run.sample_clusters) for run in chosen))
+        clusters.append(keys and [keys[i] for i in ids])
+    return tasks or None, clusters
 
 
 def retention_auc_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -660,11 +694,11 @@ def retention_auc_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     rows = []
     for row, line in points.groupby("row", sort=False):
         ratios = [1.0, *line.nominal_ratio]
-        paired = _retention_samples(runs[runs.row == row], ratios[1:])
+        paired, clusters = _retention_samples(runs[runs.row == row], ratios[1:])
         if paired:
             # the full cache itself at 1x: retention exactly 100 in every resample
             interval = retention_auc_ci(ratios, [(ref, [[r, *at] for r, at in zip(ref, scores)])
-                                                 for ref, scores in paired])
+                                                 for ref, scores in paired], clusters)
             values = {"auc": interval.estimate, "ci_low": interval.low, "ci_high": interval.high}
         else:
             values = {"auc": retention_auc(ratios, [100.0, *line.retention])}
@@ -926,7 +960,8 @@ def compare(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
                 continue
             if not run_a["sample_scores"].keys() & run_b["sample_scores"].keys():
                 continue
-            pair = paired_comparison(run_a["sample_scores"], run_b["sample_scores"])
+            pair = paired_comparison(run_a["sample_scores"], run_b["sample_scores"],
+                                     _clusters(*((r["sample_scores"], r["sample_clusters"]) for r in (run_a, run_b))))
             shared = [i for i in run_a["sample_scores"] if i in run_b["sample_scores"]]
             rows.append({
                 "model": run_a["model"], "task": run_a["task"], "task_params": run_a["task_params"], "a": a, "b": b,

@@ -47,10 +47,10 @@ import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 from kvbench.decoding import Decoding
-from kvbench.stats import bootstrap_ci
+from kvbench.stats import mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -254,20 +254,23 @@ class Completion:
 @dataclass
 class Fidelity:
     """How close the compressed cache's next-token distributions stay to the full cache's,
-    teacher-forced over the gold answer's tokens (``kvbench.fidelity``): means over those tokens."""
+    teacher-forced over a continuation's tokens (the gold answer, or the full cache's greedy output:
+    ``kvbench.fidelity``): means over those tokens."""
 
     #: KL(full || compressed) in nats
     kl: float
-    #: the gold answer's negative log-likelihood per token, compressed minus full, in nats
+    #: the continuation's negative log-likelihood per token, compressed minus full, in nats
     nll_delta: float
     #: share of tokens where both caches' most likely next token is the same
     top1_agreement: float
-    #: the gold answer's tokens
+    #: the continuation's tokens
     tokens: int
 
 
 #: the per-sample fidelity metrics summarised in scores.json
 FIDELITY_METRICS = ("kl", "nll_delta", "top1_agreement")
+#: what fidelity is teacher-forced over -> the record's (and scores.json's) field holding it
+FIDELITY_FIELDS = {"gold": "fidelity", "greedy": "fidelity_greedy"}
 
 
 @dataclass
@@ -301,6 +304,12 @@ class SampleRecord:
     #: the compressed cache against the full cache over the gold answer; None for the full method,
     #: without a gold answer, with a chunked prefill, with ``fidelity=false``, and in older records
     fidelity: Fidelity | None = None
+    #: the same over the full cache's greedy output (decoded as the sample's generation is); None
+    #: for the full method, with a chunked prefill, with ``fidelity=false``, and in older records
+    fidelity_greedy: Fidelity | None = None
+    #: the sample's context cluster (``kvbench.tasks.Sample.cluster``): records with one key are
+    #: resampled together; None (and in older records): the record is its own cluster
+    cluster: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -319,8 +328,9 @@ class SampleRecord:
         values["kv"] = _build(KVUsage, kv, f"{where}: kv")
         values["completions"] = [_build(Completion, c, f"{where}: completions[{i}]") if isinstance(c, dict) else c
                                  for i, c in enumerate(values.get("completions") or [])]
-        if isinstance(values.get("fidelity"), dict):
-            values["fidelity"] = _build(Fidelity, values["fidelity"], f"{where}: fidelity")
+        for name in FIDELITY_FIELDS.values():
+            if isinstance(values.get(name), dict):
+                values[name] = _build(Fidelity, values[name], f"{where}: {name}")
         return _build(cls, values, where)
 
 
@@ -343,16 +353,20 @@ class RunScores:
     bytes_held: float | None
     peak_bytes_held: float | None
     decode_tokens_per_s: float | None
-    #: 95% interval of the main metric on the scale of ``score`` (kvbench.stats.bootstrap_ci of the
-    #: records' per-sample main-metric scores, see :func:`sample_scores`); None where a record lacks
+    #: 95% interval of the main metric on the scale of ``score`` (kvbench.stats.mean_ci of the
+    #: records' per-sample main-metric scores, see :func:`sample_scores`, clustered by
+    #: :func:`sample_clusters`; ``ci_method`` names it); None where a record lacks
     #: the metric, and in files written before intervals were recorded
     ci95: list[float] | None = None
     ci_method: str | None = None
     ci_resamples: int | None = None
     ci_seed: int | None = None
-    #: per fidelity metric (:data:`FIDELITY_METRICS`): ``mean``, ``ci95`` (same bootstrap as ``ci95``,
-    #: on the metric's own scale) and ``n``, over the records that hold fidelity; None when none does
+    #: per fidelity metric (:data:`FIDELITY_METRICS`): ``mean``, ``ci95`` (the interval ``ci95`` uses,
+    #: on the metric's own scale) and ``n``, over the records that hold fidelity over the gold answer;
+    #: None when none does
     fidelity: dict[str, dict[str, Any]] | None = None
+    #: the same over the full cache's greedy output (records' ``fidelity_greedy``)
+    fidelity_greedy: dict[str, dict[str, Any]] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -376,13 +390,26 @@ def sample_scores(records: list[SampleRecord], metric: str) -> dict[str, float] 
     return {r.id: r.scores[metric] for r in records}
 
 
-def summarize_fidelity(records: list[SampleRecord]) -> dict[str, dict[str, Any]] | None:
-    """scores.json's ``fidelity``: each metric's mean over the records that hold fidelity, with its
-    bootstrap 95% interval (on the metric's own scale, unlike ``ci95``); None when none holds it."""
-    measured = [r.fidelity for r in records if r.fidelity is not None]
+def sample_clusters(records: list[SampleRecord]) -> dict[str, Hashable] | None:
+    """Sample id -> cluster key, for intervals and paired tests (``kvbench.stats``); None when no
+    record has a cluster. A record without one is its own cluster (a key no other record has)."""
+    if all(r.cluster is None for r in records):
+        return None
+    return {r.id: ("sample", r.id) if r.cluster is None else r.cluster for r in records}
+
+
+def summarize_fidelity(records: list[SampleRecord], over: str = "gold") -> dict[str, dict[str, Any]] | None:
+    """scores.json's ``fidelity`` (``over="gold"``) or ``fidelity_greedy`` (``"greedy"``): each
+    metric's mean over the records that hold that fidelity, with its 95% interval
+    (``kvbench.stats.mean_ci``, clustered as the records are; on the metric's own scale, unlike
+    ``ci95``); None when none holds it."""
+    measured = [r for r in records if getattr(r, FIDELITY_FIELDS[over]) is not None]
     if not measured:
         return None
-    intervals = {name: bootstrap_ci([getattr(f, name) for f in measured]) for name in FIDELITY_METRICS}
+    clusters = sample_clusters(measured)
+    keys = [clusters[r.id] for r in measured] if clusters else None
+    intervals = {name: mean_ci([getattr(getattr(r, FIDELITY_FIELDS[over]), name) for r in measured], keys)
+                 for name in FIDELITY_METRICS}
     return {name: {"mean": i.estimate, "ci95": [i.low, i.high], "n": i.n} for name, i in intervals.items()}
 
 

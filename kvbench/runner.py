@@ -31,14 +31,14 @@ from kvbench.cache import KVCache, layer_windows
 from kvbench.config import KVBenchConfig, check_config, check_folder_name
 from kvbench.decoding import Decoding
 from kvbench.errors import ConfigError, DataError
-from kvbench.fidelity import measure
+from kvbench.fidelity import greedy_continuation, measure
 from kvbench.generation import Generation, Prefilled, generate
 from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
-from kvbench.results import (Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo, RunScores,
-                             SampleRecord, sample_scores, summarize_fidelity)
-from kvbench.stats import bootstrap_ci
+from kvbench.results import (FIDELITY_FIELDS, Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo,
+                             RunScores, SampleRecord, sample_clusters, sample_scores, summarize_fidelity)
+from kvbench.stats import mean_ci
 from kvbench.tasks import Sample, Task, build_task
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class RunSpec:
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
     #: decoding steps between two points of the held-cache curve
     curve_every: int = 16
-    #: record fidelity to the full cache over the gold answer (:meth:`measures_fidelity`)
+    #: record fidelity to the full cache over the gold answer and the greedy output (:meth:`measures_fidelity`)
     fidelity: bool = True
 
     @classmethod
@@ -151,12 +151,16 @@ class RunSpec:
         which depends on the compression between its chunks."""
         return method.shares_prefill and self.prefill_chunk is None
 
-    def measures_fidelity(self, sample: Sample) -> bool:
-        """Whether a sample's record gets fidelity to the full cache: with ``fidelity`` on, for a
-        method that compresses, a gold answer that follows the prompt (not a follow-up), and a
-        one-step prefill (a chunked one has no uncompressed state to compare with)."""
-        return (self.fidelity and self.method.compression is not None and self.prefill_chunk is None
-                and bool(sample.answers) and bool(sample.answers[0]) and not sample.followup)
+    def measures_fidelity(self) -> bool:
+        """Whether records get fidelity to the full cache: with ``fidelity`` on, for a method that
+        compresses and a one-step prefill (a chunked one has no uncompressed state to compare with)."""
+        return self.fidelity and self.method.compression is not None and self.prefill_chunk is None
+
+    def measures_gold_fidelity(self, sample: Sample) -> bool:
+        """Whether a sample's fidelity is also measured over its gold answer: when it has one that
+        follows the prompt (not a follow-up)."""
+        return (self.measures_fidelity() and bool(sample.answers) and bool(sample.answers[0])
+                and not sample.followup)
 
     def reuses_prefill(self, method: Method) -> bool:
         """Whether samples share prefill states with the other ratios of a sweep (:class:`PrefillStore`)."""
@@ -304,8 +308,10 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     n = spec.decoding.n
     shared: Prefilled | None = None  # the prompt's prefill state, once there is one
     gens = []  # (generation, whether its prefill was restored, seed) of each of the n samples
-    fidelity = spec.measures_fidelity(sample)
-    sample_fidelity: Fidelity | None = None
+    fidelity = spec.measures_fidelity()
+    sample_fidelity: tuple[Fidelity | None, Fidelity | None] = (None, None)  # gold answer, greedy output
+    eos = eos_ids(model, tokenizer, sample.stop_tokens)
+    stop = stop_check if sample.stop_strings else None
     for index in range(n):
         method = spec.method.new()
         method.setup(model)
@@ -317,17 +323,16 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
         restored = shared if share else None
         cache = KVCache(method, layer_windows(model.config))
         seed = spec.decoding.sample_seed(spec.seed, sample.id, index)
-        gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens,
-                       eos_ids(model, tokenizer, sample.stop_tokens),
-                       stop_check if sample.stop_strings else None, sample.min_new_tokens,
+        gen = generate(model, cache, prompt_ids, question_ids, sample.max_new_tokens, eos, stop,
+                       sample.min_new_tokens,
                        prefilled=restored, keep_prefill=(share or fidelity) and restored is None,
                        decoding=spec.decoding, seeds=[seed], curve_every=spec.curve_every,
                        followup_ids=followup_ids, followup_new_tokens=sample.followup_new_tokens,
                        prefill_chunk=spec.prefill_chunk,
                        keep_compressed=fidelity and index == 0)
         if fidelity and index == 0:
-            sample_fidelity = measure_fidelity(model, tokenizer, spec, sample, question_ids, gen,
-                                               restored or gen.prefilled)
+            sample_fidelity = measure_fidelity(model, tokenizer, spec, sample, prompt_ids, question_ids, gen,
+                                               restored or gen.prefilled, eos, stop)
         if share and restored is None:
             shared = gen.prefilled
             if keep:
@@ -356,7 +361,9 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
                    peak_tokens_held=gen.peak_tokens_held, curve=gen.curve,
                    decode_bytes_read=gen.decode_bytes_read),
         finished_at=_now(),
-        fidelity=sample_fidelity,
+        fidelity=sample_fidelity[0],
+        fidelity_greedy=sample_fidelity[1],
+        cluster=sample.cluster,
     )
     if n > 1:
         record.completions = [
@@ -368,19 +375,23 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     return record
 
 
-def measure_fidelity(model, tokenizer, spec: RunSpec, sample: Sample, question_ids: torch.Tensor | None,
-                     gen: Generation, prefilled: Prefilled) -> Fidelity | None:
+def measure_fidelity(model, tokenizer, spec: RunSpec, sample: Sample, prompt_ids: torch.Tensor,
+                     question_ids: torch.Tensor | None, gen: Generation, prefilled: Prefilled,
+                     eos: set[int], stop_check) -> tuple[Fidelity | None, Fidelity | None]:
     """The fidelity of the cache ``gen`` decoded from (``keep_compressed``) to the full cache of
-    the prompt ``prefilled`` (its uncompressed prefill state), over the first gold answer, tokenised
-    on its own as the continuation of the prompt and question (None if it has no tokens)."""
+    the prompt ``prefilled`` (its uncompressed prefill state): over the first gold answer, tokenised
+    on its own as the continuation of the prompt and question (None without one, or when it follows
+    a follow-up: :meth:`RunSpec.measures_gold_fidelity`), and over the full cache's greedy
+    continuation, decoded as the sample's generation is (its limits and stop rules)."""
     device = next(model.parameters()).device
-    answer_ids = tokenizer(sample.answers[0], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    if answer_ids.shape[1] == 0:
-        return None
-    method = spec.method.new()
-    method.setup(model)
-    return measure(model, KVCache(method, layer_windows(model.config)), prefilled, question_ids,
-                   gen.compressed, answer_ids)
+    gold = None
+    if spec.measures_gold_fidelity(sample):
+        answer_ids = tokenizer(sample.answers[0], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        if answer_ids.shape[1]:
+            gold = measure(model, prefilled, question_ids, gen.compressed, answer_ids)
+    greedy_ids = greedy_continuation(model, prefilled, prompt_ids, question_ids, sample.max_new_tokens, eos,
+                                     stop_check, sample.min_new_tokens)
+    return gold, measure(model, prefilled, question_ids, gen.compressed, greedy_ids)
 
 
 def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> RunScores:
@@ -393,7 +404,8 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
 
     decode_s = sum(r.decode_s for r in records)
     per_sample = sample_scores(records, task.main_metric)
-    interval = bootstrap_ci(list(per_sample.values())) if per_sample else None
+    clusters = sample_clusters(records)
+    interval = mean_ci(list(per_sample.values()), clusters and list(clusters.values())) if per_sample else None
     return RunScores(
         task=task.name,
         metric=task.main_metric,
@@ -409,7 +421,7 @@ def summarize_run(task: Task, records: list[SampleRecord], n_expected: int) -> R
         decode_tokens_per_s=sum(r.new_tokens for r in records) / decode_s if decode_s else None,
         **({"ci95": [round(v, 2) for v in interval.columns().values()], "ci_method": interval.method,
             "ci_resamples": interval.resamples, "ci_seed": interval.seed} if interval else {}),
-        fidelity=summarize_fidelity(records),
+        **{name: summarize_fidelity(records, over) for over, name in FIDELITY_FIELDS.items()},
     )
 
 

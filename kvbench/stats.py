@@ -3,10 +3,13 @@
 Everything here is pure: it takes per-sample scores (0..1, as ``samples.jsonl`` stores them) and
 returns numbers on the same scale; ``columns(scale=100)`` converts to the 0-100 scale of the tables.
 Resampling is seeded (``SEED``), so the same scores always give the same interval and p-value.
-``docs/statistics.md`` explains the choices; ``python -m kvbench.stats`` prints its sample-size tables.
+``docs/statistics.md`` explains the choices; ``python -m kvbench.stats`` prints its sample-size tables
+and the coverage table behind :func:`mean_ci`.
 
-- :func:`bootstrap_ci`: percentile bootstrap CI of a mean, plain or clustered; :func:`task_mean_ci`: of a
-  mean over tasks (each task resampled apart).
+- :func:`mean_ci`: the interval kvbench reports for a mean of per-sample scores: :func:`wilson_ci` for
+  0/1 scores of independent samples, else :func:`bootstrap_ci`, the percentile bootstrap, plain or
+  clustered (the choice measured by :func:`coverage_table`); :func:`task_mean_ci`: of a mean over
+  tasks (each task resampled apart).
 - :func:`paired_comparison`: one run against a reference, sample by sample (mean difference with a
   paired-bootstrap CI, McNemar or sign-flip p-value, samples lost and gained).
 - :func:`mcnemar_p`, :func:`sign_flip_p`, :func:`holm`: the tests and the family-wise correction;
@@ -14,6 +17,7 @@ Resampling is seeded (``SEED``), so the same scores always give the same interva
 - :func:`samples_needed_paired`, :func:`detectable_drop_paired`, :func:`samples_needed_unpaired`,
   :func:`detectable_drop_unpaired`, :func:`mcnemar_power`, :func:`detectable_effect`: power (80%)
   at alpha 0.05.
+- :func:`coverage`, :func:`coverage_table`: the exact coverage of a 0/1 mean's interval.
 - :func:`pareto_frontier`, :func:`retention_auc`: the score-vs-bytes frontier and the retention curve;
   :func:`retention_ci`, :func:`retention_auc_ci`: their intervals (paired bootstrap of the ratio to
   the reference).
@@ -50,10 +54,11 @@ class Interval:
     low: float
     high: float
     n: int
-    #: "percentile bootstrap" or "clustered percentile bootstrap"
+    #: "Wilson score", "percentile bootstrap" or "clustered percentile bootstrap"
     method: str
-    resamples: int
-    seed: int
+    #: None for an interval that does not resample (Wilson's)
+    resamples: int | None
+    seed: int | None
     level: float = LEVEL
 
     def columns(self, scale: float = 100.0) -> dict[str, float]:
@@ -105,16 +110,18 @@ def _scores_array(scores: Sequence[float], what: str) -> np.ndarray:
 
 
 def _cluster_sums(values: np.ndarray, clusters: Sequence[Hashable] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster (sum, size); without clusters every sample is its own cluster."""
+    """Per-cluster (sums, size) of ``values`` (samples, or samples x columns: sums per column);
+    without clusters every sample is its own cluster."""
     if clusters is None:
-        return values, np.ones_like(values)
+        return values, np.ones(len(values))
     if len(clusters) != len(values):
         raise ConfigError(f"clusters: expected one key per sample ({len(values)}), got {len(clusters)}")
     index: dict[Hashable, int] = {}
     ids = np.array([index.setdefault(key, len(index)) for key in clusters])
-    sums = np.bincount(ids, weights=values, minlength=len(index))
+    columns = values.reshape(len(values), -1).T
+    sums = np.column_stack([np.bincount(ids, weights=c, minlength=len(index)) for c in columns])
     sizes = np.bincount(ids, minlength=len(index)).astype(np.float64)
-    return sums, sizes
+    return sums.reshape(len(index), *values.shape[1:]), sizes
 
 
 def bootstrap_ci(
@@ -160,6 +167,54 @@ def bootstrap_ci(
         seed=seed,
         level=level,
     )
+
+
+WILSON = "Wilson score"
+
+
+def wilson_ci(successes: int, n: int, *, level: float = LEVEL) -> Interval:
+    """Wilson score interval of a proportion: ``successes`` of ``n`` independent 0/1 samples.
+
+    The values of p whose score test ``|k/n - p| <= z sqrt(p (1 - p) / n)`` accepts, that is
+    ``(k + z^2/2) / (n + z^2) -+ z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4)`` with z the normal
+    quantile of ``(1 + level) / 2``. Unlike the percentile bootstrap it does not collapse when no
+    sample (or every sample) fails: 20 of 20 gives [83.9%, 100%].
+    """
+    if not 0 <= successes <= n or n < 1 or not 0 < level < 1:
+        raise ConfigError(f"wilson_ci: need 0 <= successes <= n, n >= 1 and 0 < level < 1 "
+                          f"(got {successes}, {n}, {level})")
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    centre = (successes + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(successes * (n - successes) / n + z * z / 4)
+    # the ends are exactly 0 and 1 with no success or no failure; the formula leaves rounding there
+    low = 0.0 if successes == 0 else centre - half
+    high = 1.0 if successes == n else centre + half
+    return Interval(estimate=successes / n, low=low, high=high, n=n, method=WILSON, resamples=None, seed=None,
+                    level=level)
+
+
+def mean_ci(
+    scores: Sequence[float],
+    clusters: Sequence[Hashable] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Interval:
+    """The interval kvbench reports for the mean of per-sample ``scores``: the Wilson score interval
+    (:func:`wilson_ci`) when every score is 0 or 1 and no two samples share a cluster; otherwise the
+    percentile bootstrap (:func:`bootstrap_ci`), clustered when ``clusters`` groups samples.
+
+    The percentile bootstrap covers a 0/1 mean near 0 or 1 badly at small n (all n samples right:
+    every resample is right, and the interval is [1, 1]); Wilson's covers it at about the nominal
+    rate. :func:`coverage_table` measures both; ``docs/statistics.md`` keeps its numbers.
+    """
+    values = _scores_array(scores, "mean_ci")
+    sums, _ = _cluster_sums(values, clusters)  # checks one key per sample
+    shared = len(sums) < len(values)
+    if not shared and np.all((values == 0) | (values == 1)):
+        return wilson_ci(int(values.sum()), len(values), level=level)
+    return bootstrap_ci(values, clusters if shared else None, resamples=resamples, seed=seed, level=level)
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -508,45 +563,72 @@ def retention_auc(ratios: Sequence[float], retention: Sequence[float]) -> float:
     return float(_mean_height(x, np.asarray(retention, dtype=np.float64)))
 
 
-def _resampled_means(table: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+def _resampled_means(table: np.ndarray, rng: np.random.Generator, resamples: int,
+                     clusters: Sequence[Hashable] | None = None) -> np.ndarray:
     """(resamples, columns): the column means of ``table`` (samples x columns) over ``resamples``
-    draws of its rows with replacement, each draw shared by all columns (the pairing)."""
+    draws of its rows with replacement, each draw shared by all columns (the pairing); with
+    ``clusters`` (a key per row), draws of whole clusters, as :func:`bootstrap_ci` draws them."""
+    sums, sizes = _cluster_sums(table, clusters)
+    units = len(sums)
     means = np.empty((resamples, table.shape[1]))
-    rows = max(1, _CHUNK_ELEMENTS // len(table))
+    rows = max(1, _CHUNK_ELEMENTS // units)
     for start in range(0, resamples, rows):
-        draw = rng.integers(0, len(table), size=(min(rows, resamples - start), len(table)), dtype=np.int32)
-        means[start : start + len(draw)] = table[draw].mean(axis=1)
+        draw = rng.integers(0, units, size=(min(rows, resamples - start), units), dtype=np.int32)
+        means[start : start + len(draw)] = (table[draw].mean(axis=1) if clusters is None
+                                            else sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)[:, None])
     return means
 
 
+def _task_clusters(clusters: Sequence[Sequence[Hashable] | None] | None, count: int) -> tuple[list, str]:
+    """Each task's cluster keys (None: unclustered), and "clustered " when some task shares one."""
+    if clusters is None:
+        return [None] * count, ""
+    if len(clusters) != count:
+        raise ConfigError(f"clusters: expected one entry (keys or None) per task ({count}), got {len(clusters)}")
+    shared = any(keys is not None and len(set(keys)) < len(keys) for keys in clusters)
+    return list(clusters), "clustered " if shared else ""
+
+
 def task_mean_ci(
-    tasks: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+    tasks: Sequence[Sequence[float]],
+    clusters: Sequence[Sequence[Hashable] | None] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
 ) -> Interval:
-    """Percentile bootstrap CI of the mean over tasks of each task's mean score (an average over a
-    leaderboard's tasks, each task weighted equally whatever its size). Each resample draws every
-    task's samples with replacement, independently per task (a stratified bootstrap)."""
+    """CI of the mean over tasks of each task's mean score (an average over a leaderboard's tasks,
+    each task weighted equally whatever its size). One task: its own interval (:func:`mean_ci`).
+    Several: a stratified percentile bootstrap, in which each resample draws every task's samples
+    (with ``clusters``, per task a key per sample or None: its clusters) with replacement,
+    independently per task."""
     if not tasks:
         raise ConfigError("task_mean_ci: no tasks given")
+    keys, clustered = _task_clusters(clusters, len(tasks))
+    if len(tasks) == 1:
+        return mean_ci(tasks[0], keys[0], resamples=resamples, seed=seed, level=level)
     rng = np.random.default_rng(seed)
     arrays = [_scores_array(scores, "task_mean_ci") for scores in tasks]
-    resampled = sum(_resampled_means(values[:, None], rng, resamples)[:, 0] for values in arrays) / len(arrays)
+    resampled = sum(_resampled_means(values[:, None], rng, resamples, k)[:, 0]
+                    for values, k in zip(arrays, keys)) / len(arrays)
     estimate = sum(values.mean() for values in arrays) / len(arrays)
-    return _percentile_interval(estimate, resampled, sum(map(len, arrays)), "stratified percentile bootstrap (tasks)",
-                                resamples, seed, level)
+    return _percentile_interval(estimate, resampled, sum(map(len, arrays)),
+                                f"{clustered}stratified percentile bootstrap (tasks)", resamples, seed, level)
 
 
 def _resampled_retention(
-    tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]], resamples: int, seed: int
+    tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]], resamples: int, seed: int,
+    clusters: Sequence[Sequence[Hashable] | None],
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(estimate (k,), resampled (resamples, k), samples): per column of runs, the mean over tasks of
-    100 * mean(run) / mean(reference). Each task's samples are drawn with replacement, the same draw
-    for its reference and all its runs (pairing); tasks are drawn independently. A resample whose
-    reference mean is 0 gives NaN."""
+    100 * mean(run) / mean(reference). Each task's samples (or its ``clusters``) are drawn with
+    replacement, the same draw for its reference and all its runs (pairing); tasks are drawn
+    independently. A resample whose reference mean is 0 gives NaN."""
     if not tasks:
         raise ConfigError("retention interval: no tasks given")
     rng = np.random.default_rng(seed)
     estimate, resampled, samples = 0.0, 0.0, 0
-    for reference, runs in tasks:
+    for (reference, runs), keys in zip(tasks, clusters):
         ref = _scores_array(reference, "retention reference")
         table = np.asarray(runs, dtype=np.float64)
         if table.ndim != 2 or table.shape[0] != len(ref):
@@ -556,7 +638,7 @@ def _resampled_retention(
             raise ConfigError("retention runs: scores must be finite numbers (found NaN or infinity)")
         if ref.mean() == 0:
             raise ConfigError("retention interval: the reference's mean score is 0, so retention is undefined")
-        means = _resampled_means(np.column_stack([ref, table]), rng, resamples)
+        means = _resampled_means(np.column_stack([ref, table]), rng, resamples, keys)
         ref_means, means = means[:, 0], means[:, 1:]
         with np.errstate(divide="ignore", invalid="ignore"):
             resampled = resampled + 100 * means / np.where(ref_means == 0, np.nan, ref_means)[:, None]
@@ -580,6 +662,7 @@ RETENTION_CI_METHOD = "paired percentile bootstrap of the retention ratio"
 
 def retention_ci(
     tasks: Sequence[tuple[Sequence[float], Sequence[float]]],
+    clusters: Sequence[Sequence[Hashable] | None] | None = None,
     *,
     resamples: int = RESAMPLES,
     seed: int = SEED,
@@ -587,17 +670,21 @@ def retention_ci(
 ) -> Interval:
     """95% interval of a retention in percent: the mean over ``tasks`` of 100 * mean(run) /
     mean(reference), where each task is (reference scores, run scores) on the same samples in the
-    same order. The bootstrap resamples each task's samples (the same draw for both runs, so the
-    pairing is kept; tasks independently). Resamples in which a reference mean is 0 (retention
-    undefined) are left out; with none left the ends are NaN."""
+    same order. The bootstrap resamples each task's samples (with ``clusters``, per task a key per
+    sample or None: its clusters; the same draw for both runs, so the pairing is kept; tasks
+    independently). Resamples in which a reference mean is 0 (retention undefined) are left out;
+    with none left the ends are NaN."""
+    keys, clustered = _task_clusters(clusters, len(tasks))
     estimate, resampled, n = _resampled_retention(
-        [(ref, np.asarray(run, dtype=np.float64)[:, None]) for ref, run in tasks], resamples, seed)
-    return _percentile_interval(estimate[0], resampled[:, 0], n, RETENTION_CI_METHOD, resamples, seed, level)
+        [(ref, np.asarray(run, dtype=np.float64)[:, None]) for ref, run in tasks], resamples, seed, keys)
+    return _percentile_interval(estimate[0], resampled[:, 0], n, clustered + RETENTION_CI_METHOD, resamples, seed,
+                                level)
 
 
 def retention_auc_ci(
     ratios: Sequence[float],
     tasks: Sequence[tuple[Sequence[float], Sequence[Sequence[float]]]],
+    clusters: Sequence[Sequence[Hashable] | None] | None = None,
     *,
     resamples: int = RESAMPLES,
     seed: int = SEED,
@@ -605,16 +692,17 @@ def retention_auc_ci(
 ) -> Interval:
     """:func:`retention_auc` of a method's retention curve (percent) with its 95% interval. Each
     task is (reference scores (n,), runs' scores (n, len(ratios))): the method's run at each ratio
-    on the same samples as the reference. Every bootstrap resample draws each task's samples once
-    for the reference and all ratios, computes the retention curve averaged over tasks as
+    on the same samples as the reference. Every bootstrap resample draws each task's samples (or
+    its ``clusters``, as in :func:`retention_ci`) once for the reference and all ratios, computes the retention curve averaged over tasks as
     :func:`retention_ci` does, and its AUC. To start the curve at the full cache, give ratio 1 with
     the reference's own scores as its run (retention exactly 100 in every resample)."""
     if any(np.shape(runs)[1:] != (len(ratios),) for _, runs in tasks):
         raise ConfigError(f"retention_auc_ci: every task needs one column of scores per ratio ({len(ratios)})")
     x = _log2_ratios(ratios, len(ratios), "retention_auc_ci")
-    estimate, resampled, n = _resampled_retention(tasks, resamples, seed)
+    keys, clustered = _task_clusters(clusters, len(tasks))
+    estimate, resampled, n = _resampled_retention(tasks, resamples, seed, keys)
     return _percentile_interval(_mean_height(x, estimate), _mean_height(x, resampled), n,
-                                f"{RETENTION_CI_METHOD} curve's area", resamples, seed, level)
+                                f"{clustered}{RETENTION_CI_METHOD} curve's area", resamples, seed, level)
 
 
 DISCORDANCES = (0.10, 0.20, 0.30)
@@ -662,5 +750,33 @@ def detectable_drop_table(ns: Sequence[int] = (6, 25, 50, 100, 200, 500)) -> str
     return _table("comparison", [f"n = {n}" for n in ns], rows)
 
 
+def coverage(interval: Callable[[int, int], Interval], n: int, p: float) -> float:
+    """The exact coverage of a 0/1 mean's interval: the probability that ``interval(k, n)``, computed
+    from k ~ Binomial(n, p) successes of n samples, contains p (a sum over the n + 1 outcomes, so
+    no simulation error)."""
+    contains = np.array([(ci := interval(k, n)).low <= p <= ci.high for k in range(n + 1)])
+    return float(_binomial_pmf(np.array(n), np.arange(n + 1), p) @ contains)
+
+
+def bootstrap_of_successes(successes: int, n: int) -> Interval:
+    """:func:`bootstrap_ci` of ``successes`` ones and ``n - successes`` zeros (seed 0), as a run of
+    that outcome would get it."""
+    return bootstrap_ci([1.0] * successes + [0.0] * (n - successes))
+
+
+COVERAGE_NS = (10, 20, 50, 100, 200)
+COVERAGE_PS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def coverage_table(ns: Sequence[int] = COVERAGE_NS, ps: Sequence[float] = COVERAGE_PS) -> str:
+    """Markdown table: the exact coverage (%) of the nominal 95% intervals of a 0/1 mean, the
+    percentile bootstrap against Wilson's, for n samples of true accuracy p (by symmetry, p and
+    1 - p have the same coverage). The measurement behind :func:`mean_ci`'s choice."""
+    intervals = {"percentile bootstrap": bootstrap_of_successes, WILSON: wilson_ci}
+    rows = {f"{name}, n = {n}": [f"{100 * coverage(interval, n, p):.1f}" for p in ps]
+            for n in ns for name, interval in intervals.items()}
+    return _table("interval", [f"p = {100 * p:g}%" for p in ps], rows)
+
+
 if __name__ == "__main__":
-    print(sample_size_table(), detectable_drop_table(), sep="\n\n")
+    print(sample_size_table(), detectable_drop_table(), coverage_table(), sep="\n\n")

@@ -11,6 +11,12 @@ Stores grow in buffers with spare room: appending a decoded token writes into th
 copying what is held (``torch.cat``), ``keep`` writes the kept tokens back into the same buffer, and
 ``evict_one`` moves the newest token into the freed slot. A store cut far below its buffer (a prompt
 compressed to its capacity) gets a compact tensor, so the prompt-sized storage is freed.
+
+Heads that hold different numbers of tokens (AdaKV's head-wise budgets) use the same stores in the
+*flat* layout: every store holds (1, 1, T, ...), the T tokens of all (batch, head) segments together,
+and a bookkeeping store names each token's segment ``batch * heads + head``. The bytes held are those
+of the T tokens (the ragged size, no padding); ``flatten_heads``, ``segment_ids`` and
+``pad_segments`` convert between the layouts.
 """
 
 from __future__ import annotations
@@ -60,6 +66,36 @@ def append_along_tokens(held: torch.Tensor, new: torch.Tensor,
     return buffer[:, :, :n + q], buffer
 
 
+def flatten_heads(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, heads, n, ...) in the flat layout (1, 1, batch * heads * n, ...), segment-major."""
+    return x.reshape(1, 1, -1, *x.shape[3:])
+
+
+def segment_ids(batch: int, heads: int, n: int, device=None) -> torch.Tensor:
+    """The segment (``batch_row * heads + head``) of every token of :func:`flatten_heads`'s result,
+    (1, 1, batch * heads * n)."""
+    return torch.arange(batch * heads, device=device).repeat_interleave(n)[None, None]
+
+
+def segment_counts(segments: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Tokens held by each of ``n_segments`` segments, given the flat layout's ``segments`` (1, 1, T)."""
+    return torch.bincount(segments.flatten(), minlength=n_segments)
+
+
+def pad_segments(x: torch.Tensor, segments: torch.Tensor, batch: int, heads: int, fill) -> torch.Tensor:
+    """The flat layout's ``x`` (1, 1, T, ...) as (batch, heads, m, ...), m the longest segment: each
+    segment's tokens in their held order, then ``fill``. A copy to read, not a store."""
+    seg = segments.flatten()
+    counts = segment_counts(seg, batch * heads)
+    order = seg.argsort(stable=True)  # grouped by segment, held order inside each
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(seg.numel(), device=seg.device) - starts[seg[order]]
+    m = int(counts.max()) if seg.numel() else 0
+    out = x.new_full((batch * heads, m, *x.shape[3:]), fill)
+    out[seg[order], rank] = x[0, 0, order]
+    return out.view(batch, heads, m, *x.shape[3:])
+
+
 class DenseStore:
     """Tokens held as they are: ``tensor`` (batch, heads, n, ...), a prefix view of a buffer with
     spare room once a token has been appended.
@@ -73,9 +109,22 @@ class DenseStore:
         self.tensor: torch.Tensor | None = None
         self._buffer: torch.Tensor | None = None
 
+    @classmethod
+    def holding(cls, tensor: torch.Tensor) -> "DenseStore":
+        """A store whose content is ``tensor`` as it is (no copy): a view to read, such as one head's
+        tokens repeated over a (batch, heads) shape."""
+        store = cls()
+        store.tensor = tensor
+        return store
+
     @property
     def tokens(self) -> int:
         return 0 if self.tensor is None else self.tensor.shape[2]
+
+    def to_flat_layout(self) -> None:
+        """Hold the tokens in the flat layout (:func:`flatten_heads`); the next ``keep`` makes them compact."""
+        if self.tensor is not None:
+            self.tensor, self._buffer = flatten_heads(self.tensor), None
 
     def append(self, new: torch.Tensor) -> None:
         """Add ``new`` after the held tokens; the first tokens are held as given (no copy)."""

@@ -29,9 +29,15 @@ def spec(*overrides: str) -> RunSpec:
 
 @pytest.mark.parametrize("name", ["leaderboard_cpu", "leaderboard_gpu"])
 def test_the_ratio_sweeps_run_every_registered_method_once(name):
-    methods = axes(name)["method"]
+    methods = [compose_config([f"method={option}"])["method"]["name"] for option in axes(name)["method"]]
     assert len(set(methods)) == len(methods)
     assert sorted(methods) == sorted(METHODS.all())
+
+
+def test_the_boards_lagkv_compresses_the_boards_prompts():
+    # with the default lag (1024) a 1024-token passkey prompt is below sink + 2 x lag: nothing is evicted
+    method = spec("+experiment=leaderboard_cpu", "method=board/lagkv", "ratio=4").method.new()
+    assert method.params.sink_tokens + 2 * method.params.lag_size < 512
 
 
 def test_the_budget_half_leaves_out_exactly_the_methods_that_cannot_hold_its_budget():

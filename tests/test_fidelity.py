@@ -1,5 +1,6 @@
-"""Fidelity of a compressed cache to the full cache over the gold answer: the metrics on hand-computed
-logits, and their measurement in a run, which must leave its predictions alone."""
+"""Fidelity of a compressed cache to the full cache over the gold answer and over the full cache's greedy
+output: the metrics on hand-computed logits, and their measurement in a run, which must leave its
+predictions alone."""
 
 import dataclasses
 import math
@@ -10,7 +11,7 @@ import torch
 from conftest import random_prompt
 from kvbench.cache import KVCache, layer_windows
 from kvbench.config import load_config
-from kvbench.fidelity import compare, measure
+from kvbench.fidelity import compare, greedy_continuation, measure
 from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.report import collect, leaderboard_markdown
@@ -36,12 +37,28 @@ def test_metrics_by_hand():
         compare(full, compressed, torch.tensor([1]))
 
 
-def fidelity_of(model, method, answer_len=6, question=True, params=None, **comp):
+def cache_of(model, method, params=None, **comp):
+    compression = Compression(**comp) if comp else None
+    return KVCache(build_method(method, params or {}, compression), layer_windows(model.config))
+
+
+def compressed_run(model, method, question=True, params=None, **comp):
+    """(prompt, question, generation keeping its prefill and compressed cache) of a random prompt."""
     prompt, question = random_prompt(40), random_prompt(5, seed=1) if question else None
-    answer = random_prompt(answer_len, seed=2)
-    make = lambda: KVCache(build_method(method, params or {}, Compression(**comp)), layer_windows(model.config))  # noqa: E731
-    gen = generate(model, make(), prompt, question, 4, eos_ids=set(), keep_prefill=True, keep_compressed=True)
-    return measure(model, make(), gen.prefilled, question, gen.compressed, answer)
+    gen = generate(model, cache_of(model, method, params, **comp), prompt, question, 4, eos_ids=set(),
+                   keep_prefill=True, keep_compressed=True)
+    return prompt, question, gen
+
+
+def fidelity_of(model, method, answer_len=6, question=True, params=None, **comp):
+    _, question, gen = compressed_run(model, method, question, params, **comp)
+    return measure(model, gen.prefilled, question, gen.compressed, random_prompt(answer_len, seed=2))
+
+
+def greedy_fidelity_of(model, method, question=True, params=None, new_tokens=7, **comp):
+    prompt, question, gen = compressed_run(model, method, question, params, **comp)
+    greedy = greedy_continuation(model, gen.prefilled, prompt, question, new_tokens, eos_ids=set())
+    return greedy, measure(model, gen.prefilled, question, gen.compressed, greedy)
 
 
 @pytest.mark.parametrize("question", [True, False])
@@ -49,6 +66,24 @@ def test_a_cache_that_evicts_nothing_is_the_full_cache(tiny_llama, question):
     f = fidelity_of(tiny_llama, "streaming", question=question, budget=1000)
     assert f.kl == pytest.approx(0, abs=1e-6) and f.nll_delta == pytest.approx(0, abs=1e-5)
     assert (f.top1_agreement, f.tokens) == (1.0, 6)
+    _, g = greedy_fidelity_of(tiny_llama, "streaming", question=question, budget=1000)
+    assert g.kl == pytest.approx(0, abs=1e-6) and g.nll_delta == pytest.approx(0, abs=1e-5)
+    assert (g.top1_agreement, g.tokens) == (1.0, 7)
+
+
+@pytest.mark.parametrize("method,params", [("snapkv", {}), ("h2o", {})])  # h2o: a store of its own (scores)
+def test_the_greedy_continuation_is_the_full_caches_generation(tiny_llama, method, params):
+    prompt, question, gen = compressed_run(tiny_llama, method, params=params, ratio=4)
+    full = generate(tiny_llama, cache_of(tiny_llama, "full"), prompt, question, 7, eos_ids=set())
+    greedy = greedy_continuation(tiny_llama, gen.prefilled, prompt, question, 7, eos_ids=set())
+    assert greedy.tolist() == full.tokens and greedy.shape == (1, 7)
+    # it stops as generation does: at an EOS id, which it keeps as its last token
+    stopped = greedy_continuation(tiny_llama, gen.prefilled, prompt, question, 7, eos_ids={full.tokens[0][2]})
+    assert stopped.tolist() == [full.tokens[0][:3]]
+    # over it the full cache's most likely token is the one fed: agreement is the share the compressed
+    # cache would have generated too
+    f = measure(tiny_llama, gen.prefilled, question, gen.compressed, greedy)
+    assert f.kl > 1e-4 and f.tokens == 7 and f.top1_agreement in {i / 7 for i in range(8)}
 
 
 @pytest.mark.parametrize("method,params", [("streaming", {}), ("snapkv", {}),
@@ -71,12 +106,16 @@ def run(model, tmp_path, **over):
 def test_fidelity_is_recorded_and_changes_no_prediction(tiny_llama, tmp_path):
     on, on_scores = run(tiny_llama, tmp_path / "on")
     off, off_scores = run(tiny_llama, tmp_path / "off", fidelity=False, prefill_reuse_gb=0)
-    without = lambda r: {**r.to_json(), "fidelity": None, "finished_at": None}  # noqa: E731
+    without = lambda r: {**r.to_json(), "fidelity": None, "fidelity_greedy": None, "finished_at": None}  # noqa: E731
     timing = ("prefill_s", "decode_s", "compress_s", "decode_compress_s", "prefill_reused")
     assert [{k: v for k, v in without(r).items() if k not in timing} for r in on] == \
            [{k: v for k, v in without(r).items() if k not in timing} for r in off]
-    assert all(r.fidelity is None for r in off) and off_scores.fidelity is None
+    assert all(r.fidelity is None and r.fidelity_greedy is None for r in off)
+    assert off_scores.fidelity is None and off_scores.fidelity_greedy is None
     assert all(r.fidelity.tokens == len(r.answers[0]) and r.fidelity.kl > 0 for r in on)  # one token a digit
+    # no EOS: the full cache's greedy output runs to max_new_tokens
+    assert all(r.fidelity_greedy.tokens == TASK["max_new_tokens"] and r.fidelity_greedy.kl > 0 for r in on)
+    assert on_scores.fidelity_greedy["kl"]["n"] == len(on)
     kl = [r.fidelity.kl for r in on]
     summary = on_scores.fidelity["kl"]
     assert summary["mean"] == pytest.approx(sum(kl) / len(kl)) and summary["n"] == len(on)
@@ -85,19 +124,25 @@ def test_fidelity_is_recorded_and_changes_no_prediction(tiny_llama, tmp_path):
     # the report recomputes them from the records, and shows them in the task's section
     (row,) = collect(tmp_path / "on").itertuples()
     assert (row.kl, row.kl_ci_low, row.kl_ci_high) == (summary["mean"], *summary["ci95"])
+    greedy = on_scores.fidelity_greedy["top1_agreement"]
+    assert (row.greedy_top1_agreement, row.greedy_top1_agreement_ci_low, row.greedy_top1_agreement_ci_high) == \
+           (greedy["mean"], *greedy["ci95"])
     page = leaderboard_markdown(collect(tmp_path / "on"), "tiny")
     assert "Fidelity to the full cache" in page and f"{summary['mean']:.3g} [" in page
+    assert "| gold answer |" in page and "| greedy output |" in page
     assert "Fidelity to the full cache" not in leaderboard_markdown(collect(tmp_path / "off"), "tiny")
 
 
 def test_no_fidelity_for_the_full_cache_or_without_an_uncompressed_prefill(tiny_llama, tmp_path):
     full, full_scores = run(tiny_llama, tmp_path / "full", method={"name": "full"}, budget=None)
     chunked, _ = run(tiny_llama, tmp_path / "chunked", prefill_chunk=16)
-    assert all(r.fidelity is None for r in full + chunked) and full_scores.fidelity is None
+    assert all(r.fidelity is None and r.fidelity_greedy is None for r in full + chunked)
+    assert full_scores.fidelity is None and full_scores.fidelity_greedy is None
     spec = RunSpec.from_config(load_config({"model": MODEL, "method": {"name": "streaming"}, "task": TASK,
                                             "budget": 16}))
     answered = Sample(id="s", context="c", question="q", answers=["42"], max_new_tokens=4)
-    assert spec.measures_fidelity(answered)
-    # an answer given after a follow-up, or none at all, is not a continuation of the prompt
+    assert spec.measures_fidelity() and spec.measures_gold_fidelity(answered)
+    # an answer given after a follow-up, or none at all, is not a continuation of the prompt (the greedy
+    # output still is)
     for other in ({"followup": "Answer:"}, {"answers": []}, {"answers": [""]}):
-        assert not spec.measures_fidelity(dataclasses.replace(answered, **other))
+        assert not spec.measures_gold_fidelity(dataclasses.replace(answered, **other))

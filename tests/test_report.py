@@ -125,7 +125,7 @@ def test_other_task_parameters_have_no_baseline(tmp_path):
     df = report.collect(tmp_path)
     assert pd.isna(run_of(df, method="zeta").retention)
     markdown = report.leaderboard_markdown(df, "m")
-    assert "40.0 ±0 (n/a) [1]" in markdown
+    assert "40.0 ±24 (n/a) [1]" in markdown  # 4 of 4 records right: Wilson's [51.0, 100]
     assert "[1] retention n/a: no complete full-cache run with the same task parameters" in markdown
 
 
@@ -135,7 +135,7 @@ def test_missing_baseline_is_na_with_a_note_not_a_crash(tmp_path):
     df = report.collect(tmp_path)
     assert df.retention.isna().all()
     markdown = report.leaderboard_markdown(df, "m")
-    assert "40.0 ±0 (n/a)" in markdown and "no usable full-cache baseline for passkey" in markdown
+    assert "40.0 ±24 (n/a)" in markdown and "no usable full-cache baseline for passkey" in markdown
     written = report.write_report(tmp_path)
     assert (tmp_path / "LEADERBOARD.md") in written
     assert report.retention_points(df, "m").empty
@@ -153,13 +153,13 @@ def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
     average = table_blocks(markdown)[0]
     alpha = cells_of(next(line for line in average if line.startswith("| alpha |")))
     # alpha 2x: only the complete passkey run (60 = 75% of 80) counts, footnoted, not bold
-    assert alpha[2].startswith("60.0 ±0 (75.0%) [")
+    assert alpha[2].startswith("60.0 ±24 (75.0%) [")  # one task: its own interval
     assert "mean over 1 of 2 tasks; left out: passkey_long (partial, 2 of 4)" in markdown
     assert "passkey_long (failed)" in markdown and "passkey_long (not run)" in markdown
     # zeta 2x covers both tasks (mean of 40 and 25, of 50% and 50%); the only such cell of its
     # column, so there is nothing to bold
     zeta = cells_of(next(line for line in average if line.startswith("| zeta |")))
-    assert zeta[2] == "32.5 ±0 (50.0%)"  # every record scores 1: no spread to resample
+    assert zeta[2] == "32.5 ±0 (50.0%)"  # every record scores 1: no spread for the stratified bootstrap
 
 
 def test_rows_and_columns_in_a_stable_order(sweep):
@@ -172,11 +172,12 @@ def test_rows_and_columns_in_a_stable_order(sweep):
 
 
 def test_runs_no_test_tells_apart_from_the_best_are_all_bold(sweep):
-    # every record of the sweep scores 1: the scores differ (scores.json) but no sample does
+    # every record of the sweep scores 1: the scores differ (scores.json) but no sample does; 4 of 4 right
+    # is Wilson's [51.0, 100], +-24
     markdown = report.leaderboard_markdown(report.collect(sweep), "a")
     passkey = table_blocks(markdown[markdown.index("### passkey"):])[0]
     column = [cells_of(line)[2] for line in passkey[2:]]  # 2x: full, alpha, alpha lag-128, zeta
-    assert column == ["–", "**60.0 ±0 (75.0%)**", "**70.0 ±0 (87.5%)**", "**40.0 ±0 (50.0%)**"]
+    assert column == ["–", "**60.0 ±24 (75.0%)**", "**70.0 ±24 (87.5%)**", "**40.0 ±24 (50.0%)**"]
 
 
 def test_markdown_tables_are_well_formed(sweep):

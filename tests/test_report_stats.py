@@ -16,6 +16,7 @@ from kvbench.runner import summarize_run
 from kvbench.stats import (
     bootstrap_ci,
     detectable_drop_unpaired,
+    mean_ci,
     paired_comparison,
     retention_auc,
     retention_auc_ci,
@@ -27,16 +28,30 @@ PASSKEY = {"name": "passkey", "kind": "passkey",
            "params": {"compress": "whole", "depths": [0.0, 1.0], "lengths": [512, 1024], "metric": "exact_match"}}
 
 
-def test_scores_json_records_the_main_metrics_bootstrap_interval():
+def test_scores_json_records_the_main_metrics_interval():
     task = task_from_identity(PASSKEY)
     hits = [1.0, 0.0, 1.0, 1.0]
-    records = [sample_record(f"s{i}", meta={"length": 512, "depth": 0.0}, scores={"exact_match": h, "partial_match": h})
-               for i, h in enumerate(hits)]
-    scores = summarize_run(task, records, 4)
-    interval = bootstrap_ci(hits)
+
+    def summary(scores, clusters=(None,) * 4):
+        return summarize_run(task, [sample_record(f"s{i}", meta={"length": 512, "depth": 0.0}, cluster=c,
+                                                  scores={"exact_match": h, "partial_match": h})
+                                    for i, (h, c) in enumerate(zip(scores, clusters))], 4)
+
+    # 0/1 scores of independent samples: Wilson's interval, by hand (3 + z^2/2) / (4 + z^2) -+
+    # z / (4 + z^2) * sqrt(3 / 4 + z^2 / 4) = 0.6275 -+ 0.3269
+    scores = summary(hits)
+    assert scores.ci95 == [30.06, 95.44] and scores.score == 75.0
+    assert (scores.ci_method, scores.ci_resamples, scores.ci_seed) == ("Wilson score", None, None)
+    # other scores: the percentile bootstrap
+    scores = summary([1.0, 0.0, 0.5, 1.0])
+    interval = bootstrap_ci([1.0, 0.0, 0.5, 1.0])
     assert scores.ci95 == [round(100 * interval.low, 2), round(100 * interval.high, 2)]
-    assert scores.ci95[0] < scores.score == 75.0 <= scores.ci95[1] == 100.0
     assert (scores.ci_method, scores.ci_resamples, scores.ci_seed) == ("percentile bootstrap", 10_000, 0)
+    # samples sharing a context: the clustered bootstrap over the records' clusters
+    scores = summary(hits, ["x", "x", "y", None])
+    interval = bootstrap_ci(hits, ["x", "x", "y", "s3"])
+    assert scores.ci95 == [round(100 * interval.low, 2), round(100 * interval.high, 2)]
+    assert scores.ci_method == "clustered percentile bootstrap"
 
 
 def test_no_interval_when_a_record_lacks_the_main_metric():
@@ -54,13 +69,14 @@ def test_scores_json_without_interval_fields_still_loads():
     assert scores.ci95 is None and scores.ci_method is None
 
 
-def write_run(root, method, hits, setting="ratio-1", ratio=1, with_interval=True):
-    """A passkey results directory whose records score ``hits`` (0/1 per sample, ids s0, s1, ...);
-    ``with_interval=False`` writes scores.json as kvbench did before it recorded intervals."""
+def write_run(root, method, hits, setting="ratio-1", ratio=1, with_interval=True, clusters=None):
+    """A passkey results directory whose records score ``hits`` (0/1 per sample, ids s0, s1, ...), in
+    ``clusters`` (a key per record; None: unclustered); ``with_interval=False`` writes scores.json as
+    kvbench did before it recorded intervals."""
     run = RunDir(root / "m" / "passkey" / method / setting)
     run.write_run(run_info(PASSKEY, method=method, ratio=ratio, label=setting, n_expected=len(hits)))
-    for i, h in enumerate(hits):
-        run.append(sample_record(f"s{i}", scores={"exact_match": h}))
+    for i, (h, c) in enumerate(zip(hits, clusters or [None] * len(hits))):
+        run.append(sample_record(f"s{i}", scores={"exact_match": h}, cluster=c))
     scores = RunScores(task="passkey", metric="exact_match", score=100 * sum(hits) / len(hits),
                        metrics={"exact_match": 100 * sum(hits) / len(hits)}, n=len(hits), n_expected=len(hits),
                        complete=True, measured_ratio=float(ratio), tokens_held=1.0, bytes_held=1000.0 / ratio,
@@ -91,7 +107,7 @@ def recomputed(root, method):
         run = next(r for r in find_runs(root) if r.read_run().identity.method["name"] == m)
         return {r.id: r.scores["exact_match"] for r in run.records()}
 
-    columns = bootstrap_ci(list(scores(method).values())).columns()
+    columns = mean_ci(list(scores(method).values())).columns()
     return {**columns, **(paired_comparison(scores("full"), scores(method)).columns() if method != "full" else {})}
 
 
@@ -117,6 +133,28 @@ def test_exported_intervals_and_paired_columns_agree_with_samples_jsonl(tree):
     assert table.ci_low["full"] < 100 * 10 / 12 < table.ci_high["full"]
 
 
+def test_clustered_runs_get_clustered_intervals_and_comparisons(tree):
+    # alpha's records (written again, clustered) share contexts in pairs; the full cache's are old records
+    # without clusters: the comparison resamples alpha's clusters
+    shutil.rmtree(tree / "m" / "passkey" / "alpha")
+    keys = [f"ctx{i // 2}" for i in range(12)]
+    write_run(tree, "alpha", ALPHA, "ratio-4", 4, clusters=keys)
+    df = report.collect(tree).set_index("method")
+    full = dict(zip((f"s{i}" for i in range(12)), FULL))
+    alpha = dict(zip((f"s{i}" for i in range(12)), ALPHA))
+    interval = mean_ci(ALPHA, keys)
+    assert interval.method == "clustered percentile bootstrap"
+    assert (df.ci_low["alpha"], df.ci_high["alpha"]) == tuple(interval.columns().values())
+    paired = paired_comparison(full, alpha, dict(zip(alpha, keys)))
+    assert paired.ci_method == "clustered percentile bootstrap" and paired.test.startswith("sign-flip")
+    assert (df.vs_full_p["alpha"], df.vs_full_ci_low["alpha"]) == (paired.p, 100 * paired.ci_low)
+    assert df.vs_full_p["alpha"] != pytest.approx(2 / 64)  # not McNemar's on 12 independent pairs
+    # unclustered runs keep Wilson's interval
+    assert (df.ci_low["zeta"], df.ci_high["zeta"]) == tuple(mean_ci(ZETA).columns().values())
+    rows = report.compare(report.collect(tree), "full", "alpha")
+    assert rows.p.iloc[0] == paired.p
+
+
 def passkey_table(root):
     markdown = report.leaderboard_markdown(report.collect(root), "m")
     section = markdown[markdown.index("### passkey"):]
@@ -135,7 +173,8 @@ def test_cells_show_the_interval_and_bold_the_runs_indistinguishable_from_the_be
     # 0.016 after Holm): zeta stays bold with beta, alpha does not
     half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
     assert cells["alpha"][1] == f"33.3 ±{half} (40.0%)"
-    assert cells["beta"][1] == "**100.0 ±0 (120.0%)**"
+    # 12 of 12: Wilson's [12 / (12 + z^2), 1] = [75.8, 100], not the bootstrap's [100, 100]
+    assert cells["beta"][1] == "**100.0 ±12 (120.0%)**"
     assert cells["zeta"][1].startswith("**83.3 ±") and cells["zeta"][1].endswith("(100.0%)**")
     assert cells["full"][0].startswith("83.3 ±")  # alone in its column: nothing to compare
     drop = 100 * detectable_drop_unpaired(12, 10 / 12)
@@ -277,3 +316,16 @@ def test_averages_over_tasks_carry_an_interval(tree):
     # one task: the average's interval is the task's own
     half = round((recomputed(tree, "alpha")["ci_high"] - recomputed(tree, "alpha")["ci_low"]) / 2)
     assert f"| alpha | – | 33.3 ±{half} (40.0%) |" in average
+
+
+def test_a_run_records_its_samples_clusters(tiny_llama, tmp_path, monkeypatch):
+    from test_fidelity import run
+
+    from kvbench.tasks.passkey import Passkey
+
+    samples = Passkey.samples
+    monkeypatch.setattr(Passkey, "samples", lambda self, *args: [dataclasses.replace(s, cluster=f"c{i // 2}")
+                                                                 for i, s in enumerate(samples(self, *args))])
+    records, scores = run(tiny_llama, tmp_path, fidelity=False)
+    assert [r.cluster for r in records] == ["c0", "c0", "c1"]
+    assert scores.ci_method == "clustered percentile bootstrap"

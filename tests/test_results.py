@@ -48,11 +48,13 @@ def test_a_record_round_trips_and_keeps_every_key_of_the_old_schema():
     old = json.loads(v0_run(V0, "passkey", "streaming", "ratio-4").samples_path.read_text().splitlines()[0])
     written = json.loads(line)
     # fields added since have defaults, so old records read as they were
-    assert set(old) < set(written) and set(written) - set(old) == {"schema_version", "completions", "fidelity"}
+    assert set(old) < set(written) and set(written) - set(old) == {"schema_version", "completions", "fidelity", "fidelity_greedy",
+                                                                   "cluster"}
     assert set(written["kv"]) - set(old["kv"]) == {"peak_tokens_held", "curve", "decode_bytes_read"}
     assert set(old["kv"]["after_prefill"]) == set(written["kv"]["at_end"])
     assert SampleRecord.from_json(old).completions == [] and SampleRecord.from_json(old).kv.curve is None
-    assert SampleRecord.from_json(old).fidelity is None
+    assert SampleRecord.from_json(old).fidelity is None and SampleRecord.from_json(old).fidelity_greedy is None
+    assert SampleRecord.from_json(old).cluster is None
     assert written["schema_version"] == SCHEMA_VERSION == 1
 
 

@@ -1,4 +1,5 @@
-"""kvbench.stats on hand-computed cases, plus a coverage simulation of the bootstrap interval."""
+"""kvbench.stats on hand-computed cases, plus a coverage simulation of the bootstrap interval and the
+exact coverage of the interval reported for 0/1 means."""
 
 import math
 
@@ -10,6 +11,9 @@ from kvbench.stats import (
     RESAMPLES,
     Interval,
     bootstrap_ci,
+    bootstrap_of_successes,
+    coverage,
+    coverage_table,
     detectable_drop_paired,
     detectable_drop_unpaired,
     detectable_effect,
@@ -17,6 +21,7 @@ from kvbench.stats import (
     indistinguishable_from_best,
     mcnemar_p,
     mcnemar_power,
+    mean_ci,
     paired_comparison,
     pareto_frontier,
     retention_auc,
@@ -27,6 +32,7 @@ from kvbench.stats import (
     samples_needed_unpaired,
     sign_flip_p,
     task_mean_ci,
+    wilson_ci,
 )
 
 
@@ -110,6 +116,63 @@ def test_coverage_of_bernoulli_n50():
         ci = bootstrap_ci(data, seed=i)
         covered += ci.low <= 0.6 <= ci.high
     assert 0.92 <= covered / 500 <= 0.98
+
+
+def test_clustered_interval_is_the_bootstrap_of_the_clusters_when_they_agree_within():
+    # 8 contexts of 3 questions, all alike within a context: the clustered interval is the plain
+    # bootstrap of the 8 context means (the same draws: one unit per context, equal sizes)
+    means = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    scores = [m for m in means for _ in range(3)]
+    clusters = [c for c in range(8) for _ in range(3)]
+    clustered, contexts = bootstrap_ci(scores, clusters), bootstrap_ci(means)
+    assert (clustered.low, clustered.high) == (contexts.low, contexts.high)
+    assert clustered.n == 24 and clustered.method == "clustered percentile bootstrap"
+    assert mean_ci(scores, clusters) == clustered  # shared contexts: never Wilson's
+
+
+def test_wilson_interval_by_hand():
+    z = 1.959964
+    # 0 of 10: [0, z^2 / (10 + z^2)]; 10 of 10: [10 / (10 + z^2), 1]; 30 of 100 as tabulated (0.2189, 0.3958)
+    assert (wilson_ci(0, 10).low, wilson_ci(0, 10).high) == (0.0, pytest.approx(z * z / (10 + z * z)))
+    assert (wilson_ci(10, 10).low, wilson_ci(10, 10).high) == (pytest.approx(10 / (10 + z * z)), 1.0)
+    ci = wilson_ci(30, 100)
+    assert (ci.low, ci.high) == (pytest.approx(wilson(30, 100)[0]), pytest.approx(wilson(30, 100)[1]))
+    assert (ci.estimate, ci.n, ci.method, ci.resamples, ci.seed) == (0.3, 100, "Wilson score", None, None)
+    with pytest.raises(ConfigError):
+        wilson_ci(3, 2)
+
+
+def test_the_reported_interval_is_wilsons_for_independent_0_1_scores_only():
+    hits = [1.0] * 20
+    assert mean_ci(hits) == wilson_ci(20, 20)  # not the bootstrap's [1, 1]
+    assert mean_ci(hits, [f"c{i}" for i in range(20)]) == wilson_ci(20, 20)  # one sample per cluster
+    assert mean_ci([1.0, 0.5, 0.0]) == bootstrap_ci([1.0, 0.5, 0.0])
+    with pytest.raises(ConfigError, match="one key per sample"):
+        mean_ci(hits, ["a"])
+
+
+def test_exact_coverage_by_hand():
+    # n = 1: k = 1 (probability p) gives Wilson [1 / (1 + z^2), 1] = [0.207, 1], which holds 0.5 and 0.9;
+    # k = 0 gives [0, 0.793], which holds 0.5 but not 0.9
+    assert coverage(wilson_ci, 1, 0.5) == pytest.approx(1.0)
+    assert coverage(wilson_ci, 1, 0.9) == pytest.approx(0.9)
+    # the bootstrap of one sample is the sample itself: it never holds a p strictly inside (0, 1)
+    assert coverage(bootstrap_of_successes, 1, 0.9) == 0.0
+
+
+def test_the_reported_interval_covers_0_1_means_near_the_extremes():
+    # near 100% at small n the percentile bootstrap collapses (every resample of an all-correct run is
+    # correct); the reported interval (Wilson's) keeps 90-99% coverage where the bootstrap falls far short
+    for n, p in [(10, 0.95), (20, 0.95), (20, 0.99), (50, 0.99), (50, 0.02)]:
+        assert 0.90 <= coverage(mean_ci_of_successes, n, p) <= 0.99, (n, p)
+    assert coverage(bootstrap_of_successes, 20, 0.95) < 0.7
+    assert coverage(bootstrap_of_successes, 50, 0.99) < 0.5
+    table = coverage_table(ns=(10,), ps=(0.95,))
+    assert "| percentile bootstrap, n = 10 | 40.0 |" in table and "| Wilson score, n = 10 | 91.4 |" in table
+
+
+def mean_ci_of_successes(k, n):
+    return mean_ci([1.0] * k + [0.0] * (n - k))
 
 
 # --- tests of a difference
@@ -346,5 +409,28 @@ def test_mean_over_tasks_resamples_each_task_apart():
     scores = [0.2, 0.9, 0.4, 1.0, 0.0]
     one = task_mean_ci([scores])
     assert (one.low, one.high) == (bootstrap_ci(scores).low, bootstrap_ci(scores).high)
+    # one task of 0/1 scores: the task's own interval, Wilson's
+    assert task_mean_ci([[1.0] * 12]) == wilson_ci(12, 12)
     with pytest.raises(ConfigError):
         task_mean_ci([])
+
+
+def test_mean_over_tasks_and_retention_resample_clusters():
+    # task 1: two contexts of two questions, all alike within a context; task 2 always 1. A resample of
+    # task 1 draws contexts: its mean is 0, 0.5 or 1 (1/4, 1/2, 1/4), as for two independent samples
+    task_1, keys = [1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"]
+    interval = task_mean_ci([task_1, [1.0, 1.0]], [keys, None])
+    assert (interval.estimate, interval.low, interval.high) == (0.75, 0.5, 1.0)
+    assert interval.method == "clustered stratified percentile bootstrap (tasks)"
+    # at level 0.8 the clustered 10% quantile is still 0.5 (probability 1/4); four independent samples
+    # give task 1 the means 0, 1/4, 1/2... (1/16, 4/16, 6/16...): the average's is 0.625
+    assert task_mean_ci([task_1, [1.0, 1.0]], [keys, None], level=0.8).low == 0.5
+    assert task_mean_ci([task_1, [1.0, 1.0]], level=0.8).low == 0.625
+    # retention of a run equal to the reference on each context: 100 in every resample
+    retention = retention_ci([([1.0, 1.0, 0.5, 0.5], [1.0, 1.0, 0.5, 0.5])], [keys])
+    assert (retention.low, retention.high) == (100.0, 100.0) and retention.method.startswith("clustered ")
+    # a run that keeps context a and loses b: retention 100 (a only), 0 (b only) or 1 / 1.5 (both)
+    lost = retention_ci([([1.0, 1.0, 0.5, 0.5], [1.0, 1.0, 0.0, 0.0])], [keys], level=0.4)
+    assert lost.estimate == pytest.approx(100 / 1.5) and lost.low == lost.high == pytest.approx(100 / 1.5)
+    with pytest.raises(ConfigError, match="one entry"):
+        task_mean_ci([task_1], [keys, keys])

@@ -37,6 +37,7 @@ import torch
 
 from kvbench.errors import ConfigError
 from kvbench.params import parse_params
+from kvbench.registry import unknown_name
 from kvbench.storage import DenseStore, Store, read_followed_by
 
 Phase = Literal["prefill", "append", "decode"]
@@ -166,6 +167,9 @@ class KVLayer(CacheLayerProtocol):
     #: receives the step's new tokens. Their tokens are what the layer holds.
     key_stores: ClassVar[tuple[str, ...]] = ("keys",)
     value_stores: ClassVar[tuple[str, ...]] = ("values",)
+    #: whether its heads may hold different numbers of tokens (AdaKV: the flat layout of
+    #: ``kvbench.storage``); methods that rework a base's uniform stores (ThinK, ChunkKV) refuse it
+    ragged_heads: ClassVar[bool] = False
     #: attributes besides the stores that hold the sequence's state (not configuration): what a
     #: prefill snapshot copies. Layers that record more before compressing (queries) extend it.
     state_fields: ClassVar[tuple[str, ...]] = ("seen", "kv_shape")
@@ -463,3 +467,44 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """What determines the method's results, as recorded with them."""
         return {"name": self.name, "params": dataclasses.asdict(self.params), "phases": list(self.phases)}
+
+
+class MethodOverBase(Method):
+    """A method that runs on top of a score-based base method (``params.base``, built with its own
+    default parameters): ChunkKV, AdaKV. Its ``layer`` is mixed in before the base's layer class, so
+    the base's ``score`` (and state) meet the method's choice; the base's layers compress in this
+    method's ``phases`` only. ``bases()`` names the valid bases; ``layer_attributes`` sets the mixed
+    class's attributes from the parameters."""
+
+    @classmethod
+    def bases(cls) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def check_params(cls, params) -> None:
+        valid = cls.bases()
+        if params.base not in valid:
+            raise unknown_name(f"{cls.name} base method", params.base, valid)
+
+    def layer_attributes(self, params) -> dict[str, Any]:
+        return {}
+
+    def __init__(self, params, compression, seed=0):
+        from kvbench.methods import build_method  # the registry imports this module
+
+        super().__init__(params, compression, seed)
+        self.base = build_method(params.base, {}, compression, seed)
+        # the base builds its layers (CAKE groups those of a cache) with this method's layer mixed in
+        base_layer = type(self.base).layer
+        self.base.layer = type(f"{self.layer.__name__.removesuffix('Layer')}{base_layer.__name__}",
+                               (self.layer, base_layer), self.layer_attributes(params))
+        self.base.phases = self.phases
+        # a base with per-layer shares (PyramidKV, CAKE) bounds the mean over layers in budget mode
+        self.budget_per_layer = self.base.budget_per_layer
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.base.setup(model)
+
+    def make_layer(self, layer_idx: int):
+        return self.base.make_layer(layer_idx)

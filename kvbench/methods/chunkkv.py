@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.methods import build_method, register, registered
-from kvbench.methods.base import Method, ScoreKeepLayer
+from kvbench.methods import register, registered
+from kvbench.methods.base import MethodOverBase, ScoreKeepLayer
 from kvbench.params import param
-from kvbench.registry import unknown_name
 
 
 @dataclass
@@ -23,7 +22,8 @@ class ChunkKVParams:
 def scorer_methods() -> list[str]:
     """The methods ChunkKV can use as its base: score-and-keep methods that compress the prefill."""
     return [name for name, cls in registered().items()
-            if issubclass(cls.layer, ScoreKeepLayer) and "prefill" in cls.phases and name != ChunkKV.name]
+            if issubclass(cls.layer, ScoreKeepLayer) and "prefill" in cls.phases and name != ChunkKV.name
+            and not cls.layer.ragged_heads]
 
 
 def chunk_choice(token_scores: torch.Tensor, chunk_length: int, keep: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ class ChunkKVLayer(ScoreKeepLayer):
 
 
 @register
-class ChunkKV(Method):
+class ChunkKV(MethodOverBase):
     """ChunkKV (Liu et al. 2025, arXiv 2502.00299; code: kvpress's ``ChunkKVPress``): chunk-level
     selection over any score-based method.
 
@@ -103,26 +103,8 @@ class ChunkKV(Method):
     phases = ("prefill",)
 
     @classmethod
-    def check_params(cls, params) -> None:
-        valid = scorer_methods()
-        if params.base not in valid:
-            raise unknown_name("chunkkv base method", params.base, valid)
+    def bases(cls) -> list[str]:
+        return scorer_methods()
 
-    def __init__(self, params, compression, seed=0):
-        super().__init__(params, compression, seed)
-        self.base = build_method(params.base, {}, compression, seed)
-        # the base builds its layers (CAKE groups those of a cache) with ChunkKV's choice mixed in, and
-        # they compress the prefill only, whatever the base does in other phases
-        base_layer = type(self.base).layer
-        self.base.layer = type(f"ChunkKV{base_layer.__name__}", (ChunkKVLayer, base_layer),
-                               {"chunk_length": params.chunk_length})
-        self.base.phases = self.phases
-        # a base with per-layer shares (PyramidKV, CAKE) bounds the mean over layers in budget mode
-        self.budget_per_layer = self.base.budget_per_layer
-
-    def setup(self, model) -> None:
-        super().setup(model)
-        self.base.setup(model)
-
-    def make_layer(self, layer_idx: int):
-        return self.base.make_layer(layer_idx)
+    def layer_attributes(self, params):
+        return {"chunk_length": params.chunk_length}

@@ -136,7 +136,7 @@ def eligible_bases() -> list[str]:
     return sorted(name for name, cls in registered().items()
                   if set(cls.phases) <= {"prefill"} and cls.layer.key_stores == ("keys",)
                   and cls.layer.value_stores == ("values",) and not (cls.lossy_note or cls.approximation_note)
-                  and name != "think")
+                  and not cls.layer.ragged_heads and name != "think")
 
 
 @register

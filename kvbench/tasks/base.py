@@ -39,6 +39,12 @@ def task_yaml(kind: str, name: str) -> Any:
 COMPRESS_MODES = ("whole", "context")
 
 
+def context_cluster(context: str) -> str:
+    """``Sample.cluster`` of a sample asking about ``context``: a hash of the text, so the samples of
+    one data file that share a context get one key and every other sample its own."""
+    return "context-" + hashlib.sha256(context.encode()).hexdigest()[:16]
+
+
 def location(default: Any = None) -> Any:
     """A parameter field that says where the task's data is, not what it is: left out of the run
     identity (``Task.describe``), where the data is identified by ``Task.data_fingerprint``."""
@@ -116,6 +122,9 @@ class Sample:
     followup_new_tokens: int = 0
     #: task-specific facts stored with the prediction and used by scoring (length, depth, classes...)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the key shared by the samples that ask about one context (:func:`context_cluster`), so that
+    #: intervals and paired tests resample contexts, not questions; None: the sample is its own
+    cluster: str | None = None
 
 
 class Task:

@@ -15,6 +15,10 @@ Prompt building, per example (pred.py):
    lsht, lcc and repobench-p (``Sample.chat_template`` False);
 4. dataset2maxlen new tokens; samsum also stops at "\\n" and generates at least one token.
 
+Several questions of one dataset can ask about the same document (the same ``context``): they form
+one cluster (``Sample.cluster``, a hash of the context before truncation), so intervals and paired
+tests resample documents, not questions. An example with a context of its own is its own cluster.
+
 Compression modes (``compress``):
 
 ``whole`` (default)
@@ -48,8 +52,8 @@ from kvbench.params import param
 from kvbench.results import SampleRecord
 from kvbench.scoring.longbench import CATEGORIES, E_TASKS, TASKS, score_sample, task_score, task_score_e
 from kvbench.tasks import register
-from kvbench.tasks.base import (Sample, Task, TaskGroup, compress_mode, files_fingerprint, location, read_jsonl,
-                                require_fields, unique_ids)
+from kvbench.tasks.base import (Sample, Task, TaskGroup, compress_mode, context_cluster, files_fingerprint, location,
+                                read_jsonl, require_fields, unique_ids)
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +301,7 @@ class LongBench(Task):
                 "category": spec["category"],
                 "truncated": truncated,
             },
+            cluster=context_cluster(example["context"]),
         )
 
     def score(self, record: SampleRecord) -> dict[str, float]:

@@ -15,6 +15,9 @@ Prompt building, per question (pred.py, zero-shot, no chain of thought):
 pred.py's other modes (``--cot``: a 1024-token reasoning pass, then a second prompt for the answer;
 ``--rag``; ``--no_context``) are not implemented.
 
+Questions asked about one document (the same ``context``) form one cluster (``Sample.cluster``), so
+intervals and paired tests resample documents; a question with a document of its own is its own.
+
 Scoring is :mod:`kvbench.scoring.longbench_v2` (extraction of "The correct answer is (X)"); the
 task's scores are result.py's accuracies, overall and by difficulty and length, and the report
 shows them as one table (:meth:`LongBenchV2.tables`).
@@ -48,6 +51,7 @@ from kvbench.tasks.base import (
     Task,
     TaskTable,
     compress_mode,
+    context_cluster,
     files_fingerprint,
     location,
     read_json,
@@ -186,6 +190,7 @@ class LongBenchV2(Task):
             chat_template=True,
             meta={"difficulty": question["difficulty"], "length": question["length"], "domain": question["domain"],
                   "sub_domain": question["sub_domain"], "truncated": truncated},
+            cluster=context_cluster(question["context"]),
         )
 
     def score(self, record: SampleRecord) -> dict[str, float]:

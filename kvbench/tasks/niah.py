@@ -30,6 +30,11 @@ end of the sentence before it. Here the needle goes after the last sentence that
 up to how tokens merge across sentence boundaries, without decoding tokens back into text.
 ``meta["needle_depth"]`` records the fraction of the haystack's tokens before the needle.
 
+Clusters (``Sample.cluster``): with ``essay``, the depths of a (length, index) share one drawn
+passage, so they form one cluster, and intervals and paired tests resample passages. The ``noise``
+haystack is one fixed text whatever its first sentence, so no draw is shared and its samples are
+not clustered (nor are passkey's, whose filler is fixed and whose keys are drawn per sample).
+
 Template (``template``): ``chat`` (default; Kamradt's test is a chat prompt) puts the prompt in the
 model's chat template as RULER's ``chat`` template does (``kvbench.tasks.ruler.layout``), when the
 model config and the tokenizer have one; ``base`` uses none.
@@ -211,6 +216,7 @@ class Niah(Task):
                         answers=[texts["answer"].format(value=value)],
                         max_new_tokens=p.max_new_tokens,
                         meta={"length": length, "depth": depth, **meta},
+                        cluster=f"haystack-L{length}-{i}" if p.haystack == "essay" else None,
                     ))
         return out
 

@@ -22,7 +22,11 @@ Generation (``source: generate``) follows RULER's ``scripts/data/synthetic/*.py`
 - **fwe**: coded 6-letter words with Zipf(alpha=2) counts over a vocabulary of length // 50 words;
   the most frequent is "..." (noise) and the answers are the next three.
 - **qa**: SQuAD (qa_1) or HotpotQA (qa_2) questions in dataset order, their own paragraphs plus
-  distractor paragraphs ("Document {i}:\\n..."), shuffled.
+  distractor paragraphs ("Document {i}:\\n..."), shuffled. The i-th sample of every length asks the
+  i-th question, and consecutive SQuAD questions often ask about one paragraph, so the samples whose
+  questions have the same own paragraphs form one cluster (``Sample.cluster``): intervals and paired
+  tests resample those, not samples. The other tasks draw every sample's content from its own
+  generator (a haystack of its own), so their samples are not clustered.
 
 Length: the number of haystack units (noise sentences, essay words, distractor needles, listed
 words, coded words, documents) is searched so that prompt tokens + tokens to generate <= the target
@@ -329,6 +333,8 @@ class Prompt(NamedTuple):
     meta: dict[str, Any]
     #: text before the task template (the one-shot examples of vt and cwe)
     preamble: str = ""
+    #: ``Sample.cluster``: what samples share (qa: the question's own documents), else None
+    cluster: str | None = None
 
     def parts(self) -> tuple[str, str, str]:
         """(context part, query, answer prefix), formatted: the query starts after ``{context}``
@@ -618,8 +624,10 @@ class QuestionAnswering(Generator):
             docs = (self.docs * -(-n // len(self.docs)))[:n]
         rng.shuffle(docs)
         context = "\n\n".join(SPEC["document"].format(i=i + 1, document=d) for i, d in enumerate(docs))
+        # one question at every length, and SQuAD's questions about one paragraph, share their documents
         return Prompt(self.prompt["template"], self.prompt["answer_prefix"],
-                      {"context": context, "query": qa.query}, list(qa.answers), {"question": index})
+                      {"context": context, "query": qa.query}, list(qa.answers), {"question": index},
+                      cluster="documents-" + "-".join(map(str, sorted(qa.docs))))
 
 
 def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None:
@@ -809,6 +817,7 @@ class Ruler(Task):
                 answers=prompt.answers,
                 max_new_tokens=gen.tokens_to_generate,
                 meta={"length": length, "units": n, **prompt.meta},
+                cluster=prompt.cluster,
             ))
         return out
 

@@ -50,7 +50,7 @@ ROWS = [
     ("unknown method parameter", "method=streaming +method.sinks=2",
      "unknown streaming parameter 'sinks' (did you mean 'sink_tokens'?); valid: sink_tokens"),
     ("unknown method", "method=streming",
-     "unknown method 'streming' (did you mean 'streaming'?); valid: bounded, cake, chunkkv"),
+     "unknown method 'streming' (did you mean 'streaming'?); valid: adakv, bounded, cake"),
     ("task parameter type", "task.key_digits=abc", "passkey.key_digits='abc': expected an integer >= 1"),
     ("repeated list element", "task.lengths=[512,512]",
      "passkey.lengths=[512, 512]: expected a non-empty list of distinct integers >= 1"),

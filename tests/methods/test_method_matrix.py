@@ -60,11 +60,16 @@ def check_ratio(name, stats, nominal):
 
 def check_positions(cache):
     """Every layer holds distinct positions of tokens that exist (in any order: decode-time
-    evictions move the newest token into the freed slot)."""
+    evictions move the newest token into the freed slot), as many per head as it says it holds
+    (heads of different lengths pad theirs with -1)."""
     for layer in cache.layers:
         pos = layer.positions
-        assert pos.shape[-1] == layer.get_seq_length()
-        assert (pos.sort(dim=-1).values.diff(dim=-1) > 0).all() and pos.min() >= 0 and pos.max() < layer.seen
+        if layer.ragged_heads:
+            assert ((pos >= 0).sum(-1) == layer.tokens_held()).all() and pos.shape[-1] == layer.tokens_held().max()
+        else:
+            assert pos.shape[-1] == layer.get_seq_length() and pos.min() >= 0
+        held = pos.sort(dim=-1).values
+        assert ((held.diff(dim=-1) > 0) | (held[..., :-1] < 0)).all() and pos.max() < layer.seen
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -138,7 +143,9 @@ def visible_masks(cache, snapshots, steps, total):
             end = start + length
             if j > 0:
                 held = snapshots[j - 1][i]
-                mask[:, :, start:end].scatter_(-1, held[:, :, None, :].expand(-1, -1, length, -1), True)
+                held = held.where(held >= 0, total)  # padding (-1) goes to a column dropped below
+                seen = torch.zeros(b, h, length, total + 1, dtype=torch.bool)
+                mask[:, :, start:end] = seen.scatter_(-1, held[:, :, None, :].expand(-1, -1, length, -1), True)[..., :total]
             mask[:, :, start:end] |= (cols <= rows)[start:end] & (cols >= start)
             start = end
         if layer.is_sliding:

@@ -6,6 +6,7 @@ import pytest
 from conftest import sample_record
 from kvbench.config import load_config
 from kvbench.errors import ConfigError
+from kvbench.results import RunDir
 from kvbench.scoring.decode_recall import answer_part, counted, recalled
 from kvbench.tasks import build_task
 
@@ -77,3 +78,10 @@ def test_full_recalls_the_word_and_streaming_at_a_decode_time_budget_loses_it(em
         scores[method] = run_task(model, tokenizer, spec, spec.task)["metrics"]
     assert scores["full"] == {"recalled": 100.0, "counted": 100.0}
     assert scores["streaming"] == {"recalled": 0.0, "counted": 100.0}
+    # fidelity, which never compresses over the continuation: the prompt fits the budget, so over the
+    # full cache's greedy count (stopped at " 40,") both caches are the same; no gold fidelity (the
+    # answer follows the follow-up)
+    for record in RunDir(spec.run_dir(spec.task).path).records():
+        greedy = record.fidelity_greedy
+        assert record.fidelity is None and greedy.tokens > 100
+        assert greedy.kl == pytest.approx(0, abs=1e-4) and greedy.top1_agreement == 1.0

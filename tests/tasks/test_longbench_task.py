@@ -466,3 +466,17 @@ def test_cli_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert run_dir.samples_path.read_text() == before
     assert run_dir.read_scores().score == scores.score
+
+
+@pytest.mark.parametrize("compress,max_prompt_tokens", [("whole", 100_000), ("context", 100_000), ("whole", 300)])
+def test_questions_about_one_context_form_one_cluster(compress, max_prompt_tokens):
+    # hotpotqa_e's fixture asks two of its three questions about one context; the cluster does not
+    # depend on the prompt (mode, truncation), only on the context
+    raw = examples("hotpotqa_e")
+    samples = subtask("hotpotqa", "e", compress=compress).samples(CharTokenizer(), model_cfg(max_prompt_tokens))
+    clusters = [s.cluster for s in samples]
+    for sample, example in zip(samples, raw):
+        others = [o for o in raw if o["context"] == example["context"]]
+        assert clusters.count(sample.cluster) == len(others)
+    assert len(set(clusters)) == len({e["context"] for e in raw}) == 2
+    assert clusters[0] == subtask("hotpotqa", "e").samples(CharTokenizer(), model_cfg())[0].cluster

@@ -181,3 +181,11 @@ def test_report_table_has_the_official_columns():
 def test_data_file_is_fingerprinted():
     assert list(task().data_fingerprint()["sha256"]) == ["data.json"]
     assert build_task({"name": "longbench_v2", "kind": "longbench_v2"}).data_fingerprint() is None
+
+
+def test_questions_about_one_document_form_one_cluster(tmp_path):
+    questions = json.loads((DATA / "data.json").read_text())
+    (tmp_path / "data.json").write_text(json.dumps([*questions, {**questions[0], "_id": "again", "question": "Why?"}]))
+    clusters = [s.cluster for s in task(data_dir=str(tmp_path)).samples(TOK, MODEL)]
+    # the fixture's documents are all different: one cluster each, and the added question joins the first's
+    assert len(set(clusters[:-1])) == len(questions) and clusters[-1] == clusters[0]

@@ -159,3 +159,12 @@ def test_essay_file_is_fingerprinted_and_context_mode_splits_before_the_question
     whole, split = samples(lengths=[300], depths=[0.5]), samples(lengths=[300], depths=[0.5], compress="context")
     assert split[0].context + split[0].question == whole[0].context + whole[0].question
     assert split[0].context.endswith("\n\n") and split[0].question.startswith(KAMRADT["question"])
+
+
+def test_depths_of_one_drawn_passage_form_one_cluster():
+    essay = samples(haystack="essay", samples_per_cell=2)
+    # one cluster per (length, index), holding its four depths
+    assert {s.cluster for s in essay} == {f"haystack-L{length}-{i}" for length in (300, 600) for i in (0, 1)}
+    assert all(sum(o.cluster == s.cluster for o in essay) == 4 for s in essay)
+    # the noise haystack is one fixed text: nothing drawn is shared
+    assert all(s.cluster is None for s in samples())

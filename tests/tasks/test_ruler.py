@@ -393,6 +393,15 @@ def test_qa_documents_and_answers():
     assert docs == [str(i + 1) for i in range(hotpot.meta["units"])]
 
 
+def test_qa_samples_of_one_question_form_one_cluster():
+    # the i-th sample of every length asks the i-th question about its own documents
+    squad = samples("qa_1", lengths=[1024, 2048])
+    assert [s.cluster for s in squad[:2]] == [s.cluster for s in squad[2:]]
+    assert squad[0].cluster != squad[1].cluster and squad[0].cluster.startswith("documents-")
+    # tasks that draw a haystack per sample are not clustered
+    assert all(s.cluster is None for s in samples("niah_single_1"))
+
+
 def test_hub_rows_read_as_the_official_files():
     """The hub copies (one row per question, HotpotQA's context as title/sentences columns) give
     the same questions and documents as RULER's files."""
