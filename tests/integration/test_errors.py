@@ -65,7 +65,7 @@ ROWS = [
                                             "got 'gpu0'"),
     ("model name ..", "model.name=../../escaped_model", f"model.name='../../escaped_model': {NAME}"),
     ("task name absolute", "task.name=/abs/path", f"task.name='/abs/path': {TASK_NAME}"),
-    ("method name ..", "method.name=../escaped_method", "unknown method '../escaped_method'; valid: bounded"),
+    ("method name ..", "method.name=../escaped_method", "unknown method '../escaped_method'; valid: adakv, bounded"),
     ("results_dir a file", "results_dir={file}", "results_dir='{file}': {file} is a file, not a folder"),
     ("missing local model", "model.source=path model.path={tmp}/nonexistent/model model.gguf_file=null",
      "model 'smollm2-135m': no model at {tmp}/nonexistent/model: expected a folder with config.json"),
