@@ -61,8 +61,14 @@ def replace_block(text: str, block: str, where: str = "README.md") -> str:
 
 
 def _column_tasks(runs: pd.DataFrame) -> dict[str, list[str]]:
-    """Per setting column, the tasks any method was run on at it: what a cell of that column averages."""
-    return {column: report._ordered(group, "task", report._task_key) for column, group in runs.groupby("column")}
+    """Per setting column, the tasks its cells average. The ratio columns (the full cache's 1x among them)
+    share one set, every task run at any ratio, so that a row and the full cache average the same tasks and
+    a cell missing some says so; a budget column averages the tasks run at that budget."""
+    def tasks(group: pd.DataFrame) -> list[str]:
+        return report._ordered(group, "task", report._task_key)
+
+    at_ratios = tasks(runs[runs.budget.isna()])
+    return {column: at_ratios if group.budget.isna().all() else tasks(group) for column, group in runs.groupby("column")}
 
 
 def _sample_sizes(runs: pd.DataFrame) -> str:
@@ -100,7 +106,8 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
         f"markers. The sweep: `{CPU_EXPERIMENT}`. Full tables: [{board_link}/{report.INDEX}]({board_link}/"
         f"{report.INDEX}); the papers' claims checked against these runs: [{reproductions_link}]({reproductions_link}).",
         "Cells: score ±half-width of its 95% interval (retention against the full cache, %), averaged over "
-        "the tasks run at that setting, each task weighted equally. A cell that is not complete says so in "
+        "the same tasks in every ratio column (those run at any ratio) and over the tasks run at a budget in its "
+        "column, each task weighted equally. A cell that is not complete says so in "
         "the cell: *k of K tasks* (the average leaves out tasks not complete yet, footnoted), *partial n/N* "
         "(samples). Sample sizes: the full cache's n per task and the smallest drop from its score that a "
         "two-proportion test detects at that n (80% power, alpha 0.05; the paired tests of the per-task "
@@ -172,13 +179,12 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
         "No runs yet."]
     parts += [
         "## On GPUs: hub models",
-        f"The same experiment on the papers' models, Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct, on LongBench "
-        f"and RULER at 4k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. The papers' numbers stand next to "
+        f"The same experiment on the papers' models, Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct, on LongBench, "
+        f"RULER at 4k tokens and the 64-digit passkey at 2k-24k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. The papers' numbers stand next to "
         "where kvbench's go; a kvbench figure is the mean score over the complete runs of those cells (how many "
         "tasks when a suite), \"not run yet\" until they are committed. kvbench's LongBench figure averages the "
-        "tasks the experiment runs; the paper's average is over its own selection. The experiment runs the board's "
-        "methods, lagkv at lag 128 among them, and not passkey64: its rows fill when the sweep is also run with "
-        "`task=board/passkey64`. RULER at 4k has no paper number in kvbench's notes: its scores are on the board's "
+        "tasks the experiment runs; the paper's average is over its own selection. The experiment runs lagkv at its "
+        "default lag of 1024, the paper's headline setting, which compresses prompts this long. RULER at 4k has no paper number in kvbench's notes: its scores are on the board's "
         "per-model pages.",
         report.markdown_table(
             ["source", "setting", *(f"paper, {m}" for m in claims.GPU_MODELS), *(f"kvbench, {m}" for m in claims.GPU_MODELS)],

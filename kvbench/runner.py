@@ -37,7 +37,8 @@ from kvbench.methods import build_method, method_class
 from kvbench.methods.base import Compression, Method
 from kvbench.models import ModelConfig, load_model, model_info
 from kvbench.results import (FIDELITY_FIELDS, Completion, Fidelity, KVStats, KVUsage, RunDir, RunIdentity, RunInfo,
-                             RunScores, SampleRecord, sample_clusters, sample_scores, summarize_fidelity)
+                             SCHEMA_VERSION, RunScores, SampleRecord, sample_clusters, sample_scores,
+                             summarize_fidelity)
 from kvbench.stats import mean_ci
 from kvbench.tasks import Sample, Task, build_task
 
@@ -518,15 +519,24 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
                 f"{run_dir.path} holds results of a different configuration (differs in: {', '.join(differing)}); "
                 "choose another results_dir or remove that directory"
             )
-        # a directory written by an older kvbench is taken over: run.json is rewritten in this schema
-        info = dataclasses.replace(info, started=previous.started if previous else _now())
-        run_dir.write_run(info)
-    done = {r.id for r in run_dir.records()}
+        done = {r.id for r in run_dir.records()}
+        # a complete directory in this schema is left as it is: its run.json keeps the commit, versions
+        # and times of the jobs that wrote its samples (a published tree does not change when a sweep
+        # passes over its finished cells)
+        finished = run_dir.read_scores() if (previous is not None and previous.status == "complete"
+                                             and previous.schema_version == SCHEMA_VERSION
+                                             and done >= set(ids)) else None
+        if finished is None:
+            # a directory written by an older kvbench is taken over: run.json is rewritten in this schema
+            info = dataclasses.replace(info, started=previous.started if previous else _now())
+            run_dir.write_run(info)
     todo = [s for s in mine if s.id not in done]
     label = f"[{spec.model.name} | {task.name} | {spec.method.name} {spec.setting}]"
     share = (f" (limit: the first {len(chosen)} of {len(samples)})" if spec.limit is not None else "") + (
         f" (shard {spec.shard[0]}/{spec.shard[1]} of {len(chosen)})" if spec.shard else "")
     print(f"{label} {len(mine)} samples{share}, {len(mine) - len(todo)} already done -> {run_dir.path}", flush=True)
+    if finished is not None:
+        return _result(run_dir, spec, finished)
     try:
         with _signals_exit():
             for i, sample in enumerate(todo, start=len(mine) - len(todo) + 1):
@@ -544,7 +554,11 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
     except SystemExit:  # a signal stopped the job (SIGTERM, SIGINT, submitit's USR2): say so in run.json
         _finish(run_dir, task, ids, info, stopped=True)
         raise
-    scores = _finish(run_dir, task, ids, info)
+    return _result(run_dir, spec, _finish(run_dir, task, ids, info))
+
+
+def _result(run_dir: RunDir, spec: RunSpec, scores: RunScores) -> dict:
+    """A job's summary of one directory: where it is, what ran, and its scores.json content."""
     return {"dir": str(run_dir.path), "model": spec.model.name, "method": spec.method.name,
             "setting": spec.setting, **scores.to_json()}
 

@@ -65,3 +65,19 @@ def test_every_cell_composes_into_the_committed_tree_without_a_report(name):
         cfg = compose_config(overrides)
         assert (cfg["results_dir"], cfg["report"]) == ("leaderboard/runs", False)
         spec(*overrides)
+
+
+def test_the_gpu_sweep_writes_the_cells_the_gpu_table_reads():
+    from kvbench.claims import GPU_ROWS
+
+    sweep = axes("leaderboard_gpu")
+    read = {row.method for row in GPU_ROWS}
+    methods = [m for m in sweep["method"] if compose_config([f"method={m}"])["method"]["name"] in read]
+    written = set()
+    for task in sweep["task"]:
+        for method in methods:
+            for ratio in sweep["ratio"]:
+                overrides = ["+experiment=leaderboard_gpu", f"task={task}", f"method={method}", f"ratio={ratio}"]
+                cfg = compose_config(overrides)
+                written.add((cfg["task"]["name"], cfg["method"]["name"], spec(*overrides).setting))
+    assert {(row.tasks, row.method, row.setting) for row in GPU_ROWS} <= written

@@ -158,7 +158,7 @@ def test_a_budget_cell_whose_prompt_fits_is_still_judged(tmp_path):
 def test_the_gpu_table_reads_the_hub_models_runs(tmp_path):
     passkey64 = {**PASSKEY, "name": "passkey64"}
     row = next(r for r in claims.GPU_ROWS if r.tasks == "passkey64" and r.method == "lagkv")
-    assert row.setting == "ratio-2_lag_size-128"
+    assert row.setting == "ratio-2"
     llama, qwen = claims.GPU_MODELS
     write_run(tmp_path, "1101", model=llama, method="lagkv", setting=row.setting, task=passkey64)
     write_run(tmp_path, "11", model=qwen, method="lagkv", setting=row.setting, task=passkey64, n_expected=4)

@@ -115,9 +115,12 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, embedded, monke
     meta = json.loads((run_dir.path / "run.json").read_text())
     assert meta["status"] == "complete" and meta["identity"]["compression"]["label"] == "ratio-2"
 
-    # a second run of a finished configuration generates nothing
+    # a second run of a finished configuration generates nothing and leaves its files as they were
     monkeypatch.setattr(runner, "run_sample", lambda *a: pytest.fail("finished sample generated again"))
+    monkeypatch.setattr(runner, "_now", lambda: "2099-01-01T00:00:00+00:00")  # a later job
+    files = {f.name: f.read_bytes() for f in run_dir.path.glob("*.json*")}
     assert runner.run(cfg)[0]["n"] == 3
+    assert {f.name: f.read_bytes() for f in run_dir.path.glob("*.json*")} == files
 
 
 @pytest.mark.embedded
