@@ -68,7 +68,8 @@ def _column_tasks(runs: pd.DataFrame) -> dict[str, list[str]]:
         return report._ordered(group, "task", report._task_key)
 
     at_ratios = tasks(runs[runs.budget.isna()])
-    return {column: at_ratios if group.budget.isna().all() else tasks(group) for column, group in runs.groupby("column")}
+    return {column: at_ratios if group.budget.isna().all() else tasks(group)
+            for column, group in runs.groupby("column")}
 
 
 def _sample_sizes(runs: pd.DataFrame) -> str:
@@ -180,12 +181,12 @@ def reproductions_markdown(df: pd.DataFrame, cmd: str) -> str:
     parts += [
         "## On GPUs: hub models",
         f"The same experiment on the papers' models, Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct, on LongBench, "
-        f"RULER at 4k tokens and the 64-digit passkey at 2k-24k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. The papers' numbers stand next to "
-        "where kvbench's go; a kvbench figure is the mean score over the complete runs of those cells (how many "
-        "tasks when a suite), \"not run yet\" until they are committed. kvbench's LongBench figure averages the "
-        "tasks the experiment runs; the paper's average is over its own selection. The experiment runs lagkv at its "
-        "default lag of 1024, the paper's headline setting, which compresses prompts this long. RULER at 4k has no paper number in kvbench's notes: its scores are on the board's "
-        "per-model pages.",
+        f"RULER at 4k tokens and the 64-digit passkey at 2k-24k tokens: `{GPU_EXPERIMENT}`, then `{cmd}` as above. "
+        "The papers' numbers stand next to where kvbench's go; a kvbench figure is the mean score over the complete "
+        "runs of those cells (how many tasks when a suite), \"not run yet\" until they are committed. kvbench's "
+        "LongBench figure averages the tasks the experiment runs; the paper's average is over its own selection. The "
+        "experiment runs lagkv at its default lag of 1024, the paper's headline setting, which compresses prompts "
+        "this long. RULER at 4k has no paper number in kvbench's notes: its scores are on the board's per-model pages.",
         report.markdown_table(
             ["source", "setting", *(f"paper, {m}" for m in claims.GPU_MODELS), *(f"kvbench, {m}" for m in claims.GPU_MODELS)],
             [[row.source, row.what, *row.paper, *(claims.gpu_figure(df, m, row) for m in claims.GPU_MODELS)]

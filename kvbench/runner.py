@@ -523,9 +523,10 @@ def run_task(model, tokenizer, spec: RunSpec, task: Task) -> dict:
         # a complete directory in this schema is left as it is: its run.json keeps the commit, versions
         # and times of the jobs that wrote its samples (a published tree does not change when a sweep
         # passes over its finished cells)
-        finished = run_dir.read_scores() if (previous is not None and previous.status == "complete"
-                                             and previous.schema_version == SCHEMA_VERSION
-                                             and done >= set(ids)) else None
+        finished = None
+        if (previous is not None and previous.status == "complete" and previous.schema_version == SCHEMA_VERSION
+                and done >= set(ids)):
+            finished = run_dir.read_scores()
         if finished is None:
             # a directory written by an older kvbench is taken over: run.json is rewritten in this schema
             info = dataclasses.replace(info, started=previous.started if previous else _now())

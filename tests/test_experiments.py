@@ -1,4 +1,5 @@
-"""The published board's sweeps (``+experiment=leaderboard_cpu`` and its budget half) cover what they claim to."""
+"""The published board's sweeps (``+experiment=leaderboard_cpu``, its budget half and the GPU sweep) cover what they
+claim to."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import kvbench.conf
+from kvbench.claims import GPU_ROWS
 from kvbench.config import compose_config, load_config, register_schema
 from kvbench.errors import ConfigError
 from kvbench.methods import METHODS
@@ -68,8 +70,6 @@ def test_every_cell_composes_into_the_committed_tree_without_a_report(name):
 
 
 def test_the_gpu_sweep_writes_the_cells_the_gpu_table_reads():
-    from kvbench.claims import GPU_ROWS
-
     sweep = axes("leaderboard_gpu")
     read = {row.method for row in GPU_ROWS}
     methods = [m for m in sweep["method"] if compose_config([f"method={m}"])["method"]["name"] in read]
