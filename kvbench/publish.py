@@ -8,10 +8,10 @@ It writes, from the runs under ``leaderboard/runs/`` only (:func:`publish`):
 - ``leaderboard/LEADERBOARD.md`` and ``leaderboard/leaderboards/`` (:func:`kvbench.report.write_report`;
   ``leaderboard/runs/`` itself is only read);
 - README.md's leaderboard section, between :data:`BEGIN` and :data:`END`, rewritten in place (the rest
-  of the file is kept byte for byte): per model, the score averaged over the tasks run at each setting
-  with its interval and retention, partial cells marked in the cell, each task's n and the smallest
-  drop from the full cache detectable at that n, and links to the per-task tables and the score vs
-  measured KV bytes figures (Pareto frontier);
+  of the file is kept byte for byte): per model, the score averaged over tasks at each setting
+  (:func:`kvbench.report.averages_table`) with its interval and retention, partial cells marked in the
+  cell, each task's n and the smallest drop from the full cache detectable at that n, and links to the
+  per-task tables and the score vs measured KV bytes figures (Pareto frontier);
 - docs/reproductions.md: the source papers' claims (:mod:`kvbench.claims`) with kvbench's figures and
   verdicts, and the GPU experiment's table.
 
@@ -60,18 +60,6 @@ def replace_block(text: str, block: str, where: str = "README.md") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _column_tasks(runs: pd.DataFrame) -> dict[str, list[str]]:
-    """Per setting column, the tasks its cells average. The ratio columns (the full cache's 1x among them)
-    share one set, every task run at any ratio, so that a row and the full cache average the same tasks and
-    a cell missing some says so; a budget column averages the tasks run at that budget."""
-    def tasks(group: pd.DataFrame) -> list[str]:
-        return report._ordered(group, "task", report._task_key)
-
-    at_ratios = tasks(runs[runs.budget.isna()])
-    return {column: at_ratios if group.budget.isna().all() else tasks(group)
-            for column, group in runs.groupby("column")}
-
-
 def _sample_sizes(runs: pd.DataFrame) -> str:
     """Per task, the full cache's n and score and the smallest drop from it detectable at that n."""
     parts = []
@@ -107,8 +95,8 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
         f"markers. The sweep: `{CPU_EXPERIMENT}`. Full tables: [{board_link}/{report.INDEX}]({board_link}/"
         f"{report.INDEX}); the papers' claims checked against these runs: [{reproductions_link}]({reproductions_link}).",
         "Cells: score ±half-width of its 95% interval (retention against the full cache, %), averaged over "
-        "the same tasks in every ratio column (those run at any ratio) and over the tasks run at a budget in its "
-        "column, each task weighted equally. A cell that is not complete says so in "
+        "the same tasks in every ratio column (all but those compressed only at a budget) and over the "
+        "tasks run at a budget in its column, each task weighted equally. A cell that is not complete says so in "
         "the cell: *k of K tasks* (the average leaves out tasks not complete yet, footnoted), *partial n/N* "
         "(samples). Sample sizes: the full cache's n per task and the smallest drop from its score that a "
         "two-proportion test detects at that n (80% power, alpha 0.05; the paired tests of the per-task "
@@ -118,9 +106,7 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
         parts.append("No runs are committed under the runs folder yet.")
     for model in sorted(df.model.unique()):
         runs = df[df.model == model]
-        tasks = _column_tasks(runs)
-        table = report._score_table(
-            runs, lambda group, tasks=tasks: report._average_cell(group, tasks[group.column.iloc[0]]))
+        table = report.averages_table(runs)
         page = f"{board_link}/{report.REPORT_DIR}/{model}.md"
         figures = _figure_links(runs, model, f"{board_link}/{report.REPORT_DIR}/plots", image_format) if image_format else ""
         parts += [f"### {model}", table, f"Sample sizes: {_sample_sizes(runs)}.",

@@ -31,7 +31,9 @@ How numbers are compared:
   with a footnote.
 * partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, marked
   in the cell (``partial 40/100``; an average says ``3 of 9 tasks``) with a footnote, and never enter an average: averages over tasks use complete runs only, and a cell
-  that does not cover every task of its table names the tasks left out and is not bolded.
+  that does not cover every task of its table names the tasks left out and is not bolded. An average's
+  tasks: in a ratio column, every task but those compressed only at a budget (:func:`ratio_tasks`); in a
+  budget column, the tasks run at that budget.
 * intervals (``ci_low``, ``ci_high``, cells' ``±`` half-width) and the paired comparison with the
   baseline (:data:`VS_FULL`) are recomputed from each run's samples.jsonl (the main metric's per-sample
   scores, and the records' clusters: ``kvbench.stats.mean_ci``, ``paired_comparison``), so directories
@@ -66,7 +68,6 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -369,7 +370,7 @@ def _left_out_reason(runs: pd.DataFrame, task: str) -> str:
 def _average_cell(runs: pd.DataFrame, tasks: list[str]) -> Cell:
     """Mean score and mean retention over the complete runs among ``tasks``; the score's interval is
     :func:`kvbench.stats.task_mean_ci` over those runs' samples (none where a run lacks them)."""
-    complete = runs[runs.state == "complete"]
+    complete = runs[(runs.state == "complete") & runs.task.isin(tasks)]
     left_out = [f"{t} ({_left_out_reason(runs, t)})" for t in tasks if t not in set(complete.task)]
     notes = []
     if left_out:
@@ -529,7 +530,8 @@ CELL_LEGEND = (
     "Cells: score ±half-width of its 95% interval over samples (Wilson's for 0/1 scores, else a bootstrap; "
     "samples sharing a context are resampled together) (retention = score / score of "
     "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
-    "over complete runs only, each task weighted equally, their interval from resampling every task's "
+    "over complete runs only, each task weighted equally (a ratio column: every task but those compressed "
+    "only at a budget; a budget column: the tasks run at it), their interval from resampling every task's "
     "samples; partial and failed runs are footnoted and left out. "
     "Bold, in per-task tables: the column's best complete run and every run not significantly below it "
     "(paired test on the shared samples, Holm-corrected over the column, p > 0.05); a lone bold cell "
@@ -579,10 +581,27 @@ def _kind_tables(runs: pd.DataFrame) -> list[str]:
     return parts
 
 
+def ratio_tasks(runs: pd.DataFrame) -> list[str]:
+    """The tasks the ratio columns (the full cache's 1x among them) average: every task but those
+    compressed only at a budget (decode_recall, whose prompt is shorter than any budget), so that a row
+    and the full cache average the same tasks and a cell missing some says so."""
+    compressed = runs[runs.method != BASELINE_METHOD]
+    budget_only = set(compressed.task) - set(compressed.task[compressed.budget.isna()])
+    return [task for task in _tasks(runs) if task not in budget_only]
+
+
+def averages_table(runs: pd.DataFrame) -> str:
+    """Score (retention) averaged over tasks: :func:`ratio_tasks` in the ratio columns, the tasks run
+    at that budget in a budget column."""
+    at_ratios = ratio_tasks(runs)
+    tasks = {column: at_ratios if group.budget.isna().all() else _tasks(group)
+             for column, group in runs.groupby("column")}
+    return _score_table(runs, lambda group: _average_cell(group, tasks[group.column.iloc[0]]))
+
+
 def average_table(df: pd.DataFrame, model: str) -> str:
-    """The model's headline table: score (retention) averaged over all its tasks."""
-    runs = df[df.model == model]
-    return _score_table(runs, partial(_average_cell, tasks=_tasks(runs)))
+    """The model's headline table: :func:`averages_table` over all its tasks."""
+    return averages_table(df[df.model == model])
 
 
 def _auc_section(df: pd.DataFrame, model: str) -> str | None:
@@ -613,8 +632,7 @@ def leaderboard_markdown(df: pd.DataFrame, model: str, images: Mapping[str | Non
     for group in sorted(groups, key=lambda g: (g.kind, g.rank, g.name)):
         in_group = runs[runs.task_groups.map(lambda task_groups: group in task_groups)]
         group_tasks = _tasks(in_group)
-        parts.append(f"## {group.title}\n\nMean over {', '.join(group_tasks)}.\n\n"
-                     + _score_table(in_group, partial(_average_cell, tasks=group_tasks)))
+        parts.append(f"## {group.title}\n\nMean over {', '.join(group_tasks)}.\n\n" + averages_table(in_group))
     parts += _kind_tables(runs)
     parts.append("## Per task")
     for task in tasks:
@@ -660,12 +678,12 @@ def index_markdown(df: pd.DataFrame, results_dir: Path, pages: Mapping[str, str]
 
 def retention_points(df: pd.DataFrame, model: str, task: str | None = None, intervals: bool = True) -> pd.DataFrame:
     """(row, nominal_ratio, retention, ci_low, ci_high) of a model's compressing methods at nominal
-    ratios, for one task or averaged over all its tasks; complete runs only, averages only where they
-    cover every task (the same cells as the tables rank). The interval is :func:`kvbench.stats.retention_ci`
+    ratios, for one task or averaged over its :func:`ratio_tasks`; complete runs only, averages only where
+    they cover every one of them (the same cells as the tables rank). The interval is :func:`kvbench.stats.retention_ci`
     over the task's (or every task's) samples, NaN where a run lacks per-sample scores (or with
     ``intervals=False``, which skips the bootstrap)."""
     runs = df[(df.model == model) & df.budget.isna() & (df.method != BASELINE_METHOD)]
-    tasks = _tasks(df[df.model == model]) if task is None else [task]
+    tasks = ratio_tasks(df[df.model == model]) if task is None else [task]
     runs = runs[runs.task.isin(tasks)]
     points = []
     for (row, column), group in runs.groupby(["row", "column"], sort=False):

@@ -164,6 +164,30 @@ def test_partial_and_failed_runs_are_flagged_and_left_out_of_averages(sweep):
     assert zeta[2] == "32.5 ±0 (50.0%)"  # every record scores 1: no spread for the stratified bootstrap
 
 
+def test_a_task_compressed_only_at_a_budget_stays_out_of_the_ratio_columns(tmp_path):
+    # recall: the full cache at 1x and a method at a budget only, as for a prompt shorter than any budget
+    write_run(tmp_path, score=80.0)
+    write_run(tmp_path, method="zeta", ratio=2, score=40.0)
+    write_run(tmp_path, task="recall", score=100.0)
+    write_run(tmp_path, task="recall", method="zeta", budget=8, score=50.0)
+    df = report.collect(tmp_path)
+    assert report.ratio_tasks(df) == ["passkey"]
+    average = table_blocks(report.average_table(df, "m"))[0]
+    assert cells_of(average[0]) == ["method", "1x", "2x", "budget 8"]
+    # the full cache's 1x averages what the 2x column averages (passkey alone), not recall's 100
+    assert cells_of(average[2])[1].startswith("80.0 ")
+    zeta = cells_of(average[3])
+    assert zeta[2].startswith("40.0 ") and zeta[2].endswith("(50.0%)")  # complete: no task left out
+    assert zeta[3].startswith("50.0 ") and zeta[3].endswith("(50.0%)")
+    assert report.retention_points(df, "m")[["row", "retention"]].to_dict("records") == [
+        {"row": "zeta", "retention": 50.0}]
+    # once the method runs recall at a ratio too, recall joins the ratio columns, missing where not run
+    write_run(tmp_path, task="recall", method="zeta", ratio=4, score=50.0)
+    df = report.collect(tmp_path)
+    assert report.ratio_tasks(df) == ["passkey", "recall"]
+    assert "left out: recall (not run)" in report.average_table(df, "m")
+
+
 def test_rows_and_columns_in_a_stable_order(sweep):
     markdown = report.leaderboard_markdown(report.collect(sweep), "a")
     table = table_blocks(markdown)[0]
