@@ -9,7 +9,8 @@ held, states) and, for capacities, the records themselves.
 
 Verdicts (:data:`VERDICT_RULES`), decided in this order:
 
-- **not run yet**: a cell the test reads is missing, partial or failed (named in the row);
+- **not run yet**: a cell the test reads is missing, partial or failed (named in the row); a capacity
+  shows the complete cells' figure meanwhile, and is decided as soon as one record exceeds it;
 - **not testable on CPU**: the test cannot say anything on the embedded models (the full cache itself
   scores 0 on the task, or the method cell at a ratio compressed nothing at these prompt lengths:
   measured ratio below :data:`COMPRESSED_NOTHING`), or the claim
@@ -50,7 +51,8 @@ NOT_RUN = "not run yet"
 NOT_TESTABLE = "not testable on CPU"
 #: the verdicts and the rule of each, as docs/reproductions.md states them (the module docstring explains)
 VERDICT_RULES = {
-    NOT_RUN: "a cell the claim reads is missing, partial or failed (named in the row)",
+    NOT_RUN: "a cell the claim reads is missing, partial or failed (named in the row); a capacity row shows "
+             "its complete cells' figure meanwhile, and one record over the capacity refutes it whatever is still to run",
     NOT_TESTABLE: "the embedded models cannot test it: the full cache scores 0 on the task (a retention over "
                   "several tasks leaves such tasks out, named, and needs one left), the method cell at a ratio "
                   "compressed nothing at these prompt lengths (measured ratio below 1.05x), or the claim needs "
@@ -398,18 +400,22 @@ def _within_capacity(df: pd.DataFrame, model: str, test: WithinCapacity) -> Verd
     cells = _Cells(df, model)
     capacity = _budget(test.setting)
     names = f"{test.method}/{test.setting} on {len(test.tasks)} tasks"
-    runs = [cells.get(task, test.method, test.setting) for task in test.tasks]
-    if cells.unusable:
-        return cells.not_run(names)
+    runs = [run for task in test.tasks if (run := cells.get(task, test.method, test.setting)) is not None]
     peaks = [(run.task, record.kv.peak_tokens_held) for run in runs for record in RunDir(Path(run.run_dir)).records()]
     unrecorded = sorted({task for task, peak in peaks if peak is None})
     if unrecorded:
         return Verdict(model, names, "–", None, NOT_RUN, f"records without kv.peak_tokens_held on {', '.join(unrecorded)}")
+    if not peaks:
+        return cells.not_run(names)
     over = sorted({task for task, peak in peaks if peak > capacity})
-    most = max(peak for _, peak in peaks)
-    figure = f"most tokens held by a KV head between steps: {most} (capacity {capacity})"
-    return Verdict(model, names, figure, len(peaks), NOT_REPRODUCED if over else REPRODUCED,
-                   f"over capacity on {', '.join(over)}" if over else "")
+    figure = f"most tokens held by a KV head between steps: {max(peak for _, peak in peaks)} (capacity {capacity})"
+    if cells.unusable:
+        figure += f" on the {len(runs)} complete of {len(test.tasks)}: {', '.join(run.task for run in runs)}"
+    if over:  # one record over the capacity refutes it, whatever is still to run
+        return Verdict(model, names, figure, len(peaks), NOT_REPRODUCED, f"over capacity on {', '.join(over)}")
+    if cells.unusable:
+        return Verdict(model, names, figure, len(peaks), NOT_RUN, cells.not_run(names).why)
+    return Verdict(model, names, figure, len(peaks), REPRODUCED)
 
 
 def evaluate(df: pd.DataFrame, claim: Claim) -> list[Verdict]:

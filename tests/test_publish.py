@@ -192,6 +192,17 @@ def test_capacity_is_checked_on_every_record(tmp_path):
     assert verdict(tmp_path / "over", test).verdict == claims.NOT_REPRODUCED
 
 
+def test_a_capacity_shows_its_complete_cells_and_is_refuted_by_one_record_over_it(tmp_path):
+    test = claims.WithinCapacity("a", "budget-8", ("passkey", "passkey64"))
+    write_run(tmp_path, "11", method="a", setting="budget-8", peak_tokens=8)
+    v = verdict(tmp_path, test)
+    assert (v.verdict, v.n) == (claims.NOT_RUN, 2)
+    assert v.figure.endswith("(capacity 8) on the 1 complete of 2: passkey") and "a/budget-8 missing on passkey64" in v.why
+    write_run(tmp_path / "over", "11", method="a", setting="budget-8", peak_tokens=9)
+    v = verdict(tmp_path / "over", test)
+    assert (v.verdict, v.why) == (claims.NOT_REPRODUCED, "over capacity on passkey")
+
+
 def test_claims_that_need_a_gpu_say_why():
     claim = next(c for c in claims.CLAIMS if isinstance(c.test, claims.NotOnCpu))
     (v,) = claims.evaluate(report.collect(Path("/nonexistent")), claim)
