@@ -77,6 +77,19 @@ def _sample_sizes(runs: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+def _measured_ratios(runs: pd.DataFrame) -> str:
+    """Per compressed column, the range of its complete runs' measured ratios: what a nominal ratio
+    really saves on these prompts (less where a model's layers are partly exempt, as Gemma 3's
+    sliding-window layers are, or where a method keeps a fixed part of the prompt)."""
+    done = runs[(runs.state == "complete") & (runs.method != report.BASELINE_METHOD) & runs.measured_ratio.notna()]
+    parts = []
+    for column in report._ordered(done, "column", report._column_key):
+        ratios = done.measured_ratio[done.column == column]
+        low, high = f"{ratios.min():.2f}", f"{ratios.max():.2f}"
+        parts.append(f"{column}: {low}x" if low == high else f"{column}: {low}-{high}x")
+    return "; ".join(parts)
+
+
 def _figure_links(runs: pd.DataFrame, model: str, plots_link: str, image_format: str) -> str:
     """Links to each task's score vs measured KV bytes figure, where the report draws one."""
     links = [f"[{task}]({plots_link}/{model}/{task}/{report.BYTES_FIGURE}.{image_format})"
@@ -98,9 +111,13 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
         "the same tasks in every ratio column (all but those compressed only at a budget) and over the "
         "tasks run at a budget in its column, each task weighted equally. A cell that is not complete says so in "
         "the cell: *k of K tasks* (the average leaves out tasks not complete yet, footnoted), *partial n/N* "
-        "(samples). Sample sizes: the full cache's n per task and the smallest drop from its score that a "
-        "two-proportion test detects at that n (80% power, alpha 0.05; the paired tests of the per-task "
-        "pages do better).",
+        "(samples). Measured compression: per column, the range over its complete runs of the full cache's KV "
+        "bytes over the bytes held after prefill, mean over samples (a budget column's decode-time "
+        "compression is not in it); far below the nominal ratio where layers are exempt (Gemma 3's sliding-window "
+        "layers, 5 in 6, are never compressed) or a method keeps a fixed part of the prompt (lagkv's sink and "
+        "lag windows). Sample sizes: the full cache's n per task and the smallest drop from its "
+        "score that a two-proportion test detects at that n (80% power, alpha 0.05; the paired tests of the "
+        "per-task pages do better).",
     ]
     if df.empty:
         parts.append("No runs are committed under the runs folder yet.")
@@ -109,7 +126,9 @@ def readme_block(df: pd.DataFrame, cmd: str, board_link: str, reproductions_link
         table = report.averages_table(runs)
         page = f"{board_link}/{report.REPORT_DIR}/{model}.md"
         figures = _figure_links(runs, model, f"{board_link}/{report.REPORT_DIR}/plots", image_format) if image_format else ""
-        parts += [f"### {model}", table, f"Sample sizes: {_sample_sizes(runs)}.",
+        measured = _measured_ratios(runs)
+        parts += [f"### {model}", table, *([f"Measured compression: {measured}."] if measured else []),
+                  f"Sample sizes: {_sample_sizes(runs)}.",
                   f"Per task, per task group and efficiency: [{page}]({page})."
                   + (f" Score vs measured KV bytes, Pareto frontier: {figures}." if figures else "")]
     return "\n\n".join(parts)
