@@ -27,7 +27,7 @@ PASSKEY = {"name": "passkey", "kind": "passkey",
 
 
 def write_run(root: Path, outcomes: str, model="m", method="full", setting="ratio-1", task=PASSKEY,
-              n_expected=None, bytes_held=1000, peak_tokens=None, clusters=None) -> RunDir:
+              n_expected=None, bytes_held=1000, peak_tokens=None, peak_bytes=1000, clusters=None) -> RunDir:
     """A results directory as the runner writes it: one record per character of ``outcomes``
     ("1": the key recalled, "0": not), sample ids s0, s1, ..., in ``clusters`` (one key per record)
     where given; scores.json as the runner summarises them (so ``kvbench.score --write`` leaves it
@@ -44,7 +44,8 @@ def write_run(root: Path, outcomes: str, model="m", method="full", setting="rati
         record = sample_record(f"s{i}", pred="12345" if outcome == "1" else "99999", meta={"length": 512, "depth": 0.0},
                                cluster=clusters[i] if clusters else None)
         stats = dataclasses.replace(record.kv.after_prefill, bytes_held=bytes_held, ratio=4000 / bytes_held)
-        record.kv = dataclasses.replace(record.kv, after_prefill=stats, peak_tokens_held=peak_tokens)
+        record.kv = dataclasses.replace(record.kv, after_prefill=stats, peak_tokens_held=peak_tokens,
+                                        peak_bytes_held=peak_bytes)
         record.scores = task_obj.score_record(record)
         run.append(record)
         records.append(record)
@@ -180,6 +181,19 @@ def test_the_rival_given_no_fewer_bytes_is_the_closest_above(tmp_path):
     write_run(tmp_path, "0" * 20, method="a", setting="ratio-4", bytes_held=3000)
     v = verdict(tmp_path, dataclasses.replace(test, setting="ratio-4"))
     assert v.verdict == claims.NOT_TESTABLE and "no b cell" in v.why
+
+
+def test_the_rival_given_no_less_peak_memory_is_chosen_by_its_peak(tmp_path):
+    # a holds what b/budget-8 holds after prefill, but peaks above it while decoding
+    write_run(tmp_path, "1" * 20)
+    write_run(tmp_path, "1" * 20, method="a", setting="budget-8", peak_bytes=1200)
+    write_run(tmp_path, "0" * 20, method="b", setting="budget-8", peak_bytes=1000)
+    write_run(tmp_path, "0" * 20, method="b", setting="budget-10", peak_bytes=1250)
+    test = claims.BeatsWithFewerBytes("a", "b", "passkey", "budget-8", ("budget-8", "budget-10"), held="peak_bytes_held")
+    v = verdict(tmp_path, test)
+    assert v.cells == "passkey: a/budget-8 vs b/budget-10" and v.verdict == claims.REPRODUCED
+    assert v.figure.endswith("; peak KV held 1.17 KiB vs 1.22 KiB")
+    assert verdict(tmp_path, dataclasses.replace(test, held="bytes_held")).cells == "passkey: a/budget-8 vs b/budget-8"
 
 
 def test_capacity_is_checked_on_every_record(tmp_path):
