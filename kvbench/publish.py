@@ -79,8 +79,7 @@ def _sample_sizes(runs: pd.DataFrame) -> str:
 
 def _measured_ratios(runs: pd.DataFrame) -> str:
     """Per compressed column, the range of its complete runs' measured ratios: what a nominal ratio
-    really saves on these prompts (less where a model's layers are partly exempt, as Gemma 3's
-    sliding-window layers are, or where a method keeps a fixed part of the prompt)."""
+    really saves on these prompts."""
     done = runs[(runs.state == "complete") & (runs.method != report.BASELINE_METHOD) & runs.measured_ratio.notna()]
     parts = []
     for column in report._ordered(done, "column", report._column_key):
