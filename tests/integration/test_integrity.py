@@ -255,7 +255,9 @@ def test_ctrl_c_stops_a_run_like_sigterm(tmp_path, tiny_checkpoint):
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not (run_dir / "samples.jsonl").exists():
+    samples = run_dir / "samples.jsonl"
+    # a whole record, not just the file: the append creates it before writing its line
+    while not (samples.exists() and samples.read_bytes().endswith(b"\n")):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
