@@ -253,7 +253,10 @@ def test_ctrl_c_stops_a_run_like_sigterm(tmp_path, tiny_checkpoint):
     log = tmp_path / "run.log"
     run_dir = tmp_path / "tiny/passkey/full/ratio-1"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # a shell starts background jobs with SIGINT ignored, and kvbench rightly leaves an ignored
+        # SIGINT alone: give the run the disposition a terminal's foreground job has
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     samples = run_dir / "samples.jsonl"
     # a whole record, not just the file: the append creates it before writing its line
