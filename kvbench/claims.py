@@ -281,9 +281,12 @@ class _Cells:
         self.unusable.setdefault((f"{method}/{setting}", why), []).append(task)
         return None
 
+    def why(self) -> str:
+        """The unusable cells, each with its state and tasks ("" when every cell read is usable)."""
+        return "; ".join(f"{cell} {state} on {', '.join(tasks)}" for (cell, state), tasks in self.unusable.items())
+
     def not_run(self, cells: str) -> Verdict:
-        why = "; ".join(f"{cell} {state} on {', '.join(tasks)}" for (cell, state), tasks in self.unusable.items())
-        return Verdict(self.model, cells, "–", None, NOT_RUN, why)
+        return Verdict(self.model, cells, "–", None, NOT_RUN, self.why())
 
 
 def _shared(reference: dict, run: dict) -> tuple[list[float], list[float]]:
@@ -426,9 +429,7 @@ def _within_capacity(df: pd.DataFrame, model: str, test: WithinCapacity) -> Verd
         figure += f" on the {len(runs)} complete of {len(test.tasks)}: {', '.join(run.task for run in runs)}"
     if over:  # one record over the capacity refutes it, whatever is still to run
         return Verdict(model, names, figure, len(peaks), NOT_REPRODUCED, f"over capacity on {', '.join(over)}")
-    if cells.unusable:
-        return Verdict(model, names, figure, len(peaks), NOT_RUN, cells.not_run(names).why)
-    return Verdict(model, names, figure, len(peaks), REPRODUCED)
+    return Verdict(model, names, figure, len(peaks), NOT_RUN if cells.unusable else REPRODUCED, cells.why())
 
 
 def evaluate(df: pd.DataFrame, claim: Claim) -> list[Verdict]:

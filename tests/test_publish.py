@@ -225,8 +225,8 @@ def test_claims_that_need_a_gpu_say_why():
 
 def test_every_claim_reads_cells_the_cpu_sweeps_run():
     """The cells a claim reads are cells of ``+experiment=leaderboard_cpu``, its budget half or its peak
-    control, by the names the runs get (a method config with parameters of its own, such as board/lagkv, adds them to
-    the setting), so a typo cannot leave a row "not run yet" for ever."""
+    control, by the names the runs get (a method config with parameters of its own, such as board/lagkv,
+    adds them to the setting), so a typo cannot leave a row "not run yet" for ever."""
     swept = set()
     for name in ("leaderboard_cpu", "leaderboard_cpu_budget", "leaderboard_cpu_peak"):
         sweep = axes(name)
