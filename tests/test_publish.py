@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_info, sample_record
-from test_experiments import axes, spec
+from test_experiments import EXPERIMENTS, axes, spec
 
 from kvbench import claims, publish, report
 from kvbench.config import compose_config
@@ -224,11 +224,11 @@ def test_claims_that_need_a_gpu_say_why():
 
 
 def test_every_claim_reads_cells_the_cpu_sweeps_run():
-    """The cells a claim reads are cells of ``+experiment=leaderboard_cpu``, its budget half or its peak
-    control, by the names the runs get (a method config with parameters of its own, such as board/lagkv,
+    """The cells a claim reads are cells of ``+experiment=leaderboard_cpu``, its budget half or its
+    controls (every ``leaderboard_cpu*`` experiment), by the names the runs get (a method config with parameters of its own, such as board/lagkv,
     adds them to the setting), so a typo cannot leave a row "not run yet" for ever."""
     swept = set()
-    for name in ("leaderboard_cpu", "leaderboard_cpu_budget", "leaderboard_cpu_peak"):
+    for name in sorted(p.stem for p in EXPERIMENTS.glob("leaderboard_cpu*.yaml")):
         sweep = axes(name)
         tasks = [compose_config([f"+experiment={name}", f"task={task}"])["task"]["name"] for task in sweep["task"]]
         ratios = [r for r in sweep["ratio"] if r != "null"]
