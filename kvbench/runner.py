@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import platform
 import re
@@ -295,6 +296,42 @@ class PrefillStore:
 _prefills = PrefillStore()
 
 
+class GreedyStore:
+    """The full cache's greedy continuation of every prompt this process measured fidelity on.
+
+    It depends on neither the method nor its compression, so the other methods and ratios of a sweep
+    measure their fidelity against it instead of decoding the full cache again (for a compressed run,
+    that decoding is as long as the run's own). It is decoded from the first run's uncompressed
+    prefill, the same for every method up to float rounding (methods that compute attention
+    themselves do it exactly). Keyed by the model, the prompt's and question's token ids and what
+    ends the decoding; token ids only, the ``size`` most recent kept.
+    """
+
+    def __init__(self, size: int = 100_000):
+        self.size = size
+        self.continuations: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(spec: "RunSpec", sample: Sample, prompt_ids: torch.Tensor, question_ids: torch.Tensor | None,
+            eos: set[int]) -> tuple:
+        digest = hashlib.sha256()
+        for ids in (prompt_ids, question_ids if question_ids is not None else prompt_ids[:, :0]):
+            digest.update(ids.cpu().numpy().tobytes() + b"|")
+        return (repr(spec.model), digest.hexdigest(), sample.max_new_tokens, sample.min_new_tokens,
+                tuple(sorted(eos)), tuple(sample.stop_strings))
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self.continuations.get(key)
+
+    def put(self, key: tuple, ids: torch.Tensor) -> None:
+        self.continuations[key] = ids
+        while len(self.continuations) > self.size:
+            self.continuations.popitem(last=False)
+
+
+_greedy = GreedyStore()
+
+
 def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> SampleRecord:
     """Generate for one sample and return its result record (scored). With ``decoding.n`` samples
     the record is the first one's, plus every sample in ``completions``; its scores are the means."""
@@ -390,8 +427,12 @@ def measure_fidelity(model, tokenizer, spec: RunSpec, sample: Sample, prompt_ids
         answer_ids = tokenizer(sample.answers[0], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         if answer_ids.shape[1]:
             gold = measure(model, prefilled, question_ids, gen.compressed, answer_ids)
-    greedy_ids = greedy_continuation(model, prefilled, prompt_ids, question_ids, sample.max_new_tokens, eos,
-                                     stop_check, sample.min_new_tokens)
+    key = GreedyStore.key(spec, sample, prompt_ids, question_ids, eos)
+    greedy_ids = _greedy.get(key)
+    if greedy_ids is None:
+        greedy_ids = greedy_continuation(model, prefilled, prompt_ids, question_ids, sample.max_new_tokens, eos,
+                                         stop_check, sample.min_new_tokens)
+        _greedy.put(key, greedy_ids)
     return gold, measure(model, prefilled, question_ids, gen.compressed, greedy_ids)
 
 

@@ -16,6 +16,7 @@ from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.report import collect, leaderboard_markdown
 from kvbench.results import RunDir
+from kvbench import runner
 from kvbench.runner import RunSpec, run_task
 from kvbench.tasks import Sample
 from test_sampling import MODEL, TASK, DigitTokenizer
@@ -131,6 +132,24 @@ def test_fidelity_is_recorded_and_changes_no_prediction(tiny_llama, tmp_path):
     assert "Fidelity to the full cache" in page and f"{summary['mean']:.3g} [" in page
     assert "| gold answer |" in page and "| greedy output |" in page
     assert "Fidelity to the full cache" not in leaderboard_markdown(collect(tmp_path / "off"), "tiny")
+
+
+def test_the_full_caches_greedy_output_is_decoded_once_per_prompt(tiny_llama, tmp_path, monkeypatch):
+    """Another compression of the same prompts measures its fidelity against the greedy output
+    decoded for the first, with the figures a fresh decoding gives."""
+    decoded = []
+    real = runner.greedy_continuation
+    monkeypatch.setattr(runner, "greedy_continuation", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    monkeypatch.setattr(runner, "_greedy", runner.GreedyStore())
+    first, _ = run(tiny_llama, tmp_path / "first")
+    assert len(decoded) == len(first) > 1  # one per prompt: the key tells the prompts apart
+    reused, _ = run(tiny_llama, tmp_path / "reused", budget=8)
+    assert len(decoded) == len(first)
+    monkeypatch.setattr(runner, "_greedy", runner.GreedyStore())
+    fresh, _ = run(tiny_llama, tmp_path / "fresh", budget=8)
+    assert len(decoded) == 2 * len(first)
+    assert [r.fidelity_greedy for r in reused] == [r.fidelity_greedy for r in fresh]
+    assert [r.fidelity_greedy for r in reused] != [r.fidelity_greedy for r in first]  # another compression
 
 
 def test_no_fidelity_for_the_full_cache_or_without_an_uncompressed_prefill(tiny_llama, tmp_path):
