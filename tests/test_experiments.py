@@ -62,8 +62,9 @@ def test_every_cell_composes_into_the_committed_tree_without_a_report(name):
     sweep = axes(name)
     embedded = ["smollm2-135m", "gemma3-270m"]
     assert sweep["model"] == (embedded if "cpu" in name else ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct"])
+    ratio = [f"ratio={sweep['ratio'][0]}"] if sweep.get("ratio", ["null"]) != ["null"] else []
     for task in sweep["task"]:
-        overrides = [f"+experiment={name}", f"task={task}", f"method={sweep['method'][0]}"]
+        overrides = [f"+experiment={name}", f"task={task}", f"method={sweep['method'][0]}", *ratio]
         cfg = compose_config(overrides)
         assert (cfg["results_dir"], cfg["report"]) == ("leaderboard/runs", False)
         spec(*overrides)
