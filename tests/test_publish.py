@@ -225,8 +225,9 @@ def test_claims_that_need_a_gpu_say_why():
 
 def test_every_claim_reads_cells_the_cpu_sweeps_run():
     """The cells a claim reads are cells of ``+experiment=leaderboard_cpu``, its budget half or its
-    controls (every ``leaderboard_cpu*`` experiment), by the names the runs get (a method config with parameters of its own, such as board/lagkv,
-    adds them to the setting), so a typo cannot leave a row "not run yet" for ever."""
+    controls (every ``leaderboard_cpu*`` experiment), by the names the runs get (a method config with
+    parameters of its own, such as board/lagkv, adds them to the setting), so a typo cannot leave a row
+    "not run yet" for ever."""
     swept = set()
     for name in sorted(p.stem for p in EXPERIMENTS.glob("leaderboard_cpu*.yaml")):
         sweep = axes(name)
