@@ -62,9 +62,10 @@ def test_every_cell_composes_into_the_committed_tree_without_a_report(name):
     sweep = axes(name)
     embedded = ["smollm2-135m", "gemma3-270m"]
     assert sweep["model"] == (embedded if "cpu" in name else ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct"])
-    ratio = [f"ratio={sweep['ratio'][0]}"] if sweep.get("ratio", ["null"]) != ["null"] else []
+    ratios = [r for r in sweep["ratio"] if r != "null"]
     for task in sweep["task"]:
-        overrides = [f"+experiment={name}", f"task={task}", f"method={sweep['method'][0]}", *ratio]
+        overrides = [f"+experiment={name}", f"task={task}", f"method={sweep['method'][0]}",
+                     *(f"ratio={r}" for r in ratios[:1])]
         cfg = compose_config(overrides)
         assert (cfg["results_dir"], cfg["report"]) == ("leaderboard/runs", False)
         spec(*overrides)

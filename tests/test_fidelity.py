@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
+from kvbench import runner
 from kvbench.cache import KVCache, layer_windows
 from kvbench.config import load_config
 from kvbench.fidelity import compare, greedy_continuation, measure
@@ -16,7 +17,6 @@ from kvbench.generation import generate
 from kvbench.methods import Compression, build_method
 from kvbench.report import collect, leaderboard_markdown
 from kvbench.results import RunDir
-from kvbench import runner
 from kvbench.runner import RunSpec, run_task
 from kvbench.tasks import Sample
 from test_sampling import MODEL, TASK, DigitTokenizer
