@@ -9,7 +9,7 @@ held, states) and, for capacities, the records themselves.
 
 Verdicts (:data:`VERDICT_RULES`), decided in this order:
 
-- **not run yet**: a cell the test reads is missing, partial or failed (named in the row); a capacity
+- **not run yet**: a cell the test reads is missing, partial or unscored (named in the row); a capacity
   shows the complete cells' figure meanwhile, and is decided as soon as one record exceeds it;
 - **not testable on CPU**: the test cannot say anything on the embedded models (the full cache itself
   scores 0 on the task, or the method cell at a ratio compressed nothing at these prompt lengths:
@@ -51,7 +51,7 @@ NOT_RUN = "not run yet"
 NOT_TESTABLE = "not testable on CPU"
 #: the verdicts and the rule of each, as docs/reproductions.md states them (the module docstring explains)
 VERDICT_RULES = {
-    NOT_RUN: "a cell the claim reads is missing, partial or failed (named in the row); a capacity row shows "
+    NOT_RUN: "a cell the claim reads is missing, partial or unscored (named in the row); a capacity row shows "
              "its complete cells' figure meanwhile, and one record over the capacity refutes it whatever is still to run",
     NOT_TESTABLE: "the embedded models cannot test it: the full cache scores 0 on the task (a retention over "
                   "several tasks leaves such tasks out, named, and needs one left), the method cell at a ratio "

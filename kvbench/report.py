@@ -29,7 +29,8 @@ How numbers are compared:
   (``identity.task.params`` in run.json). retention = 100 * score / baseline score. Without such a
   run (not run, partial, other task parameters) or with a baseline score of 0, retention is "n/a"
   with a footnote.
-* partial runs (n of N samples) and failed runs (run.json but no scores.json) keep their row, marked
+* partial runs (n of N samples) and unscored runs (run.json but no scores.json: still running, or their
+  job died before scoring them) keep their row, marked
   in the cell (``partial 40/100``; an average says ``3 of 9 tasks``) with a footnote, and never enter an average: averages over tasks use complete runs only, and a cell
   that does not cover every task of its table names the tasks left out and is not bolded. An average's
   tasks: in a ratio column, every task but those compressed only at a budget (:func:`ratio_tasks`); in a
@@ -164,7 +165,7 @@ def _run_row(run: RunDir) -> dict:
     per_sample = sample_scores(records, metric) if scores and scores.score is not None else None
     clusters = sample_clusters(records)
     interval = mean_ci(list(per_sample.values()), clusters and list(clusters.values())).columns() if per_sample else {}
-    state = "failed" if scores is None else "complete" if scores.complete else "partial"
+    state = "unscored" if scores is None else "complete" if scores.complete else "partial"
     setting = compression["label"]
     variant = setting.partition("_")[2]  # non-default method parameters, e.g. "lag-128"
     task_params = json.dumps(task["params"], sort_keys=True)
@@ -339,8 +340,10 @@ class Footnotes:
 
 def _run_notes(run: pd.Series) -> list[str]:
     """Why a single run's cell is not a plain complete score with retention."""
-    if run.state == "failed":
-        return [f"failed: no scores.json (run.json status '{run.status}', {run.n} of {run.n_expected} samples written)"]
+    if run.state == "unscored":
+        # a job writes scores.json when it ends, so a run without one is still running or its job died
+        return [f"unscored: no scores.json, still running or its job died (run.json status '{run.status}', "
+                f"{run.n} of {run.n_expected} samples written; `python -m kvbench.score` scores what it holds)"]
     notes = []
     if run.state == "partial":
         notes.append(f"partial: {run.n} of {run.n_expected} samples, left out of averages")
@@ -532,7 +535,7 @@ CELL_LEGEND = (
     "the complete full-cache run of the same model, task and task parameters, in %). Averages are means "
     "over complete runs only, each task weighted equally (a ratio column: every task but those compressed "
     "only at a budget; a budget column: the tasks run at it), their interval from resampling every task's "
-    "samples; partial and failed runs are footnoted and left out. "
+    "samples; partial and unscored runs are footnoted and left out. "
     "Bold, in per-task tables: the column's best complete run and every run not significantly below it "
     "(paired test on the shared samples, Holm-corrected over the column, p > 0.05); a lone bold cell "
     "beats every other run of its column significantly. Averages are not marked."
@@ -552,7 +555,7 @@ def _tasks(runs: pd.DataFrame) -> list[str]:
 
 def _run_counts(runs: pd.DataFrame) -> str:
     counts = runs.state.value_counts()
-    return f"{len(runs)} runs (" + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "partial", "failed")) + ")"
+    return f"{len(runs)} runs (" + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "partial", "unscored")) + ")"
 
 
 def _images(paths: Iterable[str]) -> str:
@@ -1013,7 +1016,7 @@ def compare(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     (``METHOD/SETTING``, or ``full``): then its run is compared with each of the other side's runs
     of that model and task. Each pair is :func:`kvbench.stats.paired_comparison` with A as the
     reference (``lost``: samples B scores lower than A); ``p_holm`` is Holm-adjusted over the table.
-    Runs without per-sample scores (failed runs) are left out."""
+    Runs without per-sample scores (unscored runs) are left out."""
     runs_a, runs_b = select(df, a), select(df, b)
     by_compression = not (_single_setting(a) or _single_setting(b))
 
