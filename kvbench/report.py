@@ -508,7 +508,9 @@ def _fidelity_table(runs: pd.DataFrame) -> str | None:
     if not body:
         return None
     return ("Fidelity to the full cache, teacher-forced over the gold answer and over the full cache's greedy "
-            "output (means over samples [95% CI], docs/statistics.md):\n\n" + markdown_table(header, body))
+            "output (means over samples [95% CI], docs/statistics.md). It measures the cache as the prefill left "
+            "it: nothing is evicted while teacher-forcing, so a method that evicts only while decoding reads as "
+            "the full cache here:\n\n" + markdown_table(header, body))
 
 
 def _generation_table(runs: pd.DataFrame) -> str:
