@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib
 import importlib.util
 import logging
@@ -122,12 +123,29 @@ def _locate(cfg: ModelConfig) -> tuple[str, dict]:
     """Directory (or hub id) to load from and the extra ``from_pretrained`` arguments."""
     if cfg.source == "package":
         if cfg.gguf_builder:
-            gguf = Path(getattr(importlib.import_module(cfg.path), cfg.gguf_builder)())
+            gguf = _build_gguf(cfg)
         else:
             gguf = cfg._package_dir() / cfg.gguf_file
         return str(gguf.parent), {"gguf_file": gguf.name}
     extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     return cfg.path, extra
+
+
+def _build_gguf(cfg: ModelConfig) -> Path:
+    """The GGUF a package assembles from its chunks. The builder writes its file in place, so it runs under
+    an exclusive lock: jobs started together on a fresh machine (shards, parallel workers) would otherwise
+    find each other's half-written file. Holding the lock, a file with the wrong checksum is one a killed
+    build left half written, and is rebuilt."""
+    build = getattr(importlib.import_module(cfg.path), cfg.gguf_builder)
+    lock = Path.home() / ".cache" / "kvbench" / f"{cfg.path}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            return Path(build())
+        except FileExistsError as error:
+            log.warning("%s: rebuilding it", error)
+            return Path(build(overwrite=True))
 
 
 _loaded: dict[str, tuple] = {}
