@@ -152,6 +152,23 @@ def test_the_full_caches_greedy_output_is_decoded_once_per_prompt(tiny_llama, tm
     assert [r.fidelity_greedy for r in reused] != [r.fidelity_greedy for r in first]  # another compression
 
 
+def test_a_greedy_full_cache_run_serves_its_output_to_the_compressed_runs_after_it(tiny_llama, tmp_path,
+                                                                                   monkeypatch):
+    decoded = []
+    real = runner.greedy_continuation
+    monkeypatch.setattr(runner, "greedy_continuation", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    monkeypatch.setattr(runner, "_greedy", runner.GreedyStore())
+    run(tiny_llama, tmp_path / "sampled", method={"name": "full"}, budget=None, decoding={"temperature": 1.0})
+    run(tiny_llama, tmp_path / "full", method={"name": "full"}, budget=None)
+    after_full, _ = run(tiny_llama, tmp_path / "after")
+    assert decoded == []
+    monkeypatch.setattr(runner, "_greedy", runner.GreedyStore())
+    run(tiny_llama, tmp_path / "sampled_only", method={"name": "full"}, budget=None, decoding={"temperature": 1.0})
+    fresh, _ = run(tiny_llama, tmp_path / "fresh")
+    assert len(decoded) == len(fresh) > 1  # a sampled output is no greedy continuation
+    assert [r.fidelity_greedy for r in after_full] == [r.fidelity_greedy for r in fresh]
+
+
 def test_no_fidelity_for_the_full_cache_or_without_an_uncompressed_prefill(tiny_llama, tmp_path):
     full, full_scores = run(tiny_llama, tmp_path / "full", method={"name": "full"}, budget=None)
     chunked, _ = run(tiny_llama, tmp_path / "chunked", prefill_chunk=16)
