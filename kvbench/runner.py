@@ -301,7 +301,7 @@ class GreedyStore:
 
     It depends on neither the method nor its compression, so the other methods and ratios of a sweep
     measure their fidelity against it instead of decoding the full cache again (for a compressed run,
-    that decoding is as long as the run's own). It is a greedy run of the full method's own output,
+    that decoding is as long as the run's own). It is the output of a greedy run of the full method,
     or else decoded from the first compressed run's uncompressed prefill, the same for every method up
     to float rounding (methods that compute attention themselves do it exactly). Keyed by the model,
     the prompt's and question's token ids and what ends the decoding; token ids only, the ``size``
@@ -381,7 +381,7 @@ def run_sample(model, tokenizer, spec: RunSpec, task: Task, sample: Sample) -> S
     if spec.method.compression is None and spec.decoding.greedy and spec.prefill_chunk is None and not followup_ids:
         # the full cache decoded greedily, with the stop rules greedy_continuation applies: its output is that
         _greedy.put(GreedyStore.key(spec, sample, prompt_ids, question_ids, eos),
-                    torch.tensor(gen.tokens[:1], dtype=torch.long, device=device))
+                    torch.tensor(gen.tokens[:1], device=device))
     appended = question_ids.shape[1] if question_ids is not None else 0
     record = SampleRecord(
         id=sample.id,
